@@ -1,0 +1,332 @@
+"""Experiment spec: one frozen dataclass per YAML section, validated at load.
+
+Precedence is defaults < YAML file < `--set section.key=value` overrides.
+Unknown keys, wrong types and impossible values raise `SpecError` naming the
+key, the file and what to change. Rules that span fields live in `_check_*`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class SpecError(ValueError):
+    """A user-fixable problem with an experiment spec or its overrides."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    train_path: str = "demo:train"  # parquet file, or demo:<name> for the embedded demo data
+    prompt_key: str = "content"
+    teacher_key: str = "teacher_response"
+    student_key: str = "student_response"
+    val_fraction: float = 0.1
+    split_seed: int = 0
+    eval_sets: dict[str, str] = field(default_factory=dict)  # name -> parquet path
+    max_prompt_length: int = 256  # keeps the end of the prompt
+    max_response_length: int = 256  # keeps the start of the response
+    cache_dir: str = "mlruns/cache"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    path: str | None = None  # local Hugging Face checkpoint directory
+    preset: str | None = "tiny"  # built locally when path is not set
+    init_seed: int = 0  # seeds the value head (and the whole tiny preset)
+    gradient_checkpointing: bool = False
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    torch_threads: int = 0  # 0 = leave torch's default
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    reduction: str = "mean"  # mean | last | sum over response-token values
+    exclude_eos: bool = True
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    temperature: float = 1.0
+    adaptive_temperature: bool = False
+    t_a: float = 0.5  # T = clamp(t_a + t_b * |mean(s_t - s_s)|, t_min, t_max)
+    t_b: float = 0.5
+    t_min: float = 0.3
+    t_max: float = 2.0
+    center_coef: float = 0.0
+    margin: float = 0.0
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    lr: float = 3e-6
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float = 1.0
+    scheduler: str = "constant"  # constant | linear | cosine
+    warmup_steps: int = 0
+    epochs: int = 1
+    batch_size: int = 32  # pairs per optimizer step
+    micro_batch_size: int = 8  # pairs per forward; accumulation covers the rest
+    max_steps: int | None = None
+    seed: int = 0
+    save_checkpoint: bool = False
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    every_steps: int = 20
+    before_train: bool = False
+    batch_size: int = 64  # pairs per inference forward
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    study_name: str = "critic-warmup"
+    n_trials: int = 12
+    objective: str | list[str] = "val/d_acc"
+    direction: str | list[str] = "maximize"
+    sampler: str = "tpe"
+    pruner: str = "hyperband"
+    seed: int = 0
+    search_space: dict[str, Any] = field(default_factory=dict)
+    baseline: dict[str, Any] = field(default_factory=dict)
+    save_best_checkpoint: bool = False
+    max_failures: int = 0  # 0 = no bound
+    heartbeat_interval: int = 60
+    grace_period: int = 600
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    verl_keys: dict[str, str] = field(default_factory=dict)  # our key -> verl Hydra key
+
+
+@dataclass(frozen=True)
+class StudentConfig:
+    model: str | None = None  # local causal LM directory
+    endpoint: str | None = None  # OpenAI-compatible server
+    model_name: str | None = None
+    api_key_env: str = "OPENAI_API_KEY"
+    regenerate: bool = False
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+    batch_size: int = 8
+    concurrency: int = 4
+    timeout_s: float = 60.0
+    max_retries: int = 3
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    score: ScoreConfig = field(default_factory=ScoreConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+
+
+SECTIONS: dict[str, type] = {f.name: f.type for f in fields(ExperimentConfig)}
+_SECTION_TYPES = typing.get_type_hints(ExperimentConfig)
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    """Check `value` against a type hint; convert where YAML is loose (int -> float, list -> tuple)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg, where)
+            except SpecError as exc:
+                errors.append(str(exc))
+        raise SpecError(errors[0])
+    if hint is Any:
+        return value
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise SpecError(f"{where} must be true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise SpecError(f"{where} must be an integer, got {value!r}")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise SpecError(f"{where} must be a number, got {value!r}")
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise SpecError(f"{where} must be a string, got {value!r}")
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise SpecError(f"{where} must be a list of {len(args)} values, got {value!r}")
+        return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if origin is list:
+        if not isinstance(value, list):
+            raise SpecError(f"{where} must be a list, got {value!r}")
+        return [_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise SpecError(f"{where} must be a mapping, got {value!r}")
+        return {_coerce(k, args[0], where): _coerce(v, args[1], f"{where}.{k}") for k, v in value.items()}
+    raise AssertionError(f"unsupported type hint {hint!r} at {where}")
+
+
+def _build_section(name: str, raw: Any, source: str) -> Any:
+    cls = _SECTION_TYPES[name]
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise SpecError(f"{source}: section '{name}' must be a mapping of keys, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    valid = sorted(hints)
+    for key in raw:
+        if key not in hints:
+            raise SpecError(f"{source}: unknown key '{name}.{key}'. Valid keys in '{name}': {', '.join(valid)}")
+    values = {key: _coerce(value, hints[key], f"{source}: {name}.{key}") for key, value in raw.items()}
+    return cls(**values)
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise SpecError(message)
+
+
+def _check_values(cfg: ExperimentConfig, source: str) -> None:
+    d, m, s, lo, t, e, sw = cfg.data, cfg.model, cfg.score, cfg.loss, cfg.train, cfg.eval, cfg.sweep
+    p = f"{source}: "
+    _require(0.0 < d.val_fraction < 1.0, f"{p}data.val_fraction must be in (0, 1), got {d.val_fraction}")
+    _require(d.max_prompt_length > 0, f"{p}data.max_prompt_length must be > 0, got {d.max_prompt_length}")
+    _require(d.max_response_length > 1, f"{p}data.max_response_length must be > 1, got {d.max_response_length}")
+    _require(m.path is not None or m.preset == "tiny",
+             f"{p}set model.path to a local checkpoint directory, or model.preset: tiny")
+    _require(s.reduction in ("mean", "last", "sum"),
+             f"{p}score.reduction must be one of mean, last, sum; got {s.reduction!r}")
+    _require(lo.temperature > 0, f"{p}loss.temperature must be > 0, got {lo.temperature}")
+    _require(0 < lo.t_min <= lo.t_max,
+             f"{p}loss.t_min must be > 0 and <= loss.t_max, got t_min={lo.t_min}, t_max={lo.t_max}")
+    _require(lo.center_coef >= 0, f"{p}loss.center_coef must be >= 0, got {lo.center_coef}")
+    _require(t.lr > 0 and math.isfinite(t.lr), f"{p}train.lr must be a positive number, got {t.lr}")
+    _require(t.weight_decay >= 0, f"{p}train.weight_decay must be >= 0, got {t.weight_decay}")
+    _require(all(0 <= b < 1 for b in t.betas), f"{p}train.betas must be in [0, 1), got {list(t.betas)}")
+    _require(t.grad_clip > 0, f"{p}train.grad_clip must be > 0, got {t.grad_clip}")
+    _require(t.scheduler in ("constant", "linear", "cosine"),
+             f"{p}train.scheduler must be one of constant, linear, cosine; got {t.scheduler!r}")
+    _require(t.warmup_steps >= 0, f"{p}train.warmup_steps must be >= 0, got {t.warmup_steps}")
+    _require(t.epochs >= 1, f"{p}train.epochs must be >= 1, got {t.epochs}")
+    _require(t.batch_size >= 1 and t.micro_batch_size >= 1,
+             f"{p}train.batch_size and train.micro_batch_size must be >= 1")
+    _require(t.max_steps is None or t.max_steps >= 1, f"{p}train.max_steps must be >= 1 or null, got {t.max_steps}")
+    _require(e.every_steps >= 1, f"{p}eval.every_steps must be >= 1, got {e.every_steps}")
+    _require(e.batch_size >= 1, f"{p}eval.batch_size must be >= 1, got {e.batch_size}")
+    _require(sw.n_trials >= 1, f"{p}sweep.n_trials must be >= 1, got {sw.n_trials}")
+    for name in d.eval_sets:
+        _require(name not in ("val", "train", "critic", "perf", "sweep"),
+                 f"{p}data.eval_sets name '{name}' is reserved; rename it")
+
+
+def build_config(raw: dict[str, Any], source: str = "<spec>") -> ExperimentConfig:
+    """Turn a parsed YAML mapping into a validated ExperimentConfig."""
+    if not isinstance(raw, dict):
+        raise SpecError(f"{source}: the spec must be a mapping of sections, got {type(raw).__name__}")
+    for name in raw:
+        if name not in SECTIONS:
+            raise SpecError(f"{source}: unknown section '{name}'. Valid sections: {', '.join(SECTIONS)}")
+    cfg = ExperimentConfig(**{name: _build_section(name, raw.get(name), source) for name in SECTIONS})
+    _check_values(cfg, source)
+    return cfg
+
+
+def parse_override(text: str) -> tuple[str, str, Any]:
+    """'train.lr=1e-5' -> ('train', 'lr', 1e-5); the value is parsed as YAML."""
+    if "=" not in text or "." not in text.split("=", 1)[0]:
+        raise SpecError(f"--set expects section.key=value (e.g. train.lr=1e-5), got {text!r}")
+    key, value = text.split("=", 1)
+    section, name = key.strip().split(".", 1)
+    parsed = yaml.safe_load(value) if value.strip() else None
+    # YAML reads '1e-5' as a string (it wants '1.0e-5'); accept the usual float spelling.
+    if isinstance(parsed, str):
+        try:
+            parsed = float(parsed)
+        except ValueError:
+            pass
+    return section, name, parsed
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str] | dict[str, Any]) -> dict[str, Any]:
+    """Return a copy of the raw spec with `section.key` overrides applied."""
+    merged = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
+    items = overrides.items() if isinstance(overrides, dict) else [
+        (f"{s}.{k}", v) for s, k, v in map(parse_override, overrides)]
+    for dotted, value in items:
+        section, name = dotted.split(".", 1)
+        if section not in SECTIONS:
+            raise SpecError(f"override {dotted!r}: unknown section '{section}'. Valid sections: {', '.join(SECTIONS)}")
+        merged.setdefault(section, {})
+        if merged[section] is None:
+            merged[section] = {}
+        merged[section][name] = value
+    return merged
+
+
+def read_spec(path: str | Path) -> dict[str, Any]:
+    """Read a spec YAML file into a raw mapping, with clear errors for missing or invalid files."""
+    resolved = Path(path).expanduser().resolve()
+    if not resolved.is_file():
+        raise SpecError(f"spec file not found: {resolved}")
+    try:
+        raw = yaml.safe_load(resolved.read_text())
+    except yaml.YAMLError as exc:
+        raise SpecError(f"{resolved}: invalid YAML: {exc}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise SpecError(f"{resolved}: the spec must be a mapping of sections, got {type(raw).__name__}")
+    return raw
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Load a spec file, apply `--set` overrides, validate; raises SpecError."""
+    raw = apply_overrides(read_spec(path), overrides or [])
+    return build_config(raw, source=str(path))
+
+
+def to_dict(cfg: ExperimentConfig) -> dict[str, Any]:
+    """Plain nested dict (tuples become lists) suitable for YAML."""
+    def plain(obj: Any) -> Any:
+        if isinstance(obj, tuple):
+            return [plain(x) for x in obj]
+        if isinstance(obj, dict):
+            return {k: plain(v) for k, v in obj.items()}
+        if isinstance(obj, list):
+            return [plain(x) for x in obj]
+        return obj
+    return {name: plain(dataclasses.asdict(getattr(cfg, name))) for name in SECTIONS}
+
+
+def flatten(cfg: ExperimentConfig, sections: tuple[str, ...] = ("data", "model", "score", "loss", "train", "eval")
+            ) -> dict[str, Any]:
+    """{'train.lr': 3e-6, ...} for the trial-relevant sections."""
+    out: dict[str, Any] = {}
+    for name, values in to_dict(cfg).items():
+        if name in sections:
+            for key, value in values.items():
+                out[f"{name}.{key}"] = value
+    return out

@@ -1,0 +1,237 @@
+"""Teacher/student pairs: read and check parquet, split by prompt, tokenize once (cached on disk).
+
+A pair is (prompt_ids, teacher_ids, student_ids). Response ids end with the
+tokenizer's EOS token unless the response was truncated, as in verl where a
+response cut at max length has no EOS.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from critic.config import DataConfig, SpecError
+from critic.demo import demo_path
+
+
+class DataError(SpecError):
+    """A data file that cannot be used as given; the message says what to change."""
+
+
+@dataclass
+class PairSet:
+    """Tokenized pairs of one dataset; lists are aligned, one entry per pair."""
+    name: str
+    prompt_ids: list[np.ndarray]
+    teacher_ids: list[np.ndarray]
+    student_ids: list[np.ndarray]
+    prompt_text: list[str]
+    teacher_ends_eos: np.ndarray  # bool per pair: response kept its EOS (not truncated)
+    student_ends_eos: np.ndarray
+    stats: dict[str, float] = field(default_factory=dict)
+    digest: str = ""
+
+    def __len__(self) -> int:
+        return len(self.prompt_ids)
+
+    def subset(self, index: np.ndarray, name: str) -> "PairSet":
+        pick = lambda seq: [seq[i] for i in index]  # noqa: E731
+        return PairSet(name, pick(self.prompt_ids), pick(self.teacher_ids), pick(self.student_ids),
+                       pick(self.prompt_text), self.teacher_ends_eos[index], self.student_ends_eos[index],
+                       dict(self.stats), self.digest)
+
+    def pair_lengths(self) -> np.ndarray:
+        """(N,) tokens of prompt + teacher + student, used to group batches by length."""
+        return np.array([len(p) + len(t) + len(s) for p, t, s in
+                         zip(self.prompt_ids, self.teacher_ids, self.student_ids)])
+
+
+def resolve_path(path: str, cache_dir: str) -> Path:
+    """A parquet path, or `demo:<name>` for the embedded demo data (written on first use)."""
+    if path.startswith("demo:"):
+        return demo_path(path.split(":", 1)[1], cache_dir)
+    resolved = Path(path).expanduser().resolve()
+    if not resolved.is_file():
+        raise DataError(f"data file not found: {resolved}")
+    return resolved
+
+
+def file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def prompt_text(value) -> str:
+    """A plain string prompt, or the text of a verl-style chat list."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (list, tuple, np.ndarray)) and all(isinstance(m, dict) for m in value):
+        return "\n".join(str(m.get("content", "")) for m in value)
+    raise DataError(f"prompt must be a string or a list of {{role, content}} messages, got {type(value).__name__}")
+
+
+def prompt_messages(value) -> list[dict]:
+    if isinstance(value, str):
+        return [{"role": "user", "content": value}]
+    return [{"role": str(m.get("role", "user")), "content": str(m.get("content", ""))} for m in value]
+
+
+def read_pairs(path: Path, cfg: DataConfig) -> tuple[pd.DataFrame, dict[str, float]]:
+    """Read a parquet file and drop unusable rows, counting them."""
+    try:
+        frame = pd.read_parquet(path)
+    except Exception as exc:  # pyarrow raises several types for a bad file
+        raise DataError(f"{path}: cannot read as parquet ({exc})") from None
+    needed = [cfg.prompt_key, cfg.teacher_key, cfg.student_key]
+    missing = [c for c in needed if c not in frame.columns]
+    if missing:
+        raise DataError(f"{path}: missing column(s) {missing}; the file has {list(frame.columns)}. "
+                        f"Set data.prompt_key / data.teacher_key / data.student_key to the right names.")
+    if len(frame) == 0:
+        raise DataError(f"{path}: the file has no rows")
+    ok = pd.Series(True, index=frame.index)
+    for column in (cfg.teacher_key, cfg.student_key):
+        ok &= frame[column].map(lambda v: isinstance(v, str) and v.strip() != "")
+    ok &= frame[cfg.prompt_key].map(lambda v: v is not None and not (isinstance(v, float) and np.isnan(v)))
+    dropped = int((~ok).sum())
+    kept = frame[ok].reset_index(drop=True)
+    if len(kept) == 0:
+        raise DataError(f"{path}: all {len(frame)} rows have a null, non-string or empty prompt/response; "
+                        f"nothing is left to train on")
+    if dropped:
+        print(f"[data] {path.name}: dropped {dropped} of {len(frame)} rows with null, non-string or empty responses")
+    return kept, {"rows": float(len(frame)), "dropped_rows": float(dropped)}
+
+
+def split_by_prompt(prompts: list[str], val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (train, val): a prompt goes wholly to one side, decided by a seeded hash of its text."""
+    def bucket(text: str) -> float:
+        digest = hashlib.sha256(f"{seed}\x00{text}".encode()).digest()
+        return int.from_bytes(digest[:8], "big") / 2**64
+    is_val = np.array([bucket(p) < val_fraction for p in prompts], dtype=bool)
+    return np.flatnonzero(~is_val), np.flatnonzero(is_val)
+
+
+def _encode_prompt(tokenizer, value, max_len: int) -> np.ndarray:
+    if tokenizer.chat_template:
+        ids = tokenizer.apply_chat_template(prompt_messages(value), add_generation_prompt=True, tokenize=True)
+        ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+    else:
+        ids = tokenizer(prompt_text(value) + "\n", add_special_tokens=False)["input_ids"]
+    return np.asarray(ids[-max_len:], dtype=np.int32)  # keep the end: the question is usually last
+
+
+def _encode_responses(tokenizer, texts: list[str], max_len: int) -> tuple[list[np.ndarray], np.ndarray]:
+    """Keep the start of each response; append EOS when it still fits (a cut response has none)."""
+    encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    out, ends_eos = [], np.zeros(len(texts), dtype=bool)
+    for i, ids in enumerate(encoded):
+        if len(ids) < max_len:
+            ids = ids + [tokenizer.eos_token_id]
+            ends_eos[i] = True
+        out.append(np.asarray(ids[:max_len], dtype=np.int32))
+    return out, ends_eos
+
+
+def tokenize_pairs(frame: pd.DataFrame, cfg: DataConfig, tokenizer, name: str) -> PairSet:
+    prompts = frame[cfg.prompt_key].tolist()
+    prompt_ids = [_encode_prompt(tokenizer, p, cfg.max_prompt_length) for p in prompts]
+    teacher_ids, teacher_eos = _encode_responses(tokenizer, frame[cfg.teacher_key].tolist(), cfg.max_response_length)
+    student_ids, student_eos = _encode_responses(tokenizer, frame[cfg.student_key].tolist(), cfg.max_response_length)
+    full_prompts = [_encode_prompt(tokenizer, p, 10**9) for p in prompts]
+    stats = {
+        "truncated_prompts": float(sum(len(f) > len(p) for f, p in zip(full_prompts, prompt_ids))),
+        "truncated_responses": float((~teacher_eos).sum() + (~student_eos).sum()),
+    }
+    texts = [prompt_text(p) for p in prompts]
+    return PairSet(name, prompt_ids, teacher_ids, student_ids, texts, teacher_eos, student_eos, stats)
+
+
+def _cache_key(digest: str, tokenizer_id: str, cfg: DataConfig) -> str:
+    options = dict(prompt=cfg.prompt_key, teacher=cfg.teacher_key, student=cfg.student_key,
+                   max_prompt=cfg.max_prompt_length, max_response=cfg.max_response_length, version=1)
+    return hashlib.sha256(json.dumps([digest, tokenizer_id, options], sort_keys=True).encode()).hexdigest()[:24]
+
+
+def _save(pairs: PairSet, path: Path) -> None:
+    frame = pd.DataFrame({"prompt_ids": pairs.prompt_ids, "teacher_ids": pairs.teacher_ids,
+                          "student_ids": pairs.student_ids, "prompt_text": pairs.prompt_text,
+                          "teacher_ends_eos": pairs.teacher_ends_eos, "student_ends_eos": pairs.student_ends_eos})
+    frame.attrs = {}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{id(pairs)}")
+    frame.to_parquet(tmp, index=False)
+    tmp.with_suffix(".json").write_text(json.dumps(pairs.stats))
+    tmp.with_suffix(".json").replace(path.with_suffix(".json"))
+    tmp.replace(path)
+
+
+def _load(path: Path, name: str, digest: str) -> PairSet:
+    frame = pd.read_parquet(path)
+    as_arrays = lambda col: [np.asarray(x, dtype=np.int32) for x in frame[col]]  # noqa: E731
+    stats = json.loads(path.with_suffix(".json").read_text())
+    return PairSet(name, as_arrays("prompt_ids"), as_arrays("teacher_ids"), as_arrays("student_ids"),
+                   frame["prompt_text"].tolist(), frame["teacher_ends_eos"].to_numpy(bool),
+                   frame["student_ends_eos"].to_numpy(bool), stats, digest)
+
+
+_MEMORY: dict[str, PairSet] = {}
+
+
+def load_pair_set(path_spec: str, cfg: DataConfig, tokenizer, tokenizer_id: str, name: str) -> PairSet:
+    """Read, check and tokenize one file; cached in memory and on disk by file digest + tokenizer + options."""
+    path = resolve_path(path_spec, cfg.cache_dir)
+    digest = file_digest(path)
+    key = _cache_key(digest, tokenizer_id, cfg)
+    if key in _MEMORY:
+        cached = _MEMORY[key]
+        return cached.subset(np.arange(len(cached)), name)
+    cache_file = Path(cfg.cache_dir) / "tokenized" / f"{key}.parquet"
+    if cache_file.exists():
+        pairs = _load(cache_file, name, digest)
+    else:
+        frame, read_stats = read_pairs(path, cfg)
+        pairs = tokenize_pairs(frame, cfg, tokenizer, name)
+        pairs.stats.update(read_stats)
+        pairs.digest = digest
+        _save(pairs, cache_file)
+    pairs.stats["identical_pairs"] = float(sum(np.array_equal(t, s) for t, s in
+                                               zip(pairs.teacher_ids, pairs.student_ids)))
+    _MEMORY[key] = pairs
+    return pairs.subset(np.arange(len(pairs)), name)
+
+
+@dataclass
+class TrialData:
+    train: PairSet
+    eval_sets: dict[str, PairSet]  # "val" first, then the named extra sets
+    stats: dict[str, float]
+    digests: dict[str, str]
+
+
+def load_trial_data(cfg: DataConfig, tokenizer, tokenizer_id: str) -> TrialData:
+    """The training split, the held-out val split (by prompt) and every extra evaluation set."""
+    full = load_pair_set(cfg.train_path, cfg, tokenizer, tokenizer_id, "train")
+    train_idx, val_idx = split_by_prompt(full.prompt_text, cfg.val_fraction, cfg.split_seed)
+    if len(train_idx) == 0 or len(val_idx) == 0:
+        raise DataError(f"{cfg.train_path}: splitting {len(full)} pairs by prompt with val_fraction="
+                        f"{cfg.val_fraction} leaves an empty side; use more distinct prompts or change val_fraction")
+    eval_sets = {"val": full.subset(val_idx, "val")}
+    stats = {f"data/train_{k}": v for k, v in full.stats.items()}
+    stats.update({"data/train_pairs": float(len(train_idx)), "data/val_pairs": float(len(val_idx))})
+    digests = {"train": full.digest}
+    for name, path in cfg.eval_sets.items():
+        extra = load_pair_set(path, cfg, tokenizer, tokenizer_id, name)
+        eval_sets[name] = extra
+        stats.update({f"data/{name}_{k}": v for k, v in extra.stats.items()})
+        stats[f"data/{name}_pairs"] = float(len(extra))
+        digests[name] = extra.digest
+    return TrialData(full.subset(train_idx, "train"), eval_sets, stats, digests)

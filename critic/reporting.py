@@ -1,0 +1,51 @@
+"""How the engine streams metrics out. The engine knows this interface, not MLflow or Optuna.
+
+The sweep passes a reporter that forwards to MLflow and asks Optuna whether to
+prune; a reporter may raise to stop the trial (e.g. optuna.TrialPruned), and
+the exception reaches the caller of `run_trial` unchanged.
+"""
+
+from __future__ import annotations
+
+
+class Reporter:
+    """No-op base: subclasses override what they need."""
+
+    def log_train(self, step: int, metrics: dict[str, float]) -> None:
+        """Called after every optimizer step with `critic/*` and `perf/*` metrics."""
+
+    def log_eval(self, step: int, metrics: dict[str, float]) -> None:
+        """Called after every held-out evaluation with `<set>/<metric>` metrics."""
+
+
+class NullReporter(Reporter):
+    pass
+
+
+class RecordingReporter(Reporter):
+    """Keeps every metric in memory: [(step, {...}), ...] for train and eval."""
+
+    def __init__(self) -> None:
+        self.train: list[tuple[int, dict[str, float]]] = []
+        self.eval: list[tuple[int, dict[str, float]]] = []
+
+    def log_train(self, step: int, metrics: dict[str, float]) -> None:
+        self.train.append((step, dict(metrics)))
+
+    def log_eval(self, step: int, metrics: dict[str, float]) -> None:
+        self.eval.append((step, dict(metrics)))
+
+
+class FanoutReporter(Reporter):
+    """Sends every call to several reporters, in order."""
+
+    def __init__(self, *reporters: Reporter) -> None:
+        self.reporters = reporters
+
+    def log_train(self, step: int, metrics: dict[str, float]) -> None:
+        for reporter in self.reporters:
+            reporter.log_train(step, metrics)
+
+    def log_eval(self, step: int, metrics: dict[str, float]) -> None:
+        for reporter in self.reporters:
+            reporter.log_eval(step, metrics)

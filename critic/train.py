@@ -1,0 +1,156 @@
+"""The critic warmup loop: length-grouped batches, one forward per micro-batch, BT loss, AdamW."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+
+from critic.config import ExperimentConfig
+from critic.data import PairSet
+from critic.loss import bradley_terry_loss
+from critic.metrics import step_metrics
+from critic.reporting import Reporter
+from critic.score import collate_pairs, score_batch
+
+
+class NonFiniteError(FloatingPointError):
+    """The loss or gradient norm became NaN/inf; the sweep prunes the trial with this reason."""
+
+    def __init__(self, step: int, what: str, value: float) -> None:
+        super().__init__(f"non-finite {what} ({value}) at step {step}")
+        self.step, self.what, self.value = step, what, value
+
+
+class TrialOutOfMemory(RuntimeError):
+    """The device ran out of memory; the sweep may retry with a smaller micro-batch."""
+
+
+def length_grouped_batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """Shuffle, then sort by length inside chunks of 16 batches so each batch holds similar lengths."""
+    order = rng.permutation(len(lengths))
+    chunk = batch_size * 16
+    batches = []
+    for start in range(0, len(order), chunk):
+        part = order[start:start + chunk]
+        part = part[np.argsort(-lengths[part], kind="stable")]
+        batches.extend(part[i:i + batch_size] for i in range(0, len(part), batch_size))
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
+def total_steps(n_pairs: int, cfg: ExperimentConfig) -> int:
+    steps = cfg.train.epochs * math.ceil(n_pairs / cfg.train.batch_size)
+    return min(steps, cfg.train.max_steps) if cfg.train.max_steps else steps
+
+
+def _build_optimizer(model: torch.nn.Module, cfg: ExperimentConfig, n_steps: int):
+    t = cfg.train
+    optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
+    name = "constant_with_warmup" if t.scheduler == "constant" else t.scheduler
+    scheduler = get_scheduler(name, optimizer, num_warmup_steps=t.warmup_steps, num_training_steps=n_steps)
+    return optimizer, scheduler
+
+
+@dataclass
+class TrainOutcome:
+    steps: int = 0
+    progressive_d_acc: float = float("nan")  # first-epoch d_acc before each update: unbiased on the train distribution
+    last_eval: dict[str, float] = field(default_factory=dict)
+    eval_history: list[tuple[int, dict[str, float]]] = field(default_factory=list)
+    train_seconds: float = 0.0
+    eval_seconds: float = 0.0
+
+
+def _train_step(model, pairs: PairSet, batch_index: np.ndarray, cfg: ExperimentConfig, device, pad_id: int):
+    """Forward/backward every micro-batch of one optimizer step; returns detached scores and stats."""
+    micro = cfg.train.micro_batch_size
+    teacher, student, losses, temps, tokens = [], [], [], [], 0
+    for start in range(0, len(batch_index), micro):
+        index = batch_index[start:start + micro]
+        batch = collate_pairs(pairs, index, pad_id, cfg.score).to(device)
+        t_scores, s_scores = score_batch(model, batch, cfg.score, autocast=device.type == "cuda")
+        loss, temperature = bradley_terry_loss(t_scores, s_scores, cfg.loss)
+        (loss * len(index) / len(batch_index)).backward()  # accumulation: mean over the step's pairs
+        teacher.append(t_scores.detach())
+        student.append(s_scores.detach())
+        losses.append(loss.detach() * len(index))
+        temps.append(temperature.detach() * len(index))
+        tokens += int(batch.attention_mask.sum())
+    n = len(batch_index)
+    return (torch.cat(teacher), torch.cat(student), torch.stack(losses).sum() / n,
+            torch.stack(temps).sum() / n, tokens)
+
+
+def train_critic(model: torch.nn.Module, pairs: PairSet, cfg: ExperimentConfig, device: torch.device,
+                 pad_id: int, reporter: Reporter, evaluate: Callable[[torch.nn.Module], dict[str, float]],
+                 progress: bool = False) -> TrainOutcome:
+    """Train `model` in place, streaming `critic/*` metrics every step and held-out metrics every eval."""
+    n_steps = total_steps(len(pairs), cfg)
+    optimizer, scheduler = _build_optimizer(model, cfg, n_steps)
+    params = [p for p in model.parameters() if p.requires_grad]
+    rng = np.random.default_rng(cfg.train.seed)
+    lengths = pairs.pair_lengths()
+    teacher_lengths = np.array([len(x) for x in pairs.teacher_ids])
+    student_lengths = np.array([len(x) for x in pairs.student_ids])
+    outcome, first_epoch_correct, first_epoch_pairs = TrainOutcome(), 0.0, 0
+
+    def run_eval(step: int) -> None:
+        started = time.perf_counter()
+        metrics = evaluate(model)
+        outcome.eval_seconds += time.perf_counter() - started
+        outcome.last_eval = metrics
+        outcome.eval_history.append((step, metrics))
+        reporter.log_eval(step, metrics)
+
+    step, started = 0, time.perf_counter()
+    if cfg.eval.before_train:
+        run_eval(0)
+    bar = tqdm(total=n_steps, desc="steps", leave=False, disable=not progress, dynamic_ncols=True)
+    try:
+        for epoch in range(cfg.train.epochs):
+            for batch_index in length_grouped_batches(lengths, cfg.train.batch_size, rng):
+                if step >= n_steps:
+                    break
+                step_start = time.perf_counter()
+                lr = scheduler.get_last_lr()[0]
+                teacher, student, loss, temperature, tokens = _train_step(model, pairs, batch_index, cfg, device, pad_id)
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)  # norm before clipping
+                step += 1
+                loss_value, grad_value = float(loss), float(grad_norm)  # one sync per step
+                if not math.isfinite(loss_value):
+                    raise NonFiniteError(step, "loss", loss_value)
+                if not math.isfinite(grad_value):
+                    raise NonFiniteError(step, "grad_norm", grad_value)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                t_np, s_np = teacher.float().cpu().numpy(), student.float().cpu().numpy()
+                metrics = step_metrics(t_np, s_np, teacher_lengths[batch_index], student_lengths[batch_index])
+                if epoch == 0:
+                    first_epoch_correct += metrics["critic/d_acc"] * len(batch_index)
+                    first_epoch_pairs += len(batch_index)
+                elapsed = time.perf_counter() - step_start
+                metrics.update({"critic/loss": loss_value, "critic/grad_norm": grad_value, "critic/lr": lr,
+                                "critic/temperature": float(temperature), "perf/pairs_per_s": len(batch_index) / elapsed,
+                                "perf/tokens_per_s": tokens / elapsed})
+                reporter.log_train(step, metrics)
+                bar.update(1)
+                bar.set_postfix(d_acc=f"{metrics['critic/d_acc']:.2f}", loss=f"{loss_value:.3f}")
+                if step % cfg.eval.every_steps == 0 and step < n_steps:
+                    run_eval(step)
+    except torch.OutOfMemoryError as exc:
+        raise TrialOutOfMemory(f"out of memory at step {step + 1} with micro_batch_size="
+                               f"{cfg.train.micro_batch_size}: {exc}") from exc
+    finally:
+        bar.close()
+    outcome.steps = step
+    outcome.progressive_d_acc = first_epoch_correct / max(first_epoch_pairs, 1)
+    run_eval(step)
+    outcome.train_seconds = time.perf_counter() - started - outcome.eval_seconds
+    return outcome

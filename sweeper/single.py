@@ -1,0 +1,36 @@
+"""`sweep.py train`: one config, trained and evaluated, with a final table or JSON."""
+
+from __future__ import annotations
+
+import json
+import math
+
+from critic.config import load_config
+from critic.trial import run_trial
+
+
+def format_table(metrics: dict[str, float], sets: list[str]) -> str:
+    """Rows = metrics, columns = held-out sets."""
+    names = ["d_acc", "d_acc_ties_correct", "tie_rate", "auc", "pair_logloss", "score_diff", "teacher_score_mean",
+             "student_score_mean", "length_ratio", "length_baseline_acc", "score_length_spearman", "n_pairs"]
+    lines = [f"{'metric':<24}" + "".join(f"{s:>12}" for s in sets)]
+    for name in names:
+        cells = []
+        for s in sets:
+            value = metrics.get(f"{s}/{name}", math.nan)
+            cells.append(f"{value:>12.0f}" if name == "n_pairs" else f"{value:>12.4f}")
+        lines.append(f"{name:<24}" + "".join(cells))
+    return "\n".join(lines)
+
+
+def train_once(spec: str, overrides: list[str], as_json: bool = False) -> int:
+    cfg = load_config(spec, overrides)
+    result = run_trial(cfg, progress=not as_json)
+    if as_json:
+        print(json.dumps({k: result.metrics[k] for k in sorted(result.metrics)}))
+        return 0
+    sets = ["val", *cfg.data.eval_sets]
+    print(format_table(result.metrics, sets))
+    print(f"\nprogressive train d_acc (first epoch, before each update): {result.metrics['train/progressive_d_acc']:.4f}"
+          f"   steps: {result.metrics['train/steps']:.0f}   time: {result.timings['total_s']:.1f}s")
+    return 0
