@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field, fields
@@ -34,6 +35,8 @@ class DataConfig:
     max_prompt_length: int = 256  # keeps the end of the prompt
     max_response_length: int = 256  # keeps the start of the response
     cache_dir: str = "mlruns/cache"
+    fold: int | None = None  # cross-validation: hold this fold of the training split out (as eval set "fold")
+    n_folds: int = 5  # folds are assigned by a seeded hash of the prompt, like the val split
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,9 @@ class ModelConfig:
 class ScoreConfig:
     reduction: str = "mean"  # mean | last | sum over response-token values
     exclude_eos: bool = True
+    # packed: one row per pair, prompt | teacher | student, the prompt computed once (fastest);
+    # padded: a teacher row and a student row per pair (two copies of the prompt). Same scores to ~1e-6.
+    layout: str = "packed"
 
 
 @dataclass(frozen=True)
@@ -141,6 +147,7 @@ class ExperimentConfig:
 
 SECTIONS: dict[str, type] = {f.name: f.type for f in fields(ExperimentConfig)}
 _SECTION_TYPES = typing.get_type_hints(ExperimentConfig)
+_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
 
 
 def _coerce(value: Any, hint: Any, where: str) -> Any:
@@ -169,6 +176,8 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
     if hint is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+            return float(value)  # YAML 1.1 reads `lr: 1e-5` as a string (it wants 1.0e-5)
         raise SpecError(f"{where} must be a number, got {value!r}")
     if hint is str:
         if isinstance(value, str):
@@ -219,6 +228,7 @@ def _check_values(cfg: ExperimentConfig, source: str) -> None:
              f"{p}set model.path to a local checkpoint directory, or model.preset: tiny")
     _require(s.reduction in ("mean", "last", "sum"),
              f"{p}score.reduction must be one of mean, last, sum; got {s.reduction!r}")
+    _require(s.layout in ("packed", "padded"), f"{p}score.layout must be packed or padded; got {s.layout!r}")
     _require(lo.temperature > 0, f"{p}loss.temperature must be > 0, got {lo.temperature}")
     _require(0 < lo.t_min <= lo.t_max,
              f"{p}loss.t_min must be > 0 and <= loss.t_max, got t_min={lo.t_min}, t_max={lo.t_max}")
@@ -240,6 +250,11 @@ def _check_values(cfg: ExperimentConfig, source: str) -> None:
     for name in d.eval_sets:
         _require(name not in ("val", "train", "critic", "perf", "sweep"),
                  f"{p}data.eval_sets name '{name}' is reserved; rename it")
+    _require(d.n_folds >= 2, f"{p}data.n_folds must be >= 2, got {d.n_folds}")
+    _require(d.fold is None or 0 <= d.fold < d.n_folds,
+             f"{p}data.fold must be null or in 0..{d.n_folds - 1} (data.n_folds={d.n_folds}), got {d.fold}")
+    _require(d.fold is None or "fold" not in d.eval_sets,
+             f"{p}data.eval_sets name 'fold' is reserved while data.fold is set; rename it")
 
 
 def build_config(raw: dict[str, Any], source: str = "<spec>") -> ExperimentConfig:
@@ -260,7 +275,12 @@ def parse_override(text: str) -> tuple[str, str, Any]:
         raise SpecError(f"--set expects section.key=value (e.g. train.lr=1e-5), got {text!r}")
     key, value = text.split("=", 1)
     section, name = key.strip().split(".", 1)
-    parsed = yaml.safe_load(value) if value.strip() else None
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError as exc:
+        problem = getattr(exc, "problem", None) or exc
+        raise SpecError(f"--set {key.strip()}: the value {value!r} is not valid YAML ({problem}); "
+                        f"quote strings and close brackets, e.g. train.betas=[0.9,0.99]") from None
     # YAML reads '1e-5' as a string (it wants '1.0e-5'); accept the usual float spelling.
     if isinstance(parsed, str):
         try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -120,6 +121,16 @@ def split_by_prompt(prompts: list[str], val_fraction: float, seed: int) -> tuple
     return np.flatnonzero(~is_val), np.flatnonzero(is_val)
 
 
+def split_fold(prompts: list[str], index: np.ndarray, fold: int, n_folds: int,
+               seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(kept, held_out) parts of `index`; a prompt's fold is a seeded hash of its text (salted apart from val)."""
+    def fold_of(text: str) -> int:
+        digest = hashlib.sha256(f"fold\x00{seed}\x00{text}".encode()).digest()
+        return int.from_bytes(digest[:8], "big") * n_folds >> 64
+    held_out = np.array([fold_of(prompts[i]) == fold for i in index], dtype=bool)
+    return index[~held_out], index[held_out]
+
+
 def _encode_prompt(tokenizer, value, max_len: int) -> np.ndarray:
     if tokenizer.chat_template:
         ids = tokenizer.apply_chat_template(prompt_messages(value), add_generation_prompt=True, tokenize=True)
@@ -167,10 +178,11 @@ def _save(pairs: PairSet, path: Path) -> None:
                           "teacher_ends_eos": pairs.teacher_ends_eos, "student_ends_eos": pairs.student_ends_eos})
     frame.attrs = {}
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{id(pairs)}")
+    tmp = path.with_suffix(f".tmp{os.getpid()}")  # per process: concurrent workers never share a temp file
     frame.to_parquet(tmp, index=False)
-    tmp.with_suffix(".json").write_text(json.dumps(pairs.stats))
-    tmp.with_suffix(".json").replace(path.with_suffix(".json"))
+    tmp_stats = path.with_name(f"{path.stem}.tmp{os.getpid()}.json")
+    tmp_stats.write_text(json.dumps(pairs.stats))
+    tmp_stats.replace(path.with_suffix(".json"))  # stats first: a reader that sees the parquet finds them
     tmp.replace(path)
 
 
@@ -225,8 +237,16 @@ def load_trial_data(cfg: DataConfig, tokenizer, tokenizer_id: str) -> TrialData:
         raise DataError(f"{cfg.train_path}: splitting {len(full)} pairs by prompt with val_fraction="
                         f"{cfg.val_fraction} leaves an empty side; use more distinct prompts or change val_fraction")
     eval_sets = {"val": full.subset(val_idx, "val")}
+    if cfg.fold is not None:  # cross-validation: train on the other folds, evaluate on this one
+        train_idx, fold_idx = split_fold(full.prompt_text, train_idx, cfg.fold, cfg.n_folds, cfg.split_seed)
+        if len(train_idx) == 0 or len(fold_idx) == 0:
+            raise DataError(f"{cfg.train_path}: fold {cfg.fold} of {cfg.n_folds} leaves an empty side of the "
+                            f"{len(train_idx) + len(fold_idx)} training pairs; use fewer data.n_folds")
+        eval_sets["fold"] = full.subset(fold_idx, "fold")
     stats = {f"data/train_{k}": v for k, v in full.stats.items()}
     stats.update({"data/train_pairs": float(len(train_idx)), "data/val_pairs": float(len(val_idx))})
+    if cfg.fold is not None:
+        stats["data/fold_pairs"] = float(len(eval_sets["fold"]))
     digests = {"train": full.digest}
     for name, path in cfg.eval_sets.items():
         extra = load_pair_set(path, cfg, tokenizer, tokenizer_id, name)

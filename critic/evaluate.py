@@ -9,7 +9,7 @@ import torch
 from critic.config import ScoreConfig
 from critic.data import PairSet
 from critic.metrics import pair_metrics
-from critic.score import collate_pairs, score_batch
+from critic.score import score_pairs
 
 
 def score_set(model: torch.nn.Module, pairs: PairSet, score_cfg: ScoreConfig, batch_size: int,
@@ -22,8 +22,7 @@ def score_set(model: torch.nn.Module, pairs: PairSet, score_cfg: ScoreConfig, ba
     with torch.inference_mode():
         for start in range(0, len(order), batch_size):
             index = order[start:start + batch_size]
-            batch = collate_pairs(pairs, index, pad_id, score_cfg).to(device)
-            t, s = score_batch(model, batch, score_cfg, autocast=device.type == "cuda")
+            t, s, _ = score_pairs(model, pairs, index, pad_id, score_cfg, device)
             teacher[index], student[index] = t.cpu().numpy(), s.cpu().numpy()
     model.train(was_training)
     return pd.DataFrame({

@@ -17,7 +17,7 @@ from critic.data import PairSet
 from critic.loss import bradley_terry_loss
 from critic.metrics import step_metrics
 from critic.reporting import Reporter
-from critic.score import collate_pairs, score_batch
+from critic.score import score_pairs
 
 
 class NonFiniteError(FloatingPointError):
@@ -68,23 +68,58 @@ class TrainOutcome:
 
 
 def _train_step(model, pairs: PairSet, batch_index: np.ndarray, cfg: ExperimentConfig, device, pad_id: int):
-    """Forward/backward every micro-batch of one optimizer step; returns detached scores and stats."""
+    """Forward/backward every micro-batch of one optimizer step; returns detached scores and stats.
+
+    Micro-batches take the step's pairs longest first, so each forward holds similar lengths
+    (`train_critic`'s batches already are in that order). Scores come back in `batch_index`
+    order; nothing here waits for the device.
+    """
     micro = cfg.train.micro_batch_size
+    lengths = np.array([len(pairs.prompt_ids[i]) + len(pairs.teacher_ids[i]) + len(pairs.student_ids[i])
+                        for i in batch_index])  # as PairSet.pair_lengths, for this step only
+    order = np.argsort(-lengths, kind="stable")  # (n,) positions in batch_index, longest first
     teacher, student, losses, temps, tokens = [], [], [], [], 0
-    for start in range(0, len(batch_index), micro):
-        index = batch_index[start:start + micro]
-        batch = collate_pairs(pairs, index, pad_id, cfg.score).to(device)
-        t_scores, s_scores = score_batch(model, batch, cfg.score, autocast=device.type == "cuda")
+    for start in range(0, len(order), micro):
+        index = batch_index[order[start:start + micro]]
+        t_scores, s_scores, n_tokens = score_pairs(model, pairs, index, pad_id, cfg.score, device)
         loss, temperature = bradley_terry_loss(t_scores, s_scores, cfg.loss)
         (loss * len(index) / len(batch_index)).backward()  # accumulation: mean over the step's pairs
         teacher.append(t_scores.detach())
         student.append(s_scores.detach())
         losses.append(loss.detach() * len(index))
         temps.append(temperature.detach() * len(index))
-        tokens += int(batch.attention_mask.sum())
+        tokens += n_tokens
     n = len(batch_index)
-    return (torch.cat(teacher), torch.cat(student), torch.stack(losses).sum() / n,
+    restore = torch.from_numpy(np.argsort(order)).to(device)  # micro-batch order -> batch_index order
+    return (torch.cat(teacher)[restore], torch.cat(student)[restore], torch.stack(losses).sum() / n,
             torch.stack(temps).sum() / n, tokens)
+
+
+def optimizer_step(model, params, optimizer, scheduler, pairs: PairSet, batch_index: np.ndarray,
+                   cfg: ExperimentConfig, device, pad_id: int, step: int) -> tuple[dict[str, float], int]:
+    """Optimizer step number `step` on the pairs `batch_index`: forward/backward, clip, update.
+
+    Returns the step's `critic/*` metrics (scores from before the update) and its forward tokens;
+    raises NonFiniteError, before updating, on a NaN/inf loss or gradient norm.
+    """
+    lr = scheduler.get_last_lr()[0]
+    teacher, student, loss, temperature, tokens = _train_step(model, pairs, batch_index, cfg, device, pad_id)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)  # norm before clipping
+    loss_value, grad_value = float(loss), float(grad_norm)  # one sync per step
+    if not math.isfinite(loss_value):
+        raise NonFiniteError(step, "loss", loss_value)
+    if not math.isfinite(grad_value):
+        raise NonFiniteError(step, "grad_norm", grad_value)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    teacher_lengths = np.array([len(pairs.teacher_ids[i]) for i in batch_index])
+    student_lengths = np.array([len(pairs.student_ids[i]) for i in batch_index])
+    metrics = step_metrics(teacher.float().cpu().numpy(), student.float().cpu().numpy(),
+                           teacher_lengths, student_lengths)
+    metrics.update({"critic/loss": loss_value, "critic/grad_norm": grad_value, "critic/lr": lr,
+                    "critic/temperature": float(temperature)})
+    return metrics, tokens
 
 
 def train_critic(model: torch.nn.Module, pairs: PairSet, cfg: ExperimentConfig, device: torch.device,
@@ -96,8 +131,6 @@ def train_critic(model: torch.nn.Module, pairs: PairSet, cfg: ExperimentConfig, 
     params = [p for p in model.parameters() if p.requires_grad]
     rng = np.random.default_rng(cfg.train.seed)
     lengths = pairs.pair_lengths()
-    teacher_lengths = np.array([len(x) for x in pairs.teacher_ids])
-    student_lengths = np.array([len(x) for x in pairs.student_ids])
     outcome, first_epoch_correct, first_epoch_pairs = TrainOutcome(), 0.0, 0
 
     def run_eval(step: int) -> None:
@@ -118,30 +151,17 @@ def train_critic(model: torch.nn.Module, pairs: PairSet, cfg: ExperimentConfig, 
                 if step >= n_steps:
                     break
                 step_start = time.perf_counter()
-                lr = scheduler.get_last_lr()[0]
-                teacher, student, loss, temperature, tokens = _train_step(model, pairs, batch_index, cfg, device, pad_id)
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)  # norm before clipping
+                metrics, tokens = optimizer_step(model, params, optimizer, scheduler, pairs, batch_index, cfg,
+                                                 device, pad_id, step + 1)
                 step += 1
-                loss_value, grad_value = float(loss), float(grad_norm)  # one sync per step
-                if not math.isfinite(loss_value):
-                    raise NonFiniteError(step, "loss", loss_value)
-                if not math.isfinite(grad_value):
-                    raise NonFiniteError(step, "grad_norm", grad_value)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                t_np, s_np = teacher.float().cpu().numpy(), student.float().cpu().numpy()
-                metrics = step_metrics(t_np, s_np, teacher_lengths[batch_index], student_lengths[batch_index])
                 if epoch == 0:
                     first_epoch_correct += metrics["critic/d_acc"] * len(batch_index)
                     first_epoch_pairs += len(batch_index)
                 elapsed = time.perf_counter() - step_start
-                metrics.update({"critic/loss": loss_value, "critic/grad_norm": grad_value, "critic/lr": lr,
-                                "critic/temperature": float(temperature), "perf/pairs_per_s": len(batch_index) / elapsed,
-                                "perf/tokens_per_s": tokens / elapsed})
+                metrics.update({"perf/pairs_per_s": len(batch_index) / elapsed, "perf/tokens_per_s": tokens / elapsed})
                 reporter.log_train(step, metrics)
                 bar.update(1)
-                bar.set_postfix(d_acc=f"{metrics['critic/d_acc']:.2f}", loss=f"{loss_value:.3f}")
+                bar.set_postfix(d_acc=f"{metrics['critic/d_acc']:.2f}", loss=f"{metrics['critic/loss']:.3f}")
                 if step % cfg.eval.every_steps == 0 and step < n_steps:
                     run_eval(step)
     except torch.OutOfMemoryError as exc:

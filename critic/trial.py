@@ -51,7 +51,8 @@ def prepare(cfg: ExperimentConfig):
 
 def run_trial(cfg: ExperimentConfig, reporter: Reporter | None = None, progress: bool = False,
               keep_model: bool = False) -> TrialResult:
-    """Train one critic with `cfg` and evaluate it on every held-out set."""
+    """Train one critic with `cfg` and evaluate it on every held-out set (train.save_checkpoint keeps the model)."""
+    keep_model = keep_model or cfg.train.save_checkpoint  # the caller decides where to write it
     started = time.perf_counter()
     reporter = reporter or NullReporter()
     device, base, data = prepare(cfg)

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 
+from critic.checkpoint import save_trial_checkpoint
 from critic.config import load_config
+from critic.reporting import RecordingReporter
 from critic.trial import run_trial
 
 
@@ -25,7 +28,11 @@ def format_table(metrics: dict[str, float], sets: list[str]) -> str:
 
 def train_once(spec: str, overrides: list[str], as_json: bool = False) -> int:
     cfg = load_config(spec, overrides)
-    result = run_trial(cfg, progress=not as_json)
+    recorder = RecordingReporter()
+    result = run_trial(cfg, recorder, progress=not as_json)
+    if cfg.train.save_checkpoint:  # the JSON on stdout stays one object; the path goes to stderr then
+        print(f"checkpoint: {save_trial_checkpoint(result, cfg, recorder.train)}",
+              file=sys.stderr if as_json else sys.stdout)
     if as_json:
         print(json.dumps({k: result.metrics[k] for k in sorted(result.metrics)}))
         return 0

@@ -1,0 +1,440 @@
+#!/usr/bin/env python
+"""Critic-warmup trainer throughput: this project's step against a verl-style step and TRL's RewardTrainer.
+
+Every contender trains its own copy of one randomly initialised Qwen2-architecture critic on the
+same pairs in each optimizer step. Contenders run interleaved (A B C, A B C, ...) in one process;
+each repetition runs all `--steps` optimizer steps, and the median repetition is reported.
+
+- this project: `critic.train.optimizer_step`, the body of `train_critic`'s loop (score layout from
+  `--layout`, packed by default), on a `critic.data.PairSet` built from the token ids.
+- verl-style: re-implemented below. Per micro-batch, two padded forwards (teacher, student, in random
+  order; prompts left-padded, responses right-padded, each to the micro-batch's longest, which pads
+  less than verl's fixed max lengths), values = logits[:, -R-1:-1], masked mean over the response
+  tokens without EOS, adaptive-temperature Bradley-Terry loss, AdamW.
+- TRL: `trl.RewardTrainer` on the same token ids (chosen = prompt+teacher, rejected = prompt+student),
+  a sequence-classification head on the same body, TRL defaults except gradient checkpointing off and
+  bf16 only on GPU (as this project), sequential sampling (same pairs per step). Needs
+  `pip install -r requirements-bench.txt`; reported as null when `trl` is not importable.
+
+Useful tokens = tokens of the teacher and student sequences (prompt counted in each), padding
+excluded: the same count for every contender. Model FLOPs = the FLOPs each contender needs for the
+tokens it actually forwards, padding excluded (packing forwards the prompt once, so it is credited
+once), as a fraction of a torch.matmul peak measured in the same run.
+The last line printed is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+import transformers  # noqa: E402
+from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification, Qwen2Config  # noqa: E402
+
+from critic.config import ExperimentConfig, LossConfig, ScoreConfig, TrainConfig  # noqa: E402
+from critic.data import PairSet  # noqa: E402
+from critic.score import collate, score_batch  # noqa: E402
+from critic.train import _build_optimizer, optimizer_step  # noqa: E402
+
+PAD_ID, EOS_ID, FIRST_TEXT_ID = 0, 2, 3
+MODEL_SHAPES = {
+    "cpu": dict(vocab_size=8192, hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048),
+    "0.5b": dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,  # Qwen2.5-0.5B
+                 num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768),
+}
+LENGTHS = {"prompt": (32, 384), "teacher": (64, 512), "student": (16, 512)}  # uniform, inclusive; EOS included
+
+
+# ---------------------------------------------------------------- workload and model
+
+def make_workload(n_pairs: int, vocab_size: int, seed: int) -> PairSet:
+    """Random token ids with real warmup lengths; 85% of responses end with EOS (the rest were cut)."""
+    rng = np.random.default_rng(seed)
+
+    def ids(kind: str) -> np.ndarray:
+        low, high = LENGTHS[kind]
+        return rng.integers(FIRST_TEXT_ID, vocab_size, int(rng.integers(low, high + 1))).astype(np.int32)
+
+    def responses(kind: str) -> tuple[list[np.ndarray], np.ndarray]:
+        out, ends_eos = [ids(kind) for _ in range(n_pairs)], rng.random(n_pairs) < 0.85
+        for response, eos in zip(out, ends_eos):
+            if eos:
+                response[-1] = EOS_ID
+        return out, ends_eos
+
+    prompts = [ids("prompt") for _ in range(n_pairs)]
+    teachers, teacher_eos = responses("teacher")
+    students, student_eos = responses("student")
+    return PairSet("bench", prompts, teachers, students, [""] * n_pairs, teacher_eos, student_eos)
+
+
+def build_critic(size: str, seed: int) -> torch.nn.Module:
+    """The critic class verl and this project use: token classification, one label, SDPA attention."""
+    torch.manual_seed(seed)
+    config = Qwen2Config(num_labels=1, pad_token_id=PAD_ID, eos_token_id=EOS_ID, tie_word_embeddings=False,
+                         classifier_dropout=0.0, use_cache=False, **MODEL_SHAPES[size])
+    return AutoModelForTokenClassification.from_config(config, attn_implementation="sdpa").float().train()
+
+
+def matmul_peak(device: torch.device) -> float:
+    """Best FLOP/s of a large torch.matmul: fp32 on CPU, bf16 on GPU."""
+    n, dtype = (2048, torch.float32) if device.type == "cpu" else (8192, torch.bfloat16)
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    best = float("inf")
+    for _ in range(8):
+        _sync(device)
+        start = time.perf_counter()
+        for _ in range(4):
+            a @ b
+        _sync(device)
+        best = min(best, (time.perf_counter() - start) / 4)
+    return 2 * n**3 / best
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ---------------------------------------------------------------- FLOP and token accounting
+
+def _causal_keys(n: np.ndarray) -> np.ndarray:
+    return n * (n + 1) // 2  # keys seen by n causal queries
+
+
+def training_flops(model: torch.nn.Module, pairs: PairSet, index: np.ndarray, packed: bool) -> float:
+    """Forward+backward FLOPs (3x forward) for the tokens a layout forwards, padding excluded."""
+    config = model.config
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    head_dim = config.hidden_size // config.num_attention_heads
+    attention_per_key = 4 * config.num_attention_heads * head_dim * config.num_hidden_layers  # QK^T and AV
+    p = np.array([len(pairs.prompt_ids[i]) for i in index], dtype=np.float64)
+    t = np.array([len(pairs.teacher_ids[i]) for i in index], dtype=np.float64)
+    s = np.array([len(pairs.student_ids[i]) for i in index], dtype=np.float64)
+    if packed:  # one row: prompt | teacher causal, then student tokens see the prompt and the student so far
+        tokens, keys = p + t + s, _causal_keys(p + t) + s * p + _causal_keys(s)
+    else:  # two rows: prompt | teacher and prompt | student
+        tokens, keys = 2 * p + t + s, _causal_keys(p + t) + _causal_keys(p + s)
+    return float(3 * (2 * linear * tokens.sum() + attention_per_key * keys.sum()))
+
+
+def useful_tokens(pairs: PairSet, index: np.ndarray) -> int:
+    return int(sum(2 * len(pairs.prompt_ids[i]) + len(pairs.teacher_ids[i]) + len(pairs.student_ids[i])
+                   for i in index))
+
+
+# ---------------------------------------------------------------- the verl-style step (re-implementation)
+
+def verl_style_scores(model, prompts, responses, ends_eos, device, autocast: bool) -> torch.Tensor:
+    """verl's padded critic forward: [left-padded prompt | right-padded response], mean value over the response.
+
+    values = logits[:, -R-1:-1] reads response token t's value at the position of token t-1; the
+    response mask drops the EOS token (as this project's `exclude_eos`).
+    """
+    n, prompt_width, response_width = len(prompts), max(map(len, prompts)), max(map(len, responses))
+    input_ids = np.full((n, prompt_width + response_width), PAD_ID, dtype=np.int64)
+    attention = np.zeros_like(input_ids)
+    for row, (prompt, response) in enumerate(zip(prompts, responses)):
+        input_ids[row, prompt_width - len(prompt):prompt_width + len(response)] = np.concatenate([prompt, response])
+        attention[row, prompt_width - len(prompt):prompt_width + len(response)] = 1
+    input_ids, attention = torch.from_numpy(input_ids).to(device), torch.from_numpy(attention).to(device)
+    position_ids = (attention.cumsum(-1) - 1).clamp(min=0)
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+        logits = model(input_ids=input_ids, attention_mask=attention, position_ids=position_ids,
+                       use_cache=False).logits  # (n, P+R, 1)
+    values = logits.squeeze(-1).float()[:, -response_width - 1:-1]  # (n, R)
+    counts = torch.tensor([len(r) - int(eos) for r, eos in zip(responses, ends_eos)], device=device).clamp(min=1)
+    response_mask = torch.arange(response_width, device=device)[None, :] < counts[:, None]
+    return (values * response_mask).sum(-1) / response_mask.sum(-1)
+
+
+def verl_style_loss(teacher_scores, student_scores, loss_cfg: LossConfig) -> torch.Tensor:
+    diff = teacher_scores - student_scores
+    temperature = (loss_cfg.t_a + loss_cfg.t_b * diff.detach().mean().abs()).clamp(loss_cfg.t_min, loss_cfg.t_max)
+    return -F.logsigmoid(diff / temperature).mean()
+
+
+class VerlStyle:
+    """Two padded forwards per micro-batch, one .item() per micro-batch for logging, AdamW."""
+    name = "verl-style (2 padded fwd)"
+    packed = False
+
+    def __init__(self, model, pairs: PairSet, cfg: ExperimentConfig, device: torch.device, seed: int) -> None:
+        self.model, self.pairs, self.cfg, self.device = model, pairs, cfg, device
+        t = cfg.train
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
+        self.rng, self.logged_losses = np.random.default_rng(seed), []
+
+    def side(self, index, which: str) -> torch.Tensor:
+        pairs = self.pairs
+        responses = [getattr(pairs, f"{which}_ids")[i] for i in index]
+        ends_eos = getattr(pairs, f"{which}_ends_eos")[index]
+        return verl_style_scores(self.model, [pairs.prompt_ids[i] for i in index], responses, ends_eos,
+                                 self.device, autocast=self.device.type == "cuda")
+
+    def step(self, batch_index: np.ndarray) -> None:
+        micro = self.cfg.train.micro_batch_size
+        for start in range(0, len(batch_index), micro):
+            index = batch_index[start:start + micro]
+            order = ("teacher", "student") if self.rng.random() < 0.5 else ("student", "teacher")
+            scores = {which: self.side(index, which) for which in order}
+            loss = verl_style_loss(scores["teacher"], scores["student"], self.cfg.loss)
+            (loss * len(index) / len(batch_index)).backward()
+            self.logged_losses.append(loss.detach().item())
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
+        if torch.isfinite(grad_norm):
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def run(self, batches: list[np.ndarray]) -> float:
+        start = time.perf_counter()
+        for batch_index in batches:
+            self.step(batch_index)
+        _sync(self.device)
+        return time.perf_counter() - start
+
+
+# ---------------------------------------------------------------- this project and TRL
+
+class ThisProject:
+    """critic.train.optimizer_step: the real per-step code path of a trial."""
+    packed = True
+
+    def __init__(self, model, pairs: PairSet, cfg: ExperimentConfig, device: torch.device) -> None:
+        self.model, self.pairs, self.cfg, self.device = model, pairs, cfg, device
+        self.packed = cfg.score.layout == "packed"
+        self.name = f"this project ({cfg.score.layout})"
+        self.optimizer, self.scheduler = _build_optimizer(model, cfg, n_steps=10**6)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.steps_done = 0
+
+    def run(self, batches: list[np.ndarray]) -> float:
+        start = time.perf_counter()
+        for batch_index in batches:
+            self.steps_done += 1
+            optimizer_step(self.model, self.params, self.optimizer, self.scheduler, self.pairs, batch_index,
+                           self.cfg, self.device, PAD_ID, self.steps_done)
+        _sync(self.device)
+        return time.perf_counter() - start
+
+
+def word_tokenizer(vocab_size: int):
+    """A tokenizer whose ids are the benchmark's ids (TRL wants one for its pad and EOS tokens)."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"t{i}": i for i in range(vocab_size)}
+    vocab.update({"<pad>": PAD_ID, "<eos>": EOS_ID})
+    del vocab[f"t{PAD_ID}"], vocab[f"t{EOS_ID}"]
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>")
+
+
+class Trl:
+    """trl.RewardTrainer; the timer runs from on_train_begin to the last on_step_end (setup excluded)."""
+    name = "TRL RewardTrainer"
+    packed = False
+
+    def __init__(self, token_model, pairs: PairSet, cfg: ExperimentConfig, device: torch.device,
+                 batches: list[np.ndarray]) -> None:
+        import datasets
+
+        datasets.disable_progress_bars()
+        self.model = AutoModelForSequenceClassification.from_config(
+            token_model.config, attn_implementation="sdpa").float()
+        self.model.model.load_state_dict(token_model.model.state_dict())  # same body; its own last-token head
+        self.cfg, self.device, self.steps = cfg, device, len(batches)
+        self.tokenizer = word_tokenizer(token_model.config.vocab_size)
+        order = np.concatenate(batches)  # sequential sampling: step k takes exactly batches[k]
+        self.dataset = datasets.Dataset.from_dict({
+            "chosen_ids": [np.concatenate([pairs.prompt_ids[i], pairs.teacher_ids[i]]).tolist() for i in order],
+            "rejected_ids": [np.concatenate([pairs.prompt_ids[i], pairs.student_ids[i]]).tolist() for i in order]})
+        self.output_dir = tempfile.mkdtemp(prefix="bench_trl_")
+
+    def run(self, batches: list[np.ndarray]) -> float:
+        from transformers import TrainerCallback
+        from trl import RewardConfig, RewardTrainer
+
+        device = self.device
+
+        class Timer(TrainerCallback):
+            def on_train_begin(self, args, state, control, **kwargs):
+                self.start = time.perf_counter()
+
+            def on_step_end(self, args, state, control, **kwargs):
+                _sync(device)
+                self.end = time.perf_counter()
+
+        t, timer = self.cfg.train, Timer()
+        args = RewardConfig(
+            output_dir=self.output_dir, max_steps=self.steps, per_device_train_batch_size=t.micro_batch_size,
+            gradient_accumulation_steps=t.batch_size // t.micro_batch_size, learning_rate=t.lr,
+            lr_scheduler_type="constant", weight_decay=t.weight_decay, adam_beta1=t.betas[0], adam_beta2=t.betas[1],
+            max_grad_norm=t.grad_clip, gradient_checkpointing=False, bf16=device.type == "cuda",
+            use_cpu=device.type == "cpu", train_sampling_strategy="sequential", max_length=None,
+            logging_strategy="no", save_strategy="no", report_to="none", disable_tqdm=True,
+            dataloader_num_workers=0, seed=0)
+        trainer = RewardTrainer(model=self.model, args=args, train_dataset=self.dataset,
+                                processing_class=self.tokenizer, callbacks=[timer])
+        trainer.train()
+        return timer.end - timer.start
+
+
+def trl_available() -> bool:
+    try:
+        import trl  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+# ---------------------------------------------------------------- checks, timing and report
+
+def check_same_scores(model, pairs: PairSet, index: np.ndarray, device: torch.device) -> dict[str, float]:
+    """Max |score difference| of each layout against the verl-style forward, same weights, float32."""
+    model.eval()
+    out = {}
+    with torch.no_grad():
+        verl_teacher = verl_style_scores(model, [pairs.prompt_ids[i] for i in index],
+                                         [pairs.teacher_ids[i] for i in index], pairs.teacher_ends_eos[index],
+                                         device, autocast=False)
+        verl_student = verl_style_scores(model, [pairs.prompt_ids[i] for i in index],
+                                         [pairs.student_ids[i] for i in index], pairs.student_ends_eos[index],
+                                         device, autocast=False)
+        for layout in ("packed", "padded"):
+            score_cfg = ScoreConfig(reduction="mean", exclude_eos=True, layout=layout)
+            teacher, student = score_batch(model, collate(pairs, index, PAD_ID, score_cfg).to(device), score_cfg)
+            out[layout] = max(float((teacher - verl_teacher).abs().max()), float((student - verl_student).abs().max()))
+    model.train()
+    return out
+
+
+def time_interleaved(contenders: list, batches: list[np.ndarray], reps: int) -> dict[str, list[float]]:
+    """One warm-up step each, then `reps` rounds of A B C ...; seconds per round per contender."""
+    for contender in contenders:
+        contender.run(batches[:1])
+    seconds = {c.name: [] for c in contenders}
+    for rep in range(reps):
+        for contender in contenders:
+            seconds[contender.name].append(contender.run(batches))
+            print(f"  rep {rep + 1}/{reps}  {contender.name:<28} {seconds[contender.name][-1]:7.2f} s", flush=True)
+    return seconds
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--size", choices=sorted(MODEL_SHAPES), default=None,
+                        help="critic shape: cpu (hidden 256, 4 layers) or 0.5b (Qwen2.5-0.5B); default by device")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    parser.add_argument("--reps", type=int, default=3, help="interleaved repetitions (median reported)")
+    parser.add_argument("--steps", type=int, default=2, help="optimizer steps per repetition")
+    parser.add_argument("--batch-size", type=int, default=None, help="pairs per optimizer step (cpu 16, gpu 32)")
+    parser.add_argument("--micro-batch-size", type=int, default=8, help="pairs per forward")
+    parser.add_argument("--layout", choices=["packed", "padded"], default="packed", help="this project's layout")
+    parser.add_argument("--with-padded", action="store_true", help="also time this project with layout=padded")
+    parser.add_argument("--no-trl", action="store_true", help="skip TRL even when it is installed")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser.parse_args(argv)
+
+
+def build_contenders(args, base_model, pairs, cfg, device, batches) -> list:
+    contenders = [ThisProject(copy.deepcopy(base_model).to(device), pairs, cfg, device)]
+    if args.with_padded and args.layout != "padded":
+        padded_cfg = replace(cfg, score=replace(cfg.score, layout="padded"))
+        contenders.append(ThisProject(copy.deepcopy(base_model).to(device), pairs, padded_cfg, device))
+    contenders.append(VerlStyle(copy.deepcopy(base_model).to(device), pairs, cfg, device, args.seed))
+    if args.no_trl:
+        print("trl skipped (--no-trl)")
+    elif trl_available():
+        transformers.logging.set_verbosity_error()
+        contenders.append(Trl(base_model, pairs, cfg, device, batches))
+    else:
+        print("trl not installed (pip install -r requirements-bench.txt); TRL reported as null")
+    return contenders
+
+
+def report(contenders, seconds, batches, pairs, peak, base_model) -> tuple[dict, dict]:
+    """Print the table; return (pairs/s, ratio of this project to each contender) by name."""
+    index = np.concatenate(batches)
+    n_pairs, tokens = len(index), useful_tokens(pairs, index)
+    ours = contenders[0].name
+    print(f"\n{'contender':<28}{'pairs/s':>9}{'useful tok/s':>14}{'model GFLOP/s':>15}{'% of peak':>11}"
+          f"{'ours / this':>13}   median s of {len(seconds[ours])} reps")
+    pairs_per_s, ratios, fractions = {}, {}, {}
+    for contender in contenders:
+        median = statistics.median(seconds[contender.name])
+        flops = training_flops(base_model, pairs, index, contender.packed) / median
+        pairs_per_s[contender.name], fractions[contender.name] = n_pairs / median, flops / peak
+        # paired ratio: each repetition ran A B C back to back, so machine load cancels out
+        ratios[contender.name] = statistics.median(
+            theirs / mine for mine, theirs in zip(seconds[ours], seconds[contender.name]))
+        print(f"{contender.name:<28}{n_pairs / median:>9.2f}{tokens / median:>14,.0f}{flops / 1e9:>15.1f}"
+              f"{100 * flops / peak:>10.1f}%{ratios[contender.name]:>12.2f}x   {median:.2f}")
+    return pairs_per_s, ratios, fractions
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    size = args.size or ("cpu" if device.type == "cpu" else "0.5b")
+    batch_size = args.batch_size or (16 if device.type == "cpu" else 32)
+    if batch_size % args.micro_batch_size:
+        raise SystemExit(f"--batch-size ({batch_size}) must be a multiple of --micro-batch-size "
+                         f"({args.micro_batch_size}) so TRL's gradient accumulation sees the same pairs per step")
+    cfg = ExperimentConfig(score=ScoreConfig(reduction="mean", exclude_eos=True, layout=args.layout),
+                           loss=LossConfig(adaptive_temperature=True),
+                           train=TrainConfig(lr=1e-5, batch_size=batch_size, micro_batch_size=args.micro_batch_size))
+    pairs = make_workload(batch_size * args.steps, MODEL_SHAPES[size]["vocab_size"], args.seed)
+    batches = [np.arange(k * batch_size, (k + 1) * batch_size) for k in range(args.steps)]  # random pairs per step
+    base_model = build_critic(size, args.seed)
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
+        f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    print(f"device: {device_name}; torch {torch.__version__}, transformers {transformers.__version__}")
+    print(f"critic: Qwen2 {size} {MODEL_SHAPES[size]}, random weights, float32"
+          + (" + bf16 autocast" if device.type == "cuda" else ""))
+    mean = {k: np.mean([len(x) for x in getattr(pairs, f"{k}_ids")]) for k in ("prompt", "teacher", "student")}
+    print(f"workload: {args.steps} steps x {batch_size} pairs (micro-batch {args.micro_batch_size}), lengths uniform "
+          f"{LENGTHS}, mean prompt {mean['prompt']:.0f} / teacher {mean['teacher']:.0f} / student "
+          f"{mean['student']:.0f}; {args.reps} interleaved reps")
+
+    check = check_same_scores(base_model.to(device), pairs, batches[0][:args.micro_batch_size], device)
+    ok = all(v <= 1e-5 for v in check.values())
+    print("score check (float32, same weights and pairs), max |this project - verl-style|: "
+          + ", ".join(f"{k} {v:.1e}" for k, v in check.items()) + f"  -> {'OK' if ok else 'FAIL'} (tol 1e-5)")
+
+    peak_before = matmul_peak(device)
+    contenders = build_contenders(args, base_model, pairs, cfg, device, batches)
+    seconds = time_interleaved(contenders, batches, args.reps)
+    peak = max(peak_before, matmul_peak(device))
+    print(f"matmul peak ({'fp32' if device.type == 'cpu' else 'bf16'} torch.matmul): {peak / 1e9:.1f} GFLOP/s")
+    pairs_per_s, ratios, fractions = report(contenders, seconds, batches, pairs, peak, base_model)
+
+    ours = contenders[0].name
+    trl_ratio = ratios.get(Trl.name)
+    print(json.dumps({"pairs_per_s": round(pairs_per_s[ours], 3),
+                      "ratio_vs_trl": None if trl_ratio is None else round(trl_ratio, 3),
+                      "ratio_vs_verl_style": round(ratios[VerlStyle.name], 3),
+                      "flops_fraction_of_peak": round(fractions[ours], 3), "device": device_name}))
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,133 @@
+"""A trained critic on disk: a Hugging Face checkpoint plus the spec and the curves it was trained with.
+
+Layout of a checkpoint directory:
+  config.json, model.safetensors, tokenizer files   loadable with AutoModelForTokenClassification
+  experiment.yaml                                   critic.config.to_dict(cfg): the full spec
+  history.json                                      {"train": [[step, {metric: value}], ...], "eval": [...],
+                                                     "final_metrics": {...}, "data_digests": {...}}
+Non-finite metric values are stored as null (strict JSON) and read back as NaN.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from critic.config import ExperimentConfig, SpecError, build_config, to_dict
+
+CONFIG_FILE = "experiment.yaml"
+HISTORY_FILE = "history.json"
+
+History = list[tuple[int, dict[str, float]]]
+
+
+class CheckpointError(SpecError):
+    """A directory that is not a usable critic checkpoint; the message says what is missing."""
+
+
+@dataclass
+class Histories:
+    """What was streamed while the checkpoint trained (RecordingReporter's lists) and its final summary."""
+    train: History = field(default_factory=list)
+    eval: History = field(default_factory=list)
+    final_metrics: dict[str, float] = field(default_factory=dict)  # e.g. train/progressive_d_acc
+    data_digests: dict[str, str] = field(default_factory=dict)  # file digests at training time
+
+
+def _plain(value: float) -> float | None:
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def _history_to_json(history) -> list:
+    return [[int(step), {k: _plain(v) for k, v in metrics.items()}] for step, metrics in history]
+
+
+def _history_from_json(raw: list) -> History:
+    return [(int(step), {k: (math.nan if v is None else float(v)) for k, v in metrics.items()})
+            for step, metrics in raw]
+
+
+def save_checkpoint(directory: str | Path, model, tokenizer, cfg: ExperimentConfig, train_history, eval_history,
+                    final_metrics: dict[str, float] | None = None,
+                    data_digests: dict[str, str] | None = None) -> Path:
+    """Write model, tokenizer, experiment.yaml and history.json into `directory` (absent or empty); returns it.
+
+    Written into a sibling temporary directory first and renamed, so a reader never sees half a checkpoint.
+    """
+    directory = Path(directory)
+    if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
+        raise FileExistsError(f"checkpoint directory {directory.resolve()} already exists and is not empty; "
+                              f"choose a new directory")
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = directory.with_name(f".{directory.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / CONFIG_FILE).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    history = {"train": _history_to_json(train_history), "eval": _history_to_json(eval_history),
+               "final_metrics": {k: _plain(v) for k, v in (final_metrics or {}).items()},
+               "data_digests": dict(data_digests or {})}
+    (tmp / HISTORY_FILE).write_text(json.dumps(history, allow_nan=False))
+    if directory.exists():
+        directory.rmdir()  # empty, checked above
+    tmp.replace(directory)
+    return directory
+
+
+def load_checkpoint(directory: str | Path):
+    """(model, tokenizer, cfg, histories) of a checkpoint directory; the model is on the CPU in eval mode."""
+    from transformers import AutoModelForTokenClassification, AutoTokenizer
+
+    directory = Path(directory).expanduser().resolve()
+    if not directory.is_dir():
+        raise CheckpointError(f"checkpoint directory not found: {directory}")
+    for name in ("config.json", CONFIG_FILE):
+        if not (directory / name).is_file():
+            raise CheckpointError(f"{directory} has no {name}; point --checkpoint at a directory written by "
+                                  f"critic.checkpoint.save_checkpoint (train.save_checkpoint: true)")
+    raw = yaml.safe_load((directory / CONFIG_FILE).read_text())
+    cfg = build_config(raw, source=str(directory / CONFIG_FILE))
+    histories = Histories()
+    if (directory / HISTORY_FILE).is_file():
+        raw_history = json.loads((directory / HISTORY_FILE).read_text())
+        histories = Histories(_history_from_json(raw_history.get("train", [])),
+                              _history_from_json(raw_history.get("eval", [])),
+                              {k: (math.nan if v is None else float(v))
+                               for k, v in raw_history.get("final_metrics", {}).items()},
+                              dict(raw_history.get("data_digests", {})))
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForTokenClassification.from_pretrained(directory)
+    if model.config.num_labels != 1:
+        raise CheckpointError(f"{directory} holds a model with num_labels={model.config.num_labels}; "
+                              f"a critic checkpoint has num_labels=1")
+    return model.float().eval(), tokenizer, cfg, histories
+
+
+def default_checkpoint_dir(cfg: ExperimentConfig) -> Path:
+    """`<data.cache_dir>/../checkpoints/<timestamp>/`, with a suffix when that name is taken."""
+    root = Path(cfg.data.cache_dir).expanduser().resolve().parent / "checkpoints"
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    candidate, n = root / stamp, 1
+    while candidate.exists():
+        candidate, n = root / f"{stamp}-{n}", n + 1
+    return candidate
+
+
+def save_trial_checkpoint(result, cfg: ExperimentConfig, train_history, directory: str | Path | None = None) -> Path:
+    """Save a TrialResult kept with keep_model (run_trial does so when train.save_checkpoint is set)."""
+    if result.model is None:
+        raise ValueError("the trial result holds no model; run run_trial with keep_model=True "
+                         "or train.save_checkpoint: true")
+    target = Path(directory) if directory is not None else default_checkpoint_dir(cfg)
+    return save_checkpoint(target, result.model, result.tokenizer, cfg, train_history, result.eval_history,
+                           final_metrics=result.metrics, data_digests=result.data_digests)

@@ -1,0 +1,61 @@
+"""Figures logged with every trial: training progress (4 panels) and held-out score histograms."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display on training nodes
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+
+
+def _series(history: list[tuple[int, dict[str, float]]], key: str) -> tuple[list[int], list[float]]:
+    points = [(step, m[key]) for step, m in history if key in m]
+    return [p[0] for p in points], [p[1] for p in points]
+
+
+def training_progress(train_history, eval_history, eval_sets: list[str], path: Path) -> Path:
+    """d_acc (with the 0.5 line), score_diff (with 0), teacher vs student mean score, grad_norm."""
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7), constrained_layout=True)
+    ax = axes[0, 0]
+    ax.plot(*_series(train_history, "critic/d_acc"), label="train (batch, before update)", alpha=0.6)
+    for name in eval_sets:
+        ax.plot(*_series(eval_history, f"{name}/d_acc"), marker="o", label=name)
+    ax.axhline(0.5, color="grey", linestyle="--", linewidth=1)
+    ax.set(title="d_acc", xlabel="step", ylim=(-0.02, 1.02))
+    ax.legend(fontsize=8)
+    ax = axes[0, 1]
+    ax.plot(*_series(train_history, "critic/score_diff"), label="train", alpha=0.6)
+    for name in eval_sets:
+        ax.plot(*_series(eval_history, f"{name}/score_diff"), marker="o", label=name)
+    ax.axhline(0.0, color="grey", linestyle="--", linewidth=1)
+    ax.set(title="score_diff (teacher - student)", xlabel="step")
+    ax.legend(fontsize=8)
+    ax = axes[1, 0]
+    ax.plot(*_series(train_history, "critic/teacher_score_mean"), label="teacher (train)")
+    ax.plot(*_series(train_history, "critic/student_score_mean"), label="student (train)")
+    ax.set(title="mean score", xlabel="step")
+    ax.legend(fontsize=8)
+    ax = axes[1, 1]
+    ax.plot(*_series(train_history, "critic/grad_norm"))
+    ax.set(title="grad_norm (before clipping)", xlabel="step", yscale="log")
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def score_histograms(pair_scores: pd.DataFrame, path: Path) -> Path:
+    """Teacher vs student held-out score distributions, one panel per set."""
+    sets = list(dict.fromkeys(pair_scores["set"]))
+    fig, axes = plt.subplots(1, len(sets), figsize=(5 * len(sets), 3.5), squeeze=False, constrained_layout=True)
+    for ax, name in zip(axes[0], sets):
+        part = pair_scores[pair_scores["set"] == name]
+        ax.hist(part["teacher_score"], bins=40, alpha=0.6, label="teacher")
+        ax.hist(part["student_score"], bins=40, alpha=0.6, label="student")
+        ax.set(title=f"{name}: held-out scores", xlabel="score")
+        ax.legend(fontsize=8)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path

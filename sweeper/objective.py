@@ -1,0 +1,201 @@
+"""The Optuna objective: sample -> build the trial config -> run the engine -> report -> value.
+
+Outcomes: COMPLETE with a finite value; PRUNED by the pruner or by a
+non-finite loss (reason recorded); FAIL with its reason (OOM after one retry
+with half the micro-batch, a non-finite objective, an infeasible sampled
+combination, any other engine error) while the sweep goes on. A spec or data
+error (SpecError) stops the whole sweep at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import json
+import math
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import optuna
+import torch
+import yaml
+
+from critic.config import ExperimentConfig, SpecError, apply_overrides, build_config, flatten, to_dict
+from critic.reporting import FanoutReporter, Reporter
+from critic.train import NonFiniteError, TrialOutOfMemory
+from critic.trial import TrialResult, run_trial
+from sweeper import figures
+from sweeper.space import suggest
+from sweeper.tracking import MlflowReporter, Tracker
+
+SUMMARY_KEYS = ("train/progressive_d_acc", "train/gap_progressive_minus_val", "train/steps")
+
+
+class TrialFailure(RuntimeError):
+    """A trial that failed for a recorded reason; the sweep continues."""
+
+
+class OptunaReporter(Reporter):
+    """Reports the objective at every evaluation and raises TrialPruned when the pruner says so."""
+
+    def __init__(self, trial: optuna.Trial, objective: str, prune: bool) -> None:
+        self.trial, self.objective, self.prune = trial, objective, prune
+        self.last_step = 0
+
+    def log_eval(self, step: int, metrics: dict[str, float]) -> None:
+        self.last_step = step
+        value = metrics.get(self.objective)
+        if not self.prune or value is None or not math.isfinite(value):
+            return
+        self.trial.report(value, step)
+        if self.trial.should_prune():
+            raise optuna.TrialPruned(f"pruned by the pruner at step {step} ({self.objective}={value:.4f})")
+
+
+def objectives(cfg: ExperimentConfig) -> list[str]:
+    return cfg.sweep.objective if isinstance(cfg.sweep.objective, list) else [cfg.sweep.objective]
+
+
+def trial_config(raw: dict[str, Any], sampled: dict[str, Any], source: str) -> ExperimentConfig:
+    """The resolved config of a trial: base spec + sampled values, validated like any spec."""
+    try:
+        return build_config(apply_overrides(raw, sampled), source=f"{source} (sampled {sampled})")
+    except SpecError as exc:  # e.g. t_min > t_max: this combination is infeasible, not the spec
+        raise TrialFailure(f"infeasible sampled combination: {exc}") from None
+
+
+class Objective:
+    """Callable passed to study.optimize; shares the process-level data/model caches across trials."""
+
+    def __init__(self, raw: dict[str, Any], cfg: ExperimentConfig, entries, tracker: Tracker, parent_run_id: str,
+                 tags: dict[str, str], progress: bool = False) -> None:
+        self.raw, self.cfg, self.entries, self.tracker = raw, cfg, entries, tracker
+        self.parent_run_id, self.tags, self.progress = parent_run_id, tags, progress
+        self.names = objectives(cfg)
+        self.prune = len(self.names) == 1 and cfg.sweep.pruner != "none"
+
+    def __call__(self, trial: optuna.Trial) -> float | list[float]:
+        sampled = suggest(trial, self.entries, flatten(self.cfg))
+        cfg = trial_config(self.raw, sampled, "sweep")
+        run_id = self.tracker.child_run(self.parent_run_id, trial.number, {
+            **self.tags, "sweep.sampled_params": ",".join(sampled),
+            "sweep.baseline": str(bool(trial.user_attrs.get("baseline", False))).lower()})
+        trial.set_user_attr("mlflow_run_id", run_id)
+        trial.set_user_attr("config", json.dumps(flatten(cfg), default=str))
+        self.tracker.log_params(run_id, {**flatten(cfg), **{f"sampled/{k}": v for k, v in sampled.items()}})
+        status, state, started = "FAILED", "FAIL", time.time()
+        try:
+            result = self._run_with_oom_retry(trial, cfg, run_id)
+            values = [result.metrics.get(name, math.nan) for name in self.names]
+            if not all(math.isfinite(v) for v in values):
+                raise TrialFailure(f"non-finite objective {dict(zip(self.names, values))}")
+            self._record_success(trial, cfg, run_id, result)
+            status, state = "FINISHED", "COMPLETE"
+            return values[0] if len(values) == 1 else values
+        except optuna.TrialPruned as exc:
+            status, state = "FINISHED", "PRUNED"
+            self._record_reason(trial, run_id, str(exc) or "pruned", "prune_reason")
+            raise
+        except NonFiniteError as exc:
+            status, state = "FINISHED", "PRUNED"
+            self._record_reason(trial, run_id, str(exc), "prune_reason")
+            raise optuna.TrialPruned(str(exc)) from None
+        except (SpecError, KeyboardInterrupt) as exc:
+            status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
+            self._record_reason(trial, run_id, "interrupted" if status == "KILLED" else str(exc), "fail_reason")
+            raise
+        except TrialFailure as exc:
+            self._record_reason(trial, run_id, str(exc), "fail_reason")
+            raise
+        except Exception as exc:  # an engine error in this trial only: record it, keep sweeping
+            reason = f"{type(exc).__name__}: {exc}"
+            self._record_reason(trial, run_id, reason, "fail_reason")
+            raise TrialFailure(reason) from exc
+        finally:
+            self.tracker.set_tags(run_id, {"sweep.state": state, "sweep.duration_s": f"{time.time() - started:.1f}"})
+            self.tracker.end(run_id, status)
+            gc.collect()
+
+    def _run_with_oom_retry(self, trial: optuna.Trial, cfg: ExperimentConfig, run_id: str) -> TrialResult:
+        """Out of memory once -> retry with half the micro-batch (same effective batch); twice -> fail."""
+        for attempt in range(2):
+            mlflow_reporter = MlflowReporter(self.tracker, run_id)
+            reporter = FanoutReporter(mlflow_reporter, OptunaReporter(trial, self.names[0], self.prune))
+            try:
+                result = run_trial(cfg, reporter, progress=self.progress,
+                                   keep_model=cfg.train.save_checkpoint or self.cfg.sweep.save_best_checkpoint)
+                result.train_history = mlflow_reporter.train_history  # type: ignore[attr-defined]
+                return result
+            except TrialOutOfMemory as exc:
+                release_memory()
+                half = cfg.train.micro_batch_size // 2
+                if attempt == 1 or half < 1:
+                    raise TrialFailure(f"out of memory (after retry with micro_batch_size={cfg.train.micro_batch_size})"
+                                       f": {exc}") from None
+                self.tracker.set_tags(run_id, {"sweep.oom_retry": f"micro_batch_size {cfg.train.micro_batch_size}"
+                                                                  f" -> {half}"})
+                trial.set_user_attr("oom_retry", True)
+                cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, micro_batch_size=half))
+            finally:
+                mlflow_reporter.flush()
+        raise AssertionError("unreachable")
+
+    def _record_reason(self, trial: optuna.Trial, run_id: str, reason: str, key: str) -> None:
+        trial.set_user_attr(key, reason[:2000])
+        self.tracker.set_tags(run_id, {f"sweep.{key}": reason[:5000]})
+
+    def _record_success(self, trial: optuna.Trial, cfg: ExperimentConfig, run_id: str, result: TrialResult) -> None:
+        summary = {k: result.metrics[k] for k in SUMMARY_KEYS if k in result.metrics}
+        self.tracker.log_metrics(run_id, [_metric(k, v, int(result.metrics["train/steps"])) for k, v in summary.items()]
+                                 + [_metric(f"timing/{k}", v, 0) for k, v in result.timings.items()])
+        key_metrics = {k: v for k, v in result.metrics.items() if k.endswith("/d_acc") or k in self.names}
+        key_metrics.update(summary)
+        trial.set_user_attr("metrics", json.dumps(key_metrics))
+        eval_sets = list(dict.fromkeys(result.pair_scores["set"]))
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = Path(tmp)
+            (folder / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+            self.tracker.log_file(run_id, folder / "config.yaml")
+            history = getattr(result, "train_history", [])
+            self.tracker.log_file(run_id, figures.training_progress(
+                history, result.eval_history, eval_sets, folder / "training_progress.png"), "figures")
+            self.tracker.log_file(run_id, figures.score_histograms(result.pair_scores, folder / "score_hist.png"),
+                                  "figures")
+            self.tracker.log_frame(run_id, result.pair_scores, "scores/heldout_pair_scores.parquet")
+            (folder / "history.json").write_text(json.dumps({"train": history, "eval": result.eval_history}))
+            self.tracker.log_file(run_id, folder / "history.json")
+            if result.model is not None and cfg.train.save_checkpoint:
+                save_checkpoint_dir(result, cfg, folder / "checkpoint")
+                self.tracker.log_dir(run_id, folder / "checkpoint", "checkpoint")
+        trial.set_user_attr("_result_model_kept", result.model is not None)
+        self.last_result = result
+
+
+def save_checkpoint_dir(result: TrialResult, cfg: ExperimentConfig, folder: Path) -> Path:
+    """A Hugging Face checkpoint directory (AutoModelForTokenClassification) plus the spec and curves."""
+    try:
+        from critic.checkpoint import save_checkpoint
+    except ImportError:
+        save_checkpoint = None
+    history = getattr(result, "train_history", [])
+    if save_checkpoint is not None:
+        save_checkpoint(folder, result.model, result.tokenizer, cfg, history, result.eval_history)
+    else:
+        result.model.save_pretrained(folder)
+        result.tokenizer.save_pretrained(folder)
+        (folder / "experiment.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    return folder
+
+
+def release_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _metric(key: str, value: float, step: int):
+    from mlflow.entities import Metric
+    from sweeper.tracking import now_ms
+    return Metric(key, float(value), now_ms(), step)

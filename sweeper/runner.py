@@ -1,0 +1,163 @@
+"""The trial loop of one worker process, and the parent run's summaries.
+
+A worker asks for one trial at a time until the study holds `n_trials`
+finished (COMPLETE or PRUNED) trials. Failed trials do not count, so a dead or
+failed trial never silently shrinks the sweep; `sweep.max_failures` bounds them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+import time
+from pathlib import Path
+
+import optuna
+import pandas as pd
+from mlflow.entities import Metric
+from optuna.trial import TrialState
+from tqdm.auto import tqdm
+
+from sweeper.objective import Objective, TrialFailure, save_checkpoint_dir
+from sweeper.study import FINISHED, SweepSpec, state_counts
+from sweeper.tracking import Tracker, now_ms
+
+
+class SweepStopped(RuntimeError):
+    """The study stopped on purpose (too many failures); the message says why."""
+
+
+def leaderboard(study: optuna.Study) -> pd.DataFrame:
+    """One row per trial: number, state, value(s), params, reason, duration, baseline flag."""
+    rows = []
+    for t in study.get_trials(deepcopy=False):
+        row = {"number": t.number, "state": t.state.name,
+               "baseline": bool(t.user_attrs.get("baseline", False)),
+               "duration_s": t.duration.total_seconds() if t.duration else math.nan}
+        values = t.values or [math.nan] * len(study.directions)
+        for i, value in enumerate(values):
+            row["value" if len(values) == 1 else f"value_{i}"] = value
+        row.update({f"param:{k}": v for k, v in t.params.items()})
+        row["reason"] = t.user_attrs.get("fail_reason") or t.user_attrs.get("prune_reason") or ""
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def count_failures(study: optuna.Study) -> int:
+    """Trials that failed for a recorded reason; stale (re-queued) and interrupted trials do not count."""
+    return sum(1 for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+               if t.user_attrs.get("fail_reason") not in (None, "interrupted"))
+
+
+def best_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    if not any(t.state == TrialState.COMPLETE for t in study.get_trials(deepcopy=False)):
+        return []
+    return study.best_trials if len(study.directions) > 1 else [study.best_trial]
+
+
+class ParentUpdater:
+    """Study-level curves on the parent run (trial value and best value by trial number), so its charts show data."""
+
+    def __init__(self, tracker: Tracker, parent_id: str, spec: SweepSpec) -> None:
+        self.tracker, self.parent_id, self.spec = tracker, parent_id, spec
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        metrics = []
+        if trial.state == TrialState.COMPLETE and trial.values:
+            metrics.append(Metric("sweep/trial_value", trial.values[0], now_ms(), trial.number))
+        best = best_trials(study)
+        if best and len(study.directions) == 1:
+            metrics.append(Metric("sweep/best_value", best[0].value, now_ms(), trial.number))
+            self.tracker.set_tags(self.parent_id, {"best.trial": best[0].number, "best.value": best[0].value,
+                                                   **{f"best.{k}": v for k, v in best[0].params.items()}})
+        counts = state_counts(study)
+        metrics.extend(Metric(f"sweep/n_{s.lower()}", counts[s], now_ms(), trial.number)
+                       for s in ("COMPLETE", "PRUNED", "FAIL"))
+        self.tracker.log_metrics(self.parent_id, metrics)
+
+
+def run_trials(study: optuna.Study, spec: SweepSpec, tracker: Tracker, parent_id: str, n_trials: int,
+               progress: bool = True, poll_s: float = 5.0) -> None:
+    """Run trials in this process until the study has `n_trials` finished trials."""
+    objective = Objective(spec.raw, spec.cfg, spec.entries, tracker, parent_id,
+                          {"sweep.study": study.study_name, "sweep.sampler": spec.cfg.sweep.sampler},
+                          progress=progress)
+    update_parent = ParentUpdater(tracker, parent_id, spec)
+    max_failures = spec.cfg.sweep.max_failures or n_trials
+    bar = tqdm(total=n_trials, desc="trials", disable=not progress, dynamic_ncols=True)
+    try:
+        while True:
+            counts = state_counts(study)
+            finished = counts["COMPLETE"] + counts["PRUNED"]
+            bar.n = min(finished, n_trials)
+            bar.set_postfix_str(_postfix(study, counts))
+            if finished >= n_trials:
+                break
+            failures = count_failures(study)
+            if failures >= max_failures:
+                raise SweepStopped(f"{failures} trials failed (sweep.max_failures={max_failures}); "
+                                   f"see `sweep.py status` for their reasons")
+            if finished + counts["RUNNING"] >= n_trials:
+                # Other workers hold the last trials; wait in case one dies and its trial is re-queued.
+                optuna.storages.fail_stale_trials(study)
+                time.sleep(poll_s)
+                continue
+            study.optimize(objective, n_trials=1, catch=(TrialFailure,), callbacks=[update_parent],
+                           gc_after_trial=False)
+            _maybe_save_best(study, objective, spec, tracker, parent_id)
+    finally:
+        bar.close()
+
+
+def _postfix(study: optuna.Study, counts: dict[str, int]) -> str:
+    best = best_trials(study)
+    best_text = f"best={best[0].values[0]:.4f}" if best else "best=n/a"
+    return f"{best_text} complete={counts['COMPLETE']} pruned={counts['PRUNED']} fail={counts['FAIL']}"
+
+
+def _maybe_save_best(study, objective: Objective, spec: SweepSpec, tracker: Tracker, parent_id: str) -> None:
+    """sweep.save_best_checkpoint: the best trial's critic, as a HF checkpoint under the parent run's artifacts."""
+    result = getattr(objective, "last_result", None)
+    objective.last_result = None
+    if not spec.cfg.sweep.save_best_checkpoint or result is None or result.model is None:
+        return
+    last = study.trials[-1]
+    best = best_trials(study)
+    if last.state == TrialState.COMPLETE and best and best[0].number == last.number:
+        from critic.config import build_config
+        cfg = build_config(json.loads(json.dumps(_trial_spec(spec, last.params))), "best trial")
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = save_checkpoint_dir(result, cfg, Path(tmp) / "best_checkpoint")
+            tracker.log_dir(parent_id, folder, "best_checkpoint")
+        tracker.set_tags(parent_id, {"best.checkpoint_trial": last.number})
+
+
+def _trial_spec(spec: SweepSpec, params: dict) -> dict:
+    from critic.config import apply_overrides
+    return apply_overrides(spec.raw, params)
+
+
+def finish_parent(study: optuna.Study, tracker: Tracker, parent_id: str) -> None:
+    """Leaderboard CSV, best trial JSON and Optuna's plots (HTML) on the parent run."""
+    board = leaderboard(study)
+    tracker.log_frame(parent_id, board, "leaderboard.csv")
+    best = best_trials(study)
+    if best:
+        tracker.log_text(parent_id, json.dumps([{"number": t.number, "values": t.values, "params": t.params}
+                                                for t in best], indent=2), "best_trials.json")
+    plots = {"optimization_history": optuna.visualization.plot_optimization_history,
+             "param_importances": optuna.visualization.plot_param_importances,
+             "parallel_coordinate": optuna.visualization.plot_parallel_coordinate,
+             "intermediate_values": optuna.visualization.plot_intermediate_values}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, plot in plots.items():
+            try:
+                figure = plot(study) if len(study.directions) == 1 else plot(study, target=lambda t: t.values[0])
+            except (ValueError, RuntimeError, TypeError, ZeroDivisionError) as exc:  # e.g. importances need 2+ complete trials
+                tracker.set_tags(parent_id, {f"plot.{name}": f"skipped: {exc}"[:500]})
+                continue
+            path = Path(tmp) / f"{name}.html"
+            figure.write_html(path, include_plotlyjs=True)
+            tracker.log_file(parent_id, path, "optuna")
+

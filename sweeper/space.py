@@ -1,0 +1,143 @@
+"""The search space is data: each spec entry binds a config key to an Optuna distribution.
+
+    train.lr: {type: float, low: 1.0e-5, high: 3.0e-3, log: true}
+    loss.t_max: {type: float, low: 1.5, high: 4.0, when: {loss.adaptive_temperature: true}}
+
+`when` makes a parameter conditional: it is sampled only when the already
+resolved config (base spec + parameters sampled before it, in spec order)
+matches every listed value.
+"""
+
+from __future__ import annotations
+
+import typing
+from dataclasses import dataclass
+from typing import Any
+
+import optuna
+from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
+
+from critic.config import ExperimentConfig, SpecError
+
+_ENTRY_KEYS = {"float": {"low", "high", "log", "step"}, "int": {"low", "high", "log", "step"},
+               "categorical": {"choices"}}
+TUNABLE_SECTIONS = ("data", "model", "score", "loss", "train", "eval")
+
+
+@dataclass(frozen=True)
+class SpaceEntry:
+    key: str  # "section.field"
+    distribution: BaseDistribution
+    when: tuple[tuple[str, Any], ...] = ()
+
+
+def _field_hint(key: str) -> Any:
+    if key.count(".") != 1:
+        raise SpecError(f"sweep.search_space: key {key!r} must be section.field, e.g. train.lr")
+    section, name = key.split(".")
+    if section not in TUNABLE_SECTIONS:
+        raise SpecError(f"sweep.search_space: key {key!r}: section must be one of {', '.join(TUNABLE_SECTIONS)}")
+    hints = typing.get_type_hints(typing.get_type_hints(ExperimentConfig)[section])
+    if name not in hints:
+        raise SpecError(f"sweep.search_space: unknown key {key!r}. Valid keys in '{section}': {', '.join(sorted(hints))}")
+    return hints[name]
+
+
+def to_distribution(key: str, entry: Any) -> BaseDistribution:
+    """One search-space entry -> an Optuna distribution; raises SpecError saying what to fix."""
+    where = f"sweep.search_space.{key}"
+    if not isinstance(entry, dict) or "type" not in entry:
+        raise SpecError(f"{where}: expected a mapping with 'type' (float, int or categorical), got {entry!r}")
+    kind = entry["type"]
+    if kind not in _ENTRY_KEYS:
+        raise SpecError(f"{where}: type must be float, int or categorical, got {kind!r}")
+    extra = set(entry) - _ENTRY_KEYS[kind] - {"type", "when"}
+    if extra:
+        raise SpecError(f"{where}: unknown field(s) {sorted(extra)} for type {kind}; "
+                        f"valid: {', '.join(sorted(_ENTRY_KEYS[kind] | {'type', 'when'}))}")
+    if kind == "categorical":
+        choices = entry.get("choices")
+        if not isinstance(choices, list) or not choices:
+            raise SpecError(f"{where}: categorical needs a non-empty list 'choices'")
+        return CategoricalDistribution(choices)
+    if "low" not in entry or "high" not in entry:
+        raise SpecError(f"{where}: {kind} needs 'low' and 'high'")
+    low, high, log, step = entry["low"], entry["high"], bool(entry.get("log", False)), entry.get("step")
+    numeric = (int,) if kind == "int" else (int, float)
+    if not all(isinstance(v, numeric) and not isinstance(v, bool) for v in (low, high)):
+        raise SpecError(f"{where}: low and high must be {'integers' if kind == 'int' else 'numbers'}, "
+                        f"got low={low!r}, high={high!r} (write floats as 1.0e-5: YAML reads 1e-5 as text)")
+    if low > high:
+        raise SpecError(f"{where}: low ({low}) must be <= high ({high})")
+    if log and low <= 0:
+        raise SpecError(f"{where}: log scale needs low > 0, got low={low}")
+    if log and step is not None:
+        raise SpecError(f"{where}: use either log or step, not both")
+    if kind == "int":
+        return IntDistribution(low, high, log=log, step=step or 1)
+    return FloatDistribution(float(low), float(high), log=log, step=step)
+
+
+def _check_value_type(key: str, value: Any) -> None:
+    """A value the field cannot take (e.g. a string for train.lr) is a load-time error."""
+    from critic.config import _coerce  # the spec's own type rules
+    _coerce(value, _field_hint(key), f"sweep.search_space.{key}")
+
+
+def parse_space(raw: dict[str, Any]) -> list[SpaceEntry]:
+    """Validate every entry of sweep.search_space; order is kept (conditions refer to earlier keys)."""
+    entries: list[SpaceEntry] = []
+    for key, entry in raw.items():
+        _field_hint(key)
+        distribution = to_distribution(key, entry)
+        values = distribution.choices if isinstance(distribution, CategoricalDistribution) else \
+            [distribution.low, distribution.high]
+        for value in values:
+            _check_value_type(key, value)
+        when = entry.get("when") or {}
+        if not isinstance(when, dict):
+            raise SpecError(f"sweep.search_space.{key}: 'when' must be a mapping like {{loss.adaptive_temperature: true}}")
+        for cond_key in when:
+            _field_hint(cond_key)
+        entries.append(SpaceEntry(key, distribution, tuple(when.items())))
+    return entries
+
+
+def condition_holds(entry: SpaceEntry, resolved: dict[str, Any]) -> bool:
+    return all(resolved.get(k) == v for k, v in entry.when)
+
+
+def suggest(trial: optuna.Trial, entries: list[SpaceEntry], base_flat: dict[str, Any]) -> dict[str, Any]:
+    """Sample the active parameters of one trial; returns {key: value} overrides."""
+    resolved, sampled = dict(base_flat), {}
+    for entry in entries:
+        if not condition_holds(entry, resolved):
+            continue
+        value = trial._suggest(entry.key, entry.distribution)  # public suggest_* re-derive the same distribution
+        if isinstance(entry.distribution, IntDistribution):
+            value = int(value)
+        resolved[entry.key] = sampled[entry.key] = value
+    return sampled
+
+
+def check_in_space(entries: list[SpaceEntry], values: dict[str, Any], what: str) -> None:
+    """Every key of `values` is a search-space key and its value lies in the distribution."""
+    by_key = {e.key: e for e in entries}
+    for key, value in values.items():
+        if key not in by_key:
+            raise SpecError(f"{what}: key {key!r} is not in sweep.search_space; set it in the base spec instead "
+                            f"(search-space keys: {', '.join(by_key) or 'none'})")
+        dist = by_key[key].distribution
+        try:
+            inside = dist._contains(dist.to_internal_repr(value))
+        except (ValueError, TypeError):
+            inside = False
+        if not inside:
+            raise SpecError(f"{what}: {key}={value!r} lies outside its search-space distribution {dist}")
+
+
+def space_signature(entries: list[SpaceEntry]) -> list[list[Any]]:
+    """A JSON-able description used to refuse resuming a study with a different space."""
+    return [[e.key, optuna.distributions.distribution_to_json(e.distribution), [list(w) for w in e.when]]
+            for e in entries]
+

@@ -1,0 +1,185 @@
+"""Create, resume and run a study. Initialise once (schema, study, MLflow experiment, parent run), then trial.
+
+The spec, its search space and the MLflow parent run id are stored in the
+study's user attributes, so a worker on any machine only needs the study name
+and the storage URL.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+
+from critic.config import ExperimentConfig, SpecError, apply_overrides, build_config, read_spec
+from critic.metrics import pair_metrics
+from sweeper.space import SpaceEntry, check_in_space, parse_space, space_signature
+from sweeper.stores import make_storage, mask
+from sweeper.tracking import Tracker, git_commit
+
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+_EVAL_METRICS = set(pair_metrics([1.0], [0.0], [1], [1]))
+_TRAIN_METRICS = {"train/progressive_d_acc", "train/gap_progressive_minus_val"}
+
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+
+
+@dataclass
+class SweepSpec:
+    raw: dict[str, Any]  # the spec with --set overrides applied
+    cfg: ExperimentConfig
+    entries: list[SpaceEntry]
+    source: str
+
+
+def _check_objectives(cfg: ExperimentConfig, source: str) -> None:
+    names = cfg.sweep.objective if isinstance(cfg.sweep.objective, list) else [cfg.sweep.objective]
+    directions = cfg.sweep.direction if isinstance(cfg.sweep.direction, list) else [cfg.sweep.direction]
+    if len(names) != len(directions):
+        raise SpecError(f"{source}: sweep.objective has {len(names)} entries but sweep.direction has {len(directions)}")
+    sets = {"val", *cfg.data.eval_sets}
+    for name in names:
+        set_name, _, metric = name.partition("/")
+        if name not in _TRAIN_METRICS and not (set_name in sets and metric in _EVAL_METRICS):
+            raise SpecError(f"{source}: sweep.objective {name!r} is not a metric the engine reports; use "
+                            f"<set>/<metric> with set in {sorted(sets)} and metric in {sorted(_EVAL_METRICS)}, "
+                            f"or one of {sorted(_TRAIN_METRICS)}")
+    for direction in directions:
+        if direction not in ("maximize", "minimize"):
+            raise SpecError(f"{source}: sweep.direction must be maximize or minimize, got {direction!r}")
+    multi = len(names) > 1
+    samplers = ("nsga2", "gp", "random") if multi else ("tpe", "random", "gp", "cmaes")
+    if cfg.sweep.sampler not in samplers:
+        raise SpecError(f"{source}: sweep.sampler {cfg.sweep.sampler!r} is not available for a "
+                        f"{'multi' if multi else 'single'}-objective study; choose one of {', '.join(samplers)}")
+    if cfg.sweep.pruner not in ("hyperband", "median", "none"):
+        raise SpecError(f"{source}: sweep.pruner must be hyperband, median or none; got {cfg.sweep.pruner!r}")
+    if not re.fullmatch(r"[A-Za-z0-9_.\-]+", cfg.sweep.study_name):
+        raise SpecError(f"{source}: sweep.study_name may use letters, digits, '-', '_' and '.', got "
+                        f"{cfg.sweep.study_name!r}")
+
+
+def load_sweep_spec(path: str, overrides: list[str] | None = None, raw: dict | None = None) -> SweepSpec:
+    """Read and validate everything a sweep needs before any trial runs."""
+    source = str(path)
+    raw = apply_overrides(raw if raw is not None else read_spec(path), overrides or [])
+    cfg = build_config(raw, source)
+    _check_objectives(cfg, source)
+    entries = parse_space(cfg.sweep.search_space)
+    if not entries:
+        raise SpecError(f"{source}: sweep.search_space is empty; add entries like "
+                        "train.lr: {type: float, low: 1.0e-5, high: 1.0e-3, log: true}")
+    check_in_space(entries, cfg.sweep.baseline, f"{source}: sweep.baseline")
+    for entry in entries:  # each bound on its own must give a valid trial config
+        values = entry.distribution.choices if hasattr(entry.distribution, "choices") else \
+            [entry.distribution.low, entry.distribution.high]
+        for value in values:
+            build_config(apply_overrides(raw, {entry.key: value}), f"{source} (search_space {entry.key}={value})")
+    build_config(apply_overrides(raw, cfg.sweep.baseline), f"{source} (sweep.baseline)")
+    return SweepSpec(raw, cfg, entries, source)
+
+
+def fingerprint(spec: SweepSpec) -> dict[str, Any]:
+    """What must match to resume a study: objective(s), direction(s) and the search space."""
+    return {"objective": spec.cfg.sweep.objective, "direction": spec.cfg.sweep.direction,
+            "search_space": space_signature(spec.entries)}
+
+
+def make_sampler(spec: SweepSpec, worker_index: int = 0) -> optuna.samplers.BaseSampler:
+    # Distinct seeds per worker: identical seeds would make parallel workers propose identical trials.
+    seed = spec.cfg.sweep.seed + worker_index
+    name = spec.cfg.sweep.sampler
+    if name == "tpe":
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=4, multivariate=True, group=True)
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if name == "gp":
+        return optuna.samplers.GPSampler(seed=seed)
+    if name == "cmaes":
+        return optuna.samplers.CmaEsSampler(seed=seed)
+    return optuna.samplers.NSGAIISampler(seed=seed)
+
+
+def make_pruner(spec: SweepSpec) -> optuna.pruners.BasePruner:
+    every = spec.cfg.eval.every_steps
+    if spec.cfg.sweep.pruner == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=every, reduction_factor=3)
+    if spec.cfg.sweep.pruner == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=every)
+    return optuna.pruners.NopPruner()
+
+
+def directions(spec: SweepSpec) -> list[str]:
+    d = spec.cfg.sweep.direction
+    return d if isinstance(d, list) else [d]
+
+
+def run_tags(spec: SweepSpec, study_name: str) -> dict[str, str]:
+    return {"sweep.study": study_name, "sweep.sampler": spec.cfg.sweep.sampler, "sweep.pruner": spec.cfg.sweep.pruner,
+            "git.commit": git_commit(), "sweep.objective": json.dumps(spec.cfg.sweep.objective)}
+
+
+def init_study(spec: SweepSpec, storage_url: str, tracking_uri: str, study_name: str | None = None,
+               new_study: bool = False, stale_trial_callback=None) -> tuple[optuna.Study, Tracker, str]:
+    """Create (or check and resume) the study, the MLflow experiment and the parent run. Run once, before workers."""
+    storage = make_storage(storage_url, spec.cfg.sweep.heartbeat_interval, spec.cfg.sweep.grace_period,
+                           stale_trial_callback)
+    name = study_name or spec.cfg.sweep.study_name
+    existing = {s.study_name: s for s in optuna.get_all_study_summaries(storage, include_best_trial=False)}
+    if name in existing:
+        old = existing[name].user_attrs.get("fingerprint")
+        if old is not None and json.loads(json.dumps(old)) != json.loads(json.dumps(fingerprint(spec))):
+            if not new_study:
+                raise SpecError(
+                    f"study {name!r} already exists with a different objective, direction or search space "
+                    f"(stored: objective={old['objective']}, direction={old['direction']}). Resuming it would mix "
+                    f"incomparable trials. Pass --new-study to start a fresh study, or --study NAME to pick another name.")
+        if new_study:
+            name = f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+            print(f"[sweep] starting a new study {name!r}")
+    study = optuna.create_study(study_name=name, storage=storage, directions=directions(spec),
+                                sampler=make_sampler(spec), pruner=make_pruner(spec), load_if_exists=True)
+    tracker = Tracker(tracking_uri, name)
+    parent_id = tracker.parent_run(name, run_tags(spec, name))
+    if "fingerprint" not in study.user_attrs:
+        study.set_user_attr("fingerprint", fingerprint(spec))
+        study.set_user_attr("spec", json.dumps(spec.raw, default=str))
+        study.set_user_attr("spec_source", spec.source)
+        study.set_user_attr("mlflow_parent_run_id", parent_id)
+        study.set_user_attr("mlflow_experiment_id", tracker.experiment_id)
+        if spec.cfg.sweep.baseline:
+            study.enqueue_trial(spec.cfg.sweep.baseline, user_attrs={"baseline": True})
+        tracker.log_params(parent_id, {"study": name, "n_trials": spec.cfg.sweep.n_trials,
+                                       "storage": mask(storage_url), "search_space": spec.cfg.sweep.search_space})
+    return study, tracker, parent_id
+
+
+def attach(storage_url: str, study_name: str, tracking_uri: str, worker_index: int = 0,
+           stale_trial_callback=None) -> tuple[optuna.Study, SweepSpec, Tracker, str]:
+    """Load an initialised study (a worker's view); never creates anything but the tracker client."""
+    probe = make_storage(storage_url)
+    names = [s.study_name for s in optuna.get_all_study_summaries(probe, include_best_trial=False)]
+    if study_name not in names:
+        raise SpecError(f"study {study_name!r} not found in {mask(storage_url)}; run `sweep.py init SPEC "
+                        f"--storage URL` (or `sweep.py run`) first. Existing studies: {names or 'none'}")
+    attrs = optuna.load_study(study_name=study_name, storage=probe).user_attrs
+    spec = load_sweep_spec(attrs.get("spec_source", "<study>"), raw=json.loads(attrs["spec"]))
+    storage = make_storage(storage_url, spec.cfg.sweep.heartbeat_interval, spec.cfg.sweep.grace_period,
+                           stale_trial_callback)
+    study = optuna.load_study(study_name=study_name, storage=storage, sampler=make_sampler(spec, worker_index),
+                              pruner=make_pruner(spec))
+    tracker = Tracker(tracking_uri, study_name)
+    return study, spec, tracker, attrs["mlflow_parent_run_id"]
+
+
+def state_counts(study: optuna.Study) -> dict[str, int]:
+    counts = {s.name: 0 for s in TrialState}
+    for trial in study.get_trials(deepcopy=False):
+        counts[trial.state.name] += 1
+    return counts

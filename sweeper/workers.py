@@ -1,0 +1,130 @@
+"""Several worker processes on one study: launch, join, reap dead trials, watch progress.
+
+Workers share the study through the Optuna storage (Optuna's own distributed
+mode). A worker that dies stops its heartbeat; once the grace period passes,
+whichever process looks next marks the trial FAIL, closes its MLflow run as
+FAILED and re-queues the same parameters.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import torch
+from mlflow import MlflowClient
+from tqdm.auto import tqdm
+
+from sweeper import study as study_mod
+from sweeper.runner import SweepStopped, best_trials, run_trials
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class CloseAndRetry:
+    """Heartbeat-stale trial callback: close its MLflow run as FAILED, then re-queue it (same params)."""
+
+    def __init__(self, tracking_uri: str) -> None:
+        self.tracking_uri = tracking_uri
+        self.retry = optuna.storages.RetryHeartbeatStaleTrialCallback()
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        run_id = trial.user_attrs.get("mlflow_run_id")
+        if run_id:
+            client = MlflowClient(self.tracking_uri)
+            client.set_tag(run_id, "sweep.fail_reason", "worker died: heartbeat stale, trial re-queued")
+            client.set_tag(run_id, "sweep.state", "FAIL")
+            client.set_terminated(run_id, status="FAILED")
+        study._storage.set_trial_user_attr(trial._trial_id, "fail_reason", "worker died (heartbeat stale); re-queued")
+        self.retry(study, trial)
+
+
+def run_worker(storage_url: str, study_name: str, tracking_uri: str, worker_index: int = 0,
+               progress: bool = True) -> int:
+    """Join an initialised study and run trials until it holds n_trials finished ones."""
+    if os.environ.get("SWEEP_TORCH_THREADS"):
+        torch.set_num_threads(int(os.environ["SWEEP_TORCH_THREADS"]))
+    study, spec, tracker, parent_id = study_mod.attach(storage_url, study_name, tracking_uri, worker_index,
+                                                       CloseAndRetry(tracking_uri))
+    tracker.client.update_run(parent_id, status="RUNNING")
+    try:
+        run_trials(study, spec, tracker, parent_id, spec.cfg.sweep.n_trials, progress=progress)
+    except KeyboardInterrupt:
+        print(f"[worker {worker_index}] interrupted; its trial was closed", file=sys.stderr)
+        return 130
+    except SweepStopped as exc:
+        print(f"[worker {worker_index}] stopped: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _worker_env(index: int, n_workers: int) -> dict[str, str]:
+    env = dict(os.environ)
+    if torch.cuda.is_available() and torch.cuda.device_count() >= 1:
+        env["CUDA_VISIBLE_DEVICES"] = str(index % torch.cuda.device_count())
+    else:  # split the CPU cores: each worker gets its share of torch threads
+        threads = max(1, (os.cpu_count() or 1) // n_workers)
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), SWEEP_TORCH_THREADS=str(threads))
+    return env
+
+
+def launch_workers(study: optuna.Study, spec, storage_url: str, tracking_uri: str, n_workers: int,
+                   progress: bool = True) -> None:
+    """Start n worker processes on this machine, forward SIGINT/SIGTERM to them, show the study's progress."""
+    procs = [subprocess.Popen([sys.executable, str(ROOT / "sweep.py"), "worker", "--study", study.study_name,
+                               "--storage", storage_url, "--tracking-uri", tracking_uri, "--worker-index", str(i),
+                               "--no-progress"], env=_worker_env(i, n_workers), cwd=os.getcwd())
+             for i in range(n_workers)]
+    try:
+        _watch_until(study, spec.cfg.sweep.n_trials, lambda: all(p.poll() is not None for p in procs), progress)
+    except KeyboardInterrupt:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in procs:
+            p.wait()
+        raise
+    codes = [p.wait() for p in procs]
+    if any(code not in (0,) for code in codes):
+        raise SweepStopped(f"worker exit codes {codes}; see their output above and `sweep.py status`")
+
+
+def _watch_until(study: optuna.Study, n_trials: int, done, progress: bool, poll_s: float = 2.0) -> None:
+    bar = tqdm(total=n_trials, desc="trials (all workers)", disable=not progress, dynamic_ncols=True)
+    try:
+        while not done():
+            _refresh(bar, study)
+            time.sleep(poll_s)
+        _refresh(bar, study)
+    finally:
+        bar.close()
+
+
+def _refresh(bar, study: optuna.Study) -> None:
+    counts = study_mod.state_counts(study)
+    bar.n = counts["COMPLETE"] + counts["PRUNED"]
+    best = best_trials(study)
+    bar.set_postfix_str(f"best={best[0].values[0]:.4f} " if best else "" +
+                        f"running={counts['RUNNING']} fail={counts['FAIL']} waiting={counts['WAITING']}")
+    bar.refresh()
+
+
+def watch(study: optuna.Study) -> int:
+    """`status --watch`: poll the storage until the study is done or Ctrl-C."""
+    attrs = study.user_attrs
+    n_trials = study_mod.load_sweep_spec("<study>", raw=__import__("json").loads(attrs["spec"])).cfg.sweep.n_trials
+    try:
+        _watch_until(study, n_trials, lambda: _finished(study) >= n_trials, progress=True)
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def _finished(study: optuna.Study) -> int:
+    counts = study_mod.state_counts(study)
+    return counts["COMPLETE"] + counts["PRUNED"]
