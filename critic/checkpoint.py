@@ -4,8 +4,13 @@ Layout of a checkpoint directory:
   config.json, model.safetensors, tokenizer files   loadable with AutoModelForTokenClassification
   experiment.yaml                                   critic.config.to_dict(cfg): the full spec
   history.json                                      {"train": [[step, {metric: value}], ...], "eval": [...],
-                                                     "final_metrics": {...}, "data_digests": {...}}
+                                                     "final_metrics": {...}, "data_digests": {...},
+                                                     "tokenizer_digest": "..."}
 Non-finite metric values are stored as null (strict JSON) and read back as NaN.
+
+The tokenizer is read back with the class it was saved as. AutoTokenizer picks the class from the model
+type instead: for a qwen2 config it rebuilds Qwen2's pre-tokenizer, which tokenizes the tiny preset's
+byte-level BPE differently (digits split one by one). The saved tokenizer digest catches any such change.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from pathlib import Path
 import yaml
 
 from critic.config import ExperimentConfig, SpecError, build_config, to_dict
+from critic.model import tokenizer_digest
 
 CONFIG_FILE = "experiment.yaml"
 HISTORY_FILE = "history.json"
@@ -74,7 +80,7 @@ def save_checkpoint(directory: str | Path, model, tokenizer, cfg: ExperimentConf
     (tmp / CONFIG_FILE).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     history = {"train": _history_to_json(train_history), "eval": _history_to_json(eval_history),
                "final_metrics": {k: _plain(v) for k, v in (final_metrics or {}).items()},
-               "data_digests": dict(data_digests or {})}
+               "data_digests": dict(data_digests or {}), "tokenizer_digest": tokenizer_digest(tokenizer)}
     (tmp / HISTORY_FILE).write_text(json.dumps(history, allow_nan=False))
     if directory.exists():
         directory.rmdir()  # empty, checked above
@@ -82,9 +88,28 @@ def save_checkpoint(directory: str | Path, model, tokenizer, cfg: ExperimentConf
     return directory
 
 
+def _load_tokenizer(directory: Path, expected_digest: str | None):
+    """The tokenizer with the class named in its tokenizer_config.json; checked against the saved digest."""
+    from transformers import AutoTokenizer
+    from transformers.models.auto.tokenization_auto import tokenizer_class_from_name
+
+    config_file = directory / "tokenizer_config.json"
+    name = json.loads(config_file.read_text()).get("tokenizer_class") if config_file.is_file() else None
+    tokenizer_class = (tokenizer_class_from_name(name) if name else None) or AutoTokenizer
+    tokenizer = tokenizer_class.from_pretrained(directory)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if expected_digest and tokenizer_digest(tokenizer) != expected_digest:
+        raise CheckpointError(f"the tokenizer in {directory} loads as {type(tokenizer).__name__}, which tokenizes "
+                              f"differently from the tokenizer the critic was trained with (digest "
+                              f"{tokenizer_digest(tokenizer)}, saved {expected_digest}); re-save the checkpoint "
+                              f"with this version of transformers")
+    return tokenizer
+
+
 def load_checkpoint(directory: str | Path):
     """(model, tokenizer, cfg, histories) of a checkpoint directory; the model is on the CPU in eval mode."""
-    from transformers import AutoModelForTokenClassification, AutoTokenizer
+    from transformers import AutoModelForTokenClassification
 
     directory = Path(directory).expanduser().resolve()
     if not directory.is_dir():
@@ -95,17 +120,14 @@ def load_checkpoint(directory: str | Path):
                                   f"critic.checkpoint.save_checkpoint (train.save_checkpoint: true)")
     raw = yaml.safe_load((directory / CONFIG_FILE).read_text())
     cfg = build_config(raw, source=str(directory / CONFIG_FILE))
-    histories = Histories()
-    if (directory / HISTORY_FILE).is_file():
-        raw_history = json.loads((directory / HISTORY_FILE).read_text())
-        histories = Histories(_history_from_json(raw_history.get("train", [])),
-                              _history_from_json(raw_history.get("eval", [])),
-                              {k: (math.nan if v is None else float(v))
-                               for k, v in raw_history.get("final_metrics", {}).items()},
-                              dict(raw_history.get("data_digests", {})))
-    tokenizer = AutoTokenizer.from_pretrained(directory)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    history_file = directory / HISTORY_FILE
+    raw_history = json.loads(history_file.read_text()) if history_file.is_file() else {}
+    histories = Histories(_history_from_json(raw_history.get("train", [])),
+                          _history_from_json(raw_history.get("eval", [])),
+                          {k: (math.nan if v is None else float(v))
+                           for k, v in raw_history.get("final_metrics", {}).items()},
+                          dict(raw_history.get("data_digests", {})))
+    tokenizer = _load_tokenizer(directory, raw_history.get("tokenizer_digest"))
     model = AutoModelForTokenClassification.from_pretrained(directory)
     if model.config.num_labels != 1:
         raise CheckpointError(f"{directory} holds a model with num_labels={model.config.num_labels}; "

@@ -28,6 +28,7 @@ from critic.train import NonFiniteError, TrialOutOfMemory
 from critic.trial import TrialResult, run_trial
 from sweeper import figures
 from sweeper.space import suggest
+from sweeper.stores import mask
 from sweeper.tracking import MlflowReporter, Tracker
 
 SUMMARY_KEYS = ("train/progressive_d_acc", "train/gap_progressive_minus_val", "train/steps")
@@ -83,8 +84,9 @@ class Objective:
             **self.tags, "sweep.sampled_params": ",".join(sampled),
             "sweep.baseline": str(bool(trial.user_attrs.get("baseline", False))).lower()})
         trial.set_user_attr("mlflow_run_id", run_id)
-        trial.set_user_attr("config", json.dumps(flatten(cfg), default=str))
-        self.tracker.log_params(run_id, {**flatten(cfg), **{f"sampled/{k}": v for k, v in sampled.items()}})
+        trial.set_user_attr("config", mask(json.dumps(flatten(cfg), default=str)))
+        params = flatten(cfg, ("data", "model", "score", "loss", "train", "eval", "student"))
+        self.tracker.log_params(run_id, {**params, **{f"sampled/{k}": v for k, v in sampled.items()}})
         status, state, started = "FAILED", "FAIL", time.time()
         try:
             result = self._run_with_oom_retry(trial, cfg, run_id)

@@ -149,7 +149,7 @@ def init_study(spec: SweepSpec, storage_url: str, tracking_uri: str, study_name:
     parent_id = tracker.parent_run(name, run_tags(spec, name))
     if "fingerprint" not in study.user_attrs:
         study.set_user_attr("fingerprint", fingerprint(spec))
-        study.set_user_attr("spec", json.dumps(spec.raw, default=str))
+        study.set_user_attr("spec", mask(json.dumps(spec.raw, default=str)))  # credentials come from env
         study.set_user_attr("spec_source", spec.source)
         study.set_user_attr("mlflow_parent_run_id", parent_id)
         study.set_user_attr("mlflow_experiment_id", tracker.experiment_id)

@@ -175,7 +175,8 @@ def test_checkpoint_round_trip(demo_checkpoint, cache_dir):
     assert math.isfinite(histories.final_metrics["train/progressive_d_acc"])
     # The loaded critic gives the scores its own evaluation logged at the end of training.
     data = load_trial_data(cfg.data, tokenizer, tokenizer_digest(tokenizer))
-    scores = score_set(model, data.eval_sets["val"], cfg.score, 64, model.device, tokenizer.pad_token_id)
+    scores = score_set(model, data.eval_sets["val"], cfg.score, cfg.eval.batch_size, model.device,
+                       tokenizer.pad_token_id)
     final = histories.eval[-1][1]
     assert (scores["teacher_score"] > scores["student_score"]).mean() == pytest.approx(final["val/d_acc"])
     assert scores["teacher_score"].mean() == pytest.approx(final["val/teacher_score_mean"], abs=1e-4)

@@ -1,0 +1,75 @@
+"""Builders for the sweep tests: a tiny spec on tiny data, stores in tmp_path, the real CLI in a subprocess."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from helpers import demo_pairs
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_sweep_spec(tmp_path: Path, sweep: dict[str, Any] | None = None, n_pairs: int = 120,
+                    extra: dict[str, Any] | None = None) -> Path:
+    """A spec whose trials take a few seconds: 120 demo pairs, short sequences, 6 steps, eval every 2."""
+    train = demo_pairs(tmp_path / "data" / "train.parquet", n_pairs)
+    shifted = demo_pairs(tmp_path / "data" / "shifted.parquet", 40, name="shifted")
+    spec = {
+        "data": {"train_path": str(train), "eval_sets": {"shifted": str(shifted)}, "val_fraction": 0.25,
+                 "max_prompt_length": 48, "max_response_length": 40, "cache_dir": str(tmp_path / "cache")},
+        "model": {"preset": "tiny", "device": "cpu", "torch_threads": 1},
+        "loss": {"adaptive_temperature": True},
+        "train": {"lr": 1.0e-3, "batch_size": 8, "micro_batch_size": 8, "max_steps": 6},
+        "eval": {"every_steps": 2, "batch_size": 64},
+        "sweep": {"study_name": "tiny", "n_trials": 3, "objective": "val/d_acc", "direction": "maximize",
+                  "sampler": "tpe", "pruner": "none", "seed": 0,
+                  "search_space": {
+                      "train.lr": {"type": "float", "low": 1.0e-4, "high": 3.0e-3, "log": True},
+                      "train.warmup_steps": {"type": "int", "low": 0, "high": 3},
+                      "loss.adaptive_temperature": {"type": "categorical", "choices": [True, False]},
+                      "loss.temperature": {"type": "float", "low": 0.5, "high": 4.0,
+                                           "when": {"loss.adaptive_temperature": False}},
+                      "loss.t_max": {"type": "float", "low": 1.5, "high": 3.0,
+                                     "when": {"loss.adaptive_temperature": True}},
+                      "train.epochs": {"type": "int", "low": 1, "high": 2}},
+                  "baseline": {"train.lr": 3.0e-4, "train.warmup_steps": 2, "loss.adaptive_temperature": True,
+                               "loss.t_max": 2.0, "train.epochs": 1}},
+        "export": {"verl_keys": {"loss.t_max": "critic.temperature_max"}},
+    }
+    for dotted, value in (sweep or {}).items():
+        spec["sweep"][dotted] = value
+    for section, values in (extra or {}).items():
+        spec.setdefault(section, {}).update(values)
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def store_args(tmp_path: Path) -> list[str]:
+    return ["--storage", f"sqlite:///{tmp_path / 'optuna.db'}", "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]
+
+
+def cli(*args: str, cwd: Path, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run `python sweep.py ARGS` the way a user does."""
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "MLFLOW_DISABLE_TELEMETRY": "true", **(env or {})}
+    return subprocess.run([sys.executable, str(ROOT / "sweep.py"), *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env=full_env)
+
+
+def sqlite_dump(path: Path) -> str:
+    """Every row of every table of a SQLite file as text (to search it for secrets)."""
+    con = sqlite3.connect(path)
+    try:
+        out = []
+        for (table,) in con.execute("select name from sqlite_master where type='table'"):
+            out.extend(repr(row) for row in con.execute(f'select * from "{table}"'))
+        return "\n".join(out)
+    finally:
+        con.close()

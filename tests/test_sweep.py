@@ -1,0 +1,234 @@
+"""The sweep end to end and its edge cases: real Optuna SQLite storage, real MLflow SQLite store, tiny models."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import optuna
+import pytest
+from mlflow import MlflowClient
+from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+from critic.config import SpecError
+from sweep_helpers import ROOT, cli, sqlite_dump, store_args, tiny_sweep_spec
+from sweeper import study as study_mod
+from sweeper.runner import run_trials
+from sweeper.space import parse_space, suggest, to_distribution
+
+
+@pytest.mark.parametrize("entry,expected", [
+    ({"type": "float", "low": 1e-7, "high": 1e-4, "log": True}, FloatDistribution(1e-7, 1e-4, log=True)),
+    ({"type": "float", "low": 0.5, "high": 4.0}, FloatDistribution(0.5, 4.0)),
+    ({"type": "float", "low": 0.0, "high": 1.0, "step": 0.25}, FloatDistribution(0.0, 1.0, step=0.25)),
+    ({"type": "int", "low": 0, "high": 100}, IntDistribution(0, 100)),
+    ({"type": "int", "low": 1, "high": 64, "log": True}, IntDistribution(1, 64, log=True)),
+    ({"type": "categorical", "choices": [True, False]}, CategoricalDistribution([True, False])),
+    ({"type": "categorical", "choices": ["constant", "cosine"]}, CategoricalDistribution(["constant", "cosine"])),
+])
+def test_search_space_entry_to_distribution(entry, expected):
+    assert to_distribution("train.lr", entry) == expected
+
+
+@pytest.mark.parametrize("key,entry,message", [
+    ("train.lr", {"type": "float", "low": 1e-3, "high": 1e-5}, "low .* must be <= high"),
+    ("train.lr", {"type": "float", "low": 0.0, "high": 1e-3, "log": True}, "log scale needs low > 0"),
+    ("train.lrr", {"type": "float", "low": 1e-5, "high": 1e-3}, "unknown key 'train.lrr'.*Valid keys"),
+    ("trainer.lr", {"type": "float", "low": 1e-5, "high": 1e-3}, "section must be one of"),
+    ("train.lr", {"type": "normal", "low": 1e-5, "high": 1e-3}, "type must be float, int or categorical"),
+    ("train.lr", {"type": "float", "low": 1e-5, "high": 1e-3, "q": 2}, "unknown field"),
+    ("train.lr", {"type": "categorical", "choices": []}, "non-empty list"),
+    ("train.lr", {"type": "categorical", "choices": ["fast"]}, "must be a number"),
+    ("train.epochs", {"type": "int", "low": 1.5, "high": 3}, "must be integers"),
+])
+def test_search_space_invalid_entries(key, entry, message):
+    with pytest.raises(SpecError, match=message):
+        parse_space({key: entry})
+
+
+def test_conditional_parameters_follow_adaptive_temperature():
+    entries = parse_space({
+        "loss.adaptive_temperature": {"type": "categorical", "choices": [True, False]},
+        "loss.temperature": {"type": "float", "low": 0.5, "high": 4.0, "when": {"loss.adaptive_temperature": False}},
+        "loss.t_min": {"type": "float", "low": 0.2, "high": 0.6, "when": {"loss.adaptive_temperature": True}}})
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
+    seen = set()
+    for _ in range(12):
+        trial = study.ask()
+        sampled = suggest(trial, entries, {"loss.adaptive_temperature": False})
+        if sampled["loss.adaptive_temperature"]:
+            assert "loss.t_min" in sampled and "loss.temperature" not in sampled
+        else:
+            assert "loss.temperature" in sampled and "loss.t_min" not in sampled
+        seen.add(sampled["loss.adaptive_temperature"])
+        study.tell(trial, 0.0)
+    assert seen == {True, False}
+
+
+def test_end_to_end_sweep_export_and_reproduce(tmp_path):
+    spec = tiny_sweep_spec(tmp_path)
+    run = cli("run", str(spec), *store_args(tmp_path), "--no-progress", cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "#/experiments/" in run.stdout and "baseline" in run.stdout
+
+    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    finished = [t for t in study.trials if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)]
+    assert len(finished) == 3
+    assert study.trials[0].user_attrs.get("baseline") is True and study.trials[0].params["train.lr"] == 3e-4
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("tiny")
+    runs = client.search_runs([experiment.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("sweep.role") == "parent"]
+    children = [r for r in runs if r.data.tags.get("sweep.role") == "trial"]
+    assert len(parents) == 1 and len(children) == 3
+    assert all(r.info.status == "FINISHED" for r in runs)
+    for child in children:
+        assert child.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
+        assert len(client.get_metric_history(child.info.run_id, "critic/d_acc")) > 1
+        assert len(client.get_metric_history(child.info.run_id, "critic/score_diff")) > 1
+        assert len(client.get_metric_history(child.info.run_id, "val/d_acc")) >= 1
+        artifacts = {a.path for a in client.list_artifacts(child.info.run_id, "figures")}
+        assert "figures/training_progress.png" in artifacts
+        assert child.data.params["train.lr"] == str(json.loads(study.trials[int(child.data.tags["sweep.trial"])]
+                                                               .user_attrs["config"])["train.lr"])
+    parent_history = client.get_metric_history(parents[0].info.run_id, "sweep/best_value")
+    assert len(parent_history) == 3
+    assert {a.path for a in client.list_artifacts(parents[0].info.run_id)} >= {"leaderboard.csv", "optuna"}
+
+    exported = tmp_path / "best.yaml"
+    out = cli("export", "--format", "yaml", "-o", str(exported), *store_args(tmp_path), cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    train = cli("train", str(exported), "--json", cwd=tmp_path)
+    assert train.returncode == 0, train.stderr[-2000:]
+    reproduced = json.loads(train.stdout.strip().splitlines()[-1])["val/d_acc"]
+    assert abs(reproduced - study.best_value) <= 1e-6
+
+    verl = cli("export", "--format", "verl", *store_args(tmp_path), cwd=tmp_path)
+    assert verl.returncode == 0, verl.stderr[-2000:]
+    best = study.best_trial
+    assert f"critic.optim.lr={best.params['train.lr']}" in verl.stdout
+    assert f"critic.optim.lr_warmup_steps={best.params['train.warmup_steps']}" in verl.stdout
+    assert f"trainer.total_epochs={best.params['train.epochs']}" in verl.stdout
+    assert "+critic.temperature_max=" in verl.stdout
+
+
+def test_spec_error_stops_before_any_trial(tmp_path):
+    spec = tiny_sweep_spec(tmp_path, sweep={"search_space": {"train.lr": {"type": "float", "low": 1e-2, "high": 1e-4}}})
+    run = cli("run", str(spec), *store_args(tmp_path), "--no-progress", cwd=tmp_path)
+    assert run.returncode == 2
+    assert "low (0.01) must be <= high (0.0001)" in run.stderr
+    assert "Traceback" not in run.stderr
+    assert not (tmp_path / "optuna.db").exists() or not optuna.get_all_study_summaries(
+        f"sqlite:///{tmp_path / 'optuna.db'}")
+
+
+def test_data_error_stops_the_sweep_at_once(tmp_path):
+    spec = tiny_sweep_spec(tmp_path, extra={"data": {"student_key": "no_such_column"}})
+    run = cli("run", str(spec), *store_args(tmp_path), "--no-progress", cwd=tmp_path)
+    assert run.returncode == 2
+    assert "missing column" in run.stderr and "no_such_column" in run.stderr
+    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    assert [t.state.name for t in study.trials] == ["FAIL"]  # one trial, not n identical failures
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
+    assert runs and all(r.info.status != "RUNNING" for r in runs)
+
+
+def _in_process(tmp_path, **sweep):
+    spec = study_mod.load_sweep_spec(str(tiny_sweep_spec(tmp_path, sweep=sweep)))
+    storage, tracking = f"sqlite:///{tmp_path / 'optuna.db'}", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    return spec, storage, tracking
+
+
+def test_pruner_that_must_prune_prunes_and_records_reason(tmp_path):
+    spec, storage, tracking = _in_process(tmp_path, n_trials=2, baseline={})
+    _, tracker, parent_id = study_mod.init_study(spec, storage, tracking)
+    # A pruner that must prune: any val/d_acc below 2 is below its lower threshold.
+    study = optuna.load_study(study_name="tiny", storage=storage, pruner=optuna.pruners.ThresholdPruner(lower=2.0))
+    run_trials(study, spec, tracker, parent_id, 2, progress=False)
+    assert [t.state.name for t in study.trials] == ["PRUNED", "PRUNED"]
+    assert all("pruned by the pruner at step 2" in t.user_attrs["prune_reason"] for t in study.trials)
+    for t in study.trials:
+        run = tracker.client.get_run(t.user_attrs["mlflow_run_id"])
+        assert run.data.tags["sweep.state"] == "PRUNED" and run.info.status == "FINISHED"
+
+
+def test_non_finite_loss_prunes_with_reason_and_sweep_continues(tmp_path):
+    space = {"train.lr": {"type": "categorical", "choices": [1.0e30, 1.0e-3]}}
+    spec, storage, tracking = _in_process(tmp_path, n_trials=2, search_space=space, baseline={"train.lr": 1.0e30},
+                                          sampler="random")
+    study, tracker, parent_id = study_mod.init_study(spec, storage, tracking)
+    run_trials(study, spec, tracker, parent_id, 2, progress=False)
+    states = [t.state.name for t in study.trials]
+    assert states[0] == "PRUNED" and "non-finite" in study.trials[0].user_attrs["prune_reason"]
+    assert states.count("COMPLETE") + states.count("PRUNED") >= 2 and "COMPLETE" in states
+    run = tracker.client.get_run(study.trials[0].user_attrs["mlflow_run_id"])
+    assert "non-finite" in run.data.tags["sweep.prune_reason"]
+
+
+def test_resuming_with_a_different_direction_is_refused(tmp_path):
+    spec, storage, tracking = _in_process(tmp_path)
+    study_mod.init_study(spec, storage, tracking)
+    other = study_mod.load_sweep_spec(str(tiny_sweep_spec(tmp_path, sweep={"direction": "minimize"})))
+    with pytest.raises(SpecError, match="different objective, direction or search space"):
+        study_mod.init_study(other, storage, tracking)
+    study, _, _ = study_mod.init_study(other, storage, tracking, new_study=True)
+    assert study.study_name.startswith("tiny-") and study.direction == optuna.study.StudyDirection.MINIMIZE
+
+
+def test_interrupted_run_resumes_without_duplicate_parent(tmp_path):
+    spec = tiny_sweep_spec(tmp_path, sweep={"n_trials": 3})
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "sweep.py"), "run", str(spec), *store_args(tmp_path),
+                             "--no-progress"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline:  # wait until the first trial is done and the second is running
+        time.sleep(1)
+        try:
+            trials = optuna.load_study(study_name="tiny", storage=storage).trials
+        except (KeyError, Exception):
+            continue
+        if len(trials) >= 2 and trials[0].state.is_finished() and trials[-1].state.name == "RUNNING":
+            break
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "Rerun the same command to resume" in err
+    study = optuna.load_study(study_name="tiny", storage=storage)
+    assert study.trials[-1].state.name == "FAIL" and study.trials[-1].user_attrs["fail_reason"] == "interrupted"
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment_id = client.get_experiment_by_name("tiny").experiment_id
+    assert all(r.info.status != "RUNNING" for r in client.search_runs([experiment_id]))
+
+    rerun = cli("run", str(spec), *store_args(tmp_path), "--no-progress", cwd=tmp_path)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    study = optuna.load_study(study_name="tiny", storage=storage)
+    finished = [t for t in study.trials if t.state.name in ("COMPLETE", "PRUNED")]
+    assert len(finished) == 3
+    runs = client.search_runs([experiment_id])
+    assert len([r for r in runs if r.data.tags.get("sweep.role") == "parent"]) == 1
+    assert all(r.info.status != "RUNNING" for r in runs)
+
+
+def test_no_password_in_logs_params_tags_or_attrs(tmp_path):
+    secret = "s3cr3t-pw"
+    spec = tiny_sweep_spec(tmp_path, sweep={"n_trials": 1, "baseline": {}},
+                           extra={"student": {"endpoint": f"http://alice:{secret}@127.0.0.1:9/v1", "model_name": "m"}})
+    run = cli("run", str(spec), *store_args(tmp_path), "--no-progress", cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert secret not in run.stdout + run.stderr
+    assert secret not in sqlite_dump(tmp_path / "mlflow.db")
+    assert secret not in sqlite_dump(tmp_path / "optuna.db")
+    status = cli("status", *store_args(tmp_path), cwd=tmp_path)
+    assert status.returncode == 0 and secret not in status.stdout
+
+
+def test_mask_hides_passwords():
+    from sweeper.stores import mask
+    assert mask("postgresql://bob:pa55@db:5432/optuna") == "postgresql://bob:***@db:5432/optuna"
+    assert mask("see postgresql+psycopg://u:x@h/d and http://a:b@c") == "see postgresql+psycopg://u:***@h/d and http://a:***@c"
+    assert mask("sqlite:////tmp/optuna.db") == "sqlite:////tmp/optuna.db"
