@@ -75,7 +75,7 @@ class Objective:
         self.raw, self.cfg, self.entries, self.tracker = raw, cfg, entries, tracker
         self.parent_run_id, self.tags, self.progress = parent_run_id, tags, progress
         self.names = objectives(cfg)
-        self.prune = len(self.names) == 1 and cfg.sweep.pruner != "none"
+        self.prune = len(self.names) == 1  # report even without a pruner: intermediate-value plots use it
 
     def __call__(self, trial: optuna.Trial) -> float | list[float]:
         sampled = suggest(trial, self.entries, flatten(self.cfg))

@@ -45,15 +45,22 @@ def random_text(rng: random.Random, n_words: int) -> str:
     return " ".join(rng.choice(WORDS) for _ in range(n_words))
 
 
-def random_pairs(path: Path, n: int, seed: str, teacher_words, student_words=None) -> Path:
-    """Random-word pairs: `*_words(rng)` draws each side's word count (the student's = the teacher's when None)."""
+def random_pairs(path: Path, n: int, seed: str, teacher_words, student_words=None,
+                 student_model: str | None = None) -> Path:
+    """Random-word pairs: `*_words(rng)` draws each side's word count (the student's = the teacher's when None).
+
+    `student_model` adds the optional lineage column that names the model behind student_response.
+    """
     rng = random.Random(seed)
     rows = []
     for i in range(n):
         teacher_n = teacher_words(rng)
         student_n = teacher_n if student_words is None else student_words(rng)
         rows.append((f"Question {i}: {random_text(rng, 6)}?", random_text(rng, teacher_n), random_text(rng, student_n)))
-    pd.DataFrame(rows, columns=COLUMNS).to_parquet(path, index=False)
+    frame = pd.DataFrame(rows, columns=COLUMNS)
+    if student_model:
+        frame["student_model"] = student_model
+    frame.to_parquet(path, index=False)
     return path
 
 
@@ -77,6 +84,34 @@ def statuses(diagnosis) -> dict[str, str]:
     return {v.cause.split(" (")[0]: v.status for v in diagnosis.verdicts}
 
 
+def demo_spec(cache_dir: Path, seed: int = 0) -> dict:
+    """The users' situation in small: 20 steps on demo:train, evaluated on demo:shifted."""
+    return spec("demo:train", cache_dir, {
+        "data.eval_sets": {"shifted": "demo:shifted"}, "data.val_fraction": 0.15, "loss.adaptive_temperature": True,
+        "model.init_seed": seed, "train.seed": seed, "train.warmup_steps": 5, "train.batch_size": 32,
+        "train.micro_batch_size": 32, "train.max_steps": 20})
+
+
+def overfit_spec(folder: Path, cache_dir: Path, seed: int = 0) -> dict:
+    """~60 random-text pairs learned for 25 epochs: memorised (train ~1.0); val and a fresh file stay ~0.5."""
+    words = lambda rng: rng.randint(6, 10)  # noqa: E731  teacher and student equally long: no length signal
+    train_file = random_pairs(folder / "train.parquet", 120, f"overfit-{seed}", words)
+    test_file = random_pairs(folder / "test.parquet", 100, f"overfit-test-{seed}", words)
+    return spec(str(train_file), cache_dir, {
+        "data.val_fraction": 0.5, "data.eval_sets": {"test": str(test_file)}, "model.init_seed": seed,
+        "train.seed": seed, "train.epochs": 25, "train.batch_size": 8, "train.micro_batch_size": 8})
+
+
+def shortcut_spec(folder: Path, cache_dir: Path, seed: int = 0) -> tuple[dict, Path]:
+    """Teacher always longer, otherwise random words; plus a file where the teacher is always shorter."""
+    longer, shorter = (lambda rng: rng.randint(12, 18)), (lambda rng: rng.randint(3, 7))
+    train_file = random_pairs(folder / "train.parquet", 300, f"shortcut-{seed}", longer, shorter, "student-a")
+    reversed_file = random_pairs(folder / "reversed.parquet", 100, f"reversed-{seed}", shorter, longer, "student-b")
+    raw = spec(str(train_file), cache_dir, {"data.val_fraction": 0.25, "model.init_seed": seed, "train.seed": seed,
+                                            "train.max_steps": 14})
+    return raw, reversed_file
+
+
 @pytest.fixture(scope="module")
 def cache_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("diagnose") / "cache"
@@ -84,11 +119,7 @@ def cache_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def demo_checkpoint(cache_dir) -> Path:
-    """The users' situation in small: 20 steps on demo:train, evaluated on demo:shifted."""
-    raw = spec("demo:train", cache_dir, {
-        "data.eval_sets": {"shifted": "demo:shifted"}, "data.val_fraction": 0.15, "loss.adaptive_temperature": True,
-        "train.warmup_steps": 5, "train.batch_size": 32, "train.micro_batch_size": 32, "train.max_steps": 20})
-    return train_checkpoint(raw, cache_dir.parent / "demo_checkpoint")
+    return train_checkpoint(demo_spec(cache_dir), cache_dir.parent / "demo_checkpoint")
 
 
 def run_cli(argv: list[str]) -> int:
@@ -123,18 +154,10 @@ def test_demo_gap_is_shift_and_ties_not_overfitting(demo_checkpoint, tmp_path, c
 
 
 def test_overfitting_case_is_attributed_to_overfitting(cache_dir, tmp_path, capsys):
-    """~60 random-text pairs learned for 25 epochs: memorised (train ~1.0); val and a fresh file stay ~0.5."""
     from sweeper.single import train_once
 
-    words = lambda rng: rng.randint(6, 10)  # noqa: E731  teacher and student equally long: no length signal
-    train_file = random_pairs(tmp_path / "train.parquet", 120, "overfit", words)
-    test_file = random_pairs(tmp_path / "test.parquet", 100, "overfit-test", words)
-    raw = spec(str(train_file), cache_dir, {
-        "data.val_fraction": 0.5, "data.eval_sets": {"test": str(test_file)}, "train.epochs": 25,
-        "train.batch_size": 8, "train.micro_batch_size": 8})
     spec_file = tmp_path / "overfit.yaml"
-    spec_file.write_text(yaml.safe_dump(raw))
-
+    spec_file.write_text(yaml.safe_dump(overfit_spec(tmp_path, cache_dir)))
     assert train_once(str(spec_file), ["train.save_checkpoint=true"]) == 0  # `sweep.py train` with a checkpoint
     checkpoint = Path(re.search(r"^checkpoint: (.+)$", capsys.readouterr().out, re.MULTILINE).group(1))
     assert checkpoint.parent == cache_dir.parent / "checkpoints"  # <data.cache_dir>/../checkpoints/<timestamp>/
@@ -151,11 +174,8 @@ def test_overfitting_case_is_attributed_to_overfitting(cache_dir, tmp_path, caps
 
 
 def test_length_shortcut_is_flagged(cache_dir, tmp_path):
-    """Teacher always longer, otherwise random words: the critic learns length, and fails where it reverses."""
-    longer, shorter = (lambda rng: rng.randint(12, 18)), (lambda rng: rng.randint(3, 7))
-    train_file = random_pairs(tmp_path / "train.parquet", 300, "shortcut", longer, shorter)
-    reversed_file = random_pairs(tmp_path / "reversed.parquet", 100, "shortcut-reversed", shorter, longer)
-    raw = spec(str(train_file), cache_dir, {"data.val_fraction": 0.25, "train.max_steps": 14})
+    """The critic learns length, and fails on the file where length points the other way."""
+    raw, reversed_file = shortcut_spec(tmp_path, cache_dir)
     checkpoint = train_checkpoint(raw, tmp_path / "checkpoint")
 
     diagnosis = diagnose(checkpoint, {"reversed": str(reversed_file)}, max_pairs=200)
@@ -163,6 +183,7 @@ def test_length_shortcut_is_flagged(cache_dir, tmp_path):
     val = diagnosis.sets["val"].metrics
     assert val["length_baseline_acc"] == 1.0 and abs(val["score_length_spearman"]) > 0.5
     assert diagnosis.sets["reversed"].metrics["d_acc"] < 0.2  # where longer means student, it is wrong
+    assert statuses(diagnosis)["different student"] == HOLDS  # the files' student_model columns differ
 
 
 # --- checkpoint ---------------------------------------------------------------------------------------
@@ -350,6 +371,5 @@ def test_cli_end_to_end_in_a_subprocess(demo_checkpoint, tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert "## Verdicts" in done.stdout and "`again` (other" in done.stdout
     assert (out / "report.md").exists() and (out / "figures" / "d_acc.png").exists()
-    bad = subprocess.run([sys.executable, "-m", "sweeper.diagnose_cmd", "--checkpoint", str(demo_checkpoint),
-                          "--data", "shifted=demo:shifted"], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert bad.returncode == 2 and "already data.eval_sets" in bad.stderr
+    with pytest.raises(SpecError, match="already data.eval_sets"):
+        diagnose(demo_checkpoint, {"shifted": "demo:shifted"})
