@@ -255,6 +255,26 @@ def _check_values(cfg: ExperimentConfig, source: str) -> None:
              f"{p}data.fold must be null or in 0..{d.n_folds - 1} (data.n_folds={d.n_folds}), got {d.fold}")
     _require(d.fold is None or "fold" not in d.eval_sets,
              f"{p}data.eval_sets name 'fold' is reserved while data.fold is set; rename it")
+    _check_student(cfg.student, p)
+
+
+def _check_student(st: StudentConfig, p: str) -> None:
+    _require(not (st.model and st.endpoint), f"{p}set student.model (a local causal LM directory) or "
+             f"student.endpoint (an OpenAI-compatible server), not both")
+    _require(st.model != "" and st.endpoint != "", f"{p}student.model and student.endpoint must be null or non-empty")
+    _require(not st.endpoint or bool(st.model_name),
+             f"{p}student.endpoint needs student.model_name: the model name the server serves")
+    _require(not st.endpoint or st.endpoint.startswith(("http://", "https://")),
+             f"{p}student.endpoint must be an http:// or https:// URL, got {st.endpoint!r}")
+    _require(not st.regenerate or bool(st.model or st.endpoint),
+             f"{p}student.regenerate: true needs student.model or student.endpoint to generate with")
+    _require(0 <= st.temperature < math.inf, f"{p}student.temperature must be >= 0 (0 = greedy), got {st.temperature}")
+    _require(0 < st.top_p <= 1, f"{p}student.top_p must be in (0, 1], got {st.top_p}")
+    for name in ("max_new_tokens", "batch_size", "concurrency"):
+        _require(getattr(st, name) >= 1, f"{p}student.{name} must be >= 1, got {getattr(st, name)}")
+    _require(st.timeout_s > 0, f"{p}student.timeout_s must be > 0, got {st.timeout_s}")
+    _require(st.max_retries >= 0, f"{p}student.max_retries must be >= 0, got {st.max_retries}")
+    _require(bool(st.api_key_env.strip()), f"{p}student.api_key_env must name an environment variable")
 
 
 def build_config(raw: dict[str, Any], source: str = "<spec>") -> ExperimentConfig:

@@ -29,17 +29,14 @@ from tqdm.auto import tqdm
 
 from critic.config import DataConfig, SpecError, StudentConfig
 from critic.data import DataError, file_digest, prompt_messages, prompt_text
-from critic.student_sources import generate_with_endpoint, generate_with_model, masked_url
+from critic.student_sources import (StudentGenerationError, generate_with_endpoint, generate_with_model,
+                                    masked_url)
 
 CACHE_VERSION = 1  # bump when the generation or cache layout changes: every key changes with it
 # Counts of real generation work in this process (tests read them): model.generate calls,
 # HTTP request attempts (retries included), and responses produced.
 GENERATION_COUNTS = {"batches": 0, "requests": 0, "responses": 0}
 ProgressHook = Callable[[int, int], None]  # (responses done, responses in total)
-
-
-class StudentGenerationError(SpecError):
-    """Generation stopped before every response was made; what was made is kept and a rerun resumes."""
 
 
 @dataclass(frozen=True)
