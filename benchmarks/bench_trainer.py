@@ -2,8 +2,10 @@
 """Critic-warmup trainer throughput: this project's step against a verl-style step and TRL's RewardTrainer.
 
 Every contender trains its own copy of one randomly initialised Qwen2-architecture critic on the
-same pairs in each optimizer step. Contenders run interleaved (A B C, A B C, ...) in one process;
-each repetition runs all `--steps` optimizer steps, and the median repetition is reported.
+same pairs in each optimizer step. In one process, each step of each repetition runs on every
+contender back to back (A B C, A B C, ...); pairs/s comes from the median repetition, and the
+speed ratio is the median over steps of (their seconds / ours) measured back to back, so slow
+spells of a shared machine hit both sides of a ratio.
 
 - this project: `critic.train.optimizer_step`, the body of `train_critic`'s loop (score layout from
   `--layout`, packed by default), on a `critic.data.PairSet` built from the token ids.
@@ -18,8 +20,9 @@ each repetition runs all `--steps` optimizer steps, and the median repetition is
 
 Useful tokens = tokens of the teacher and student sequences (prompt counted in each), padding
 excluded: the same count for every contender. Model FLOPs = the FLOPs each contender needs for the
-tokens it actually forwards, padding excluded (packing forwards the prompt once, so it is credited
-once), as a fraction of a torch.matmul peak measured in the same run.
+tokens it actually forwards, padding excluded (packing forwards each prompt once, so it is credited
+once; attention counts only the keys each query may see), as a fraction of a torch.matmul peak
+measured in the same run (the higher of a measurement before and after the contenders).
 The last line printed is one JSON object.
 """
 
@@ -30,7 +33,6 @@ import copy
 import json
 import os
 import platform
-import statistics
 import sys
 import tempfile
 import time
@@ -189,7 +191,9 @@ class VerlStyle:
         return verl_style_scores(self.model, [pairs.prompt_ids[i] for i in index], responses, ends_eos,
                                  self.device, autocast=self.device.type == "cuda")
 
-    def step(self, batch_index: np.ndarray) -> None:
+    def step(self, batch_index: np.ndarray) -> float:
+        """One optimizer step on the pairs `batch_index`; returns its wall-clock seconds."""
+        start = time.perf_counter()
         micro = self.cfg.train.micro_batch_size
         for start in range(0, len(batch_index), micro):
             index = batch_index[start:start + micro]
@@ -199,14 +203,9 @@ class VerlStyle:
             (loss * len(index) / len(batch_index)).backward()
             self.logged_losses.append(loss.detach().item())
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
-        if torch.isfinite(grad_norm):
+        if torch.isfinite(grad_norm):  # a sync, as in verl
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-
-    def run(self, batches: list[np.ndarray]) -> float:
-        start = time.perf_counter()
-        for batch_index in batches:
-            self.step(batch_index)
         _sync(self.device)
         return time.perf_counter() - start
 
@@ -215,7 +214,6 @@ class VerlStyle:
 
 class ThisProject:
     """critic.train.optimizer_step: the real per-step code path of a trial."""
-    packed = True
 
     def __init__(self, model, pairs: PairSet, cfg: ExperimentConfig, device: torch.device) -> None:
         self.model, self.pairs, self.cfg, self.device = model, pairs, cfg, device
@@ -225,12 +223,12 @@ class ThisProject:
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.steps_done = 0
 
-    def run(self, batches: list[np.ndarray]) -> float:
+    def step(self, batch_index: np.ndarray) -> float:
+        """One optimizer step on the pairs `batch_index`; returns its wall-clock seconds."""
         start = time.perf_counter()
-        for batch_index in batches:
-            self.steps_done += 1
-            optimizer_step(self.model, self.params, self.optimizer, self.scheduler, self.pairs, batch_index,
-                           self.cfg, self.device, PAD_ID, self.steps_done)
+        self.steps_done += 1
+        optimizer_step(self.model, self.params, self.optimizer, self.scheduler, self.pairs, batch_index,
+                       self.cfg, self.device, PAD_ID, self.steps_done)
         _sync(self.device)
         return time.perf_counter() - start
 
@@ -248,28 +246,36 @@ def word_tokenizer(vocab_size: int):
 
 
 class Trl:
-    """trl.RewardTrainer; the timer runs from on_train_begin to the last on_step_end (setup excluded)."""
+    """trl.RewardTrainer, one optimizer step per train() call (so it interleaves with the others).
+
+    The timer runs from on_train_begin to on_step_end: the trainer's setup is excluded, its
+    dataloader, collation, forward/backward, clipping, optimizer step and logging are included.
+    """
     name = "TRL RewardTrainer"
     packed = False
 
-    def __init__(self, token_model, pairs: PairSet, cfg: ExperimentConfig, device: torch.device,
-                 batches: list[np.ndarray]) -> None:
+    def __init__(self, token_model, pairs: PairSet, cfg: ExperimentConfig, device: torch.device) -> None:
         import datasets
 
         datasets.disable_progress_bars()
         self.model = AutoModelForSequenceClassification.from_config(
-            token_model.config, attn_implementation="sdpa").float()
+            copy.deepcopy(token_model.config), attn_implementation="sdpa").float()
         self.model.model.load_state_dict(token_model.model.state_dict())  # same body; its own last-token head
-        self.cfg, self.device, self.steps = cfg, device, len(batches)
+        self.pairs, self.cfg, self.device = pairs, cfg, device
         self.tokenizer = word_tokenizer(token_model.config.vocab_size)
-        order = np.concatenate(batches)  # sequential sampling: step k takes exactly batches[k]
-        self.dataset = datasets.Dataset.from_dict({
-            "chosen_ids": [np.concatenate([pairs.prompt_ids[i], pairs.teacher_ids[i]]).tolist() for i in order],
-            "rejected_ids": [np.concatenate([pairs.prompt_ids[i], pairs.student_ids[i]]).tolist() for i in order]})
         self.output_dir = tempfile.mkdtemp(prefix="bench_trl_")
 
-    def run(self, batches: list[np.ndarray]) -> float:
-        from transformers import TrainerCallback
+    def dataset(self, batch_index: np.ndarray):
+        import datasets
+
+        pairs = self.pairs  # sequential sampling: the step takes exactly these pairs, in this order
+        return datasets.Dataset.from_dict({
+            "chosen_ids": [np.concatenate([pairs.prompt_ids[i], pairs.teacher_ids[i]]).tolist() for i in batch_index],
+            "rejected_ids": [np.concatenate([pairs.prompt_ids[i], pairs.student_ids[i]]).tolist()
+                             for i in batch_index]})
+
+    def step(self, batch_index: np.ndarray) -> float:
+        from transformers import PrinterCallback, TrainerCallback
         from trl import RewardConfig, RewardTrainer
 
         device = self.device
@@ -284,15 +290,16 @@ class Trl:
 
         t, timer = self.cfg.train, Timer()
         args = RewardConfig(
-            output_dir=self.output_dir, max_steps=self.steps, per_device_train_batch_size=t.micro_batch_size,
-            gradient_accumulation_steps=t.batch_size // t.micro_batch_size, learning_rate=t.lr,
+            output_dir=self.output_dir, max_steps=1, per_device_train_batch_size=t.micro_batch_size,
+            gradient_accumulation_steps=len(batch_index) // t.micro_batch_size, learning_rate=t.lr,
             lr_scheduler_type="constant", weight_decay=t.weight_decay, adam_beta1=t.betas[0], adam_beta2=t.betas[1],
-            max_grad_norm=t.grad_clip, gradient_checkpointing=False, bf16=device.type == "cuda",
+            max_grad_norm=t.grad_clip, activation_checkpointing=False, bf16=device.type == "cuda",
             use_cpu=device.type == "cpu", train_sampling_strategy="sequential", max_length=None,
             logging_strategy="no", save_strategy="no", report_to="none", disable_tqdm=True,
             dataloader_num_workers=0, seed=0)
-        trainer = RewardTrainer(model=self.model, args=args, train_dataset=self.dataset,
+        trainer = RewardTrainer(model=self.model, args=args, train_dataset=self.dataset(batch_index),
                                 processing_class=self.tokenizer, callbacks=[timer])
+        trainer.remove_callback(PrinterCallback)  # its end-of-training summary would break the table
         trainer.train()
         return timer.end - timer.start
 
@@ -326,15 +333,21 @@ def check_same_scores(model, pairs: PairSet, index: np.ndarray, device: torch.de
     return out
 
 
-def time_interleaved(contenders: list, batches: list[np.ndarray], reps: int) -> dict[str, list[float]]:
-    """One warm-up step each, then `reps` rounds of A B C ...; seconds per round per contender."""
+def time_interleaved(contenders: list, batches: list[np.ndarray], reps: int) -> dict[str, np.ndarray]:
+    """One warm-up step each, then for each repetition and step, one step of every contender back to back.
+
+    Returns seconds[name] of shape (reps, steps).
+    """
     for contender in contenders:
-        contender.run(batches[:1])
-    seconds = {c.name: [] for c in contenders}
+        contender.step(batches[0])
+    seconds = {c.name: np.zeros((reps, len(batches))) for c in contenders}
     for rep in range(reps):
-        for contender in contenders:
-            seconds[contender.name].append(contender.run(batches))
-            print(f"  rep {rep + 1}/{reps}  {contender.name:<28} {seconds[contender.name][-1]:7.2f} s", flush=True)
+        for k, batch_index in enumerate(batches):
+            cells = []
+            for contender in contenders:
+                seconds[contender.name][rep, k] = contender.step(batch_index)
+                cells.append(f"{contender.name.split(' (')[0]} {seconds[contender.name][rep, k]:.2f}")
+            print(f"  rep {rep + 1}/{reps} step {k + 1}/{len(batches)}: " + ", ".join(cells) + " s", flush=True)
     return seconds
 
 
@@ -354,7 +367,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def build_contenders(args, base_model, pairs, cfg, device, batches) -> list:
+def build_contenders(args, base_model, pairs, cfg, device) -> list:
     contenders = [ThisProject(copy.deepcopy(base_model).to(device), pairs, cfg, device)]
     if args.with_padded and args.layout != "padded":
         padded_cfg = replace(cfg, score=replace(cfg.score, layout="padded"))
@@ -364,29 +377,30 @@ def build_contenders(args, base_model, pairs, cfg, device, batches) -> list:
         print("trl skipped (--no-trl)")
     elif trl_available():
         transformers.logging.set_verbosity_error()
-        contenders.append(Trl(base_model, pairs, cfg, device, batches))
+        contenders.append(Trl(base_model, pairs, cfg, device))
     else:
         print("trl not installed (pip install -r requirements-bench.txt); TRL reported as null")
     return contenders
 
 
-def report(contenders, seconds, batches, pairs, peak, base_model) -> tuple[dict, dict]:
-    """Print the table; return (pairs/s, ratio of this project to each contender) by name."""
+def report(contenders, seconds, batches, pairs, peak, base_model) -> tuple[dict, dict, dict]:
+    """Print the table; return pairs/s, ratio (their time / ours) and fraction of peak, by contender name."""
     index = np.concatenate(batches)
     n_pairs, tokens = len(index), useful_tokens(pairs, index)
     ours = contenders[0].name
     print(f"\n{'contender':<28}{'pairs/s':>9}{'useful tok/s':>14}{'model GFLOP/s':>15}{'% of peak':>11}"
-          f"{'ours / this':>13}   median s of {len(seconds[ours])} reps")
+          f"{'ours faster':>13}   median s/rep (reps: s)")
     pairs_per_s, ratios, fractions = {}, {}, {}
     for contender in contenders:
-        median = statistics.median(seconds[contender.name])
+        per_rep = seconds[contender.name].sum(axis=1)  # (reps,) seconds for all the steps
+        median = float(np.median(per_rep))
         flops = training_flops(base_model, pairs, index, contender.packed) / median
         pairs_per_s[contender.name], fractions[contender.name] = n_pairs / median, flops / peak
-        # paired ratio: each repetition ran A B C back to back, so machine load cancels out
-        ratios[contender.name] = statistics.median(
-            theirs / mine for mine, theirs in zip(seconds[ours], seconds[contender.name]))
+        # paired: each step ran on every contender back to back, so slow spells of a shared machine cancel
+        ratios[contender.name] = float(np.median(seconds[contender.name] / seconds[ours]))
         print(f"{contender.name:<28}{n_pairs / median:>9.2f}{tokens / median:>14,.0f}{flops / 1e9:>15.1f}"
-              f"{100 * flops / peak:>10.1f}%{ratios[contender.name]:>12.2f}x   {median:.2f}")
+              f"{100 * flops / peak:>10.1f}%{ratios[contender.name]:>12.2f}x   {median:.2f} "
+              f"({', '.join(f'{x:.1f}' for x in per_rep)})")
     return pairs_per_s, ratios, fractions
 
 
@@ -407,7 +421,8 @@ def main(argv=None) -> int:
     base_model = build_critic(size, args.seed)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
         f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-    print(f"device: {device_name}; torch {torch.__version__}, transformers {transformers.__version__}")
+    print(f"device: {device_name}; torch {torch.__version__}, transformers {transformers.__version__}; "
+          f"load average {os.getloadavg()[0]:.1f} (other processes share this machine)")
     print(f"critic: Qwen2 {size} {MODEL_SHAPES[size]}, random weights, float32"
           + (" + bf16 autocast" if device.type == "cuda" else ""))
     mean = {k: np.mean([len(x) for x in getattr(pairs, f"{k}_ids")]) for k in ("prompt", "teacher", "student")}
@@ -415,15 +430,16 @@ def main(argv=None) -> int:
           f"{LENGTHS}, mean prompt {mean['prompt']:.0f} / teacher {mean['teacher']:.0f} / student "
           f"{mean['student']:.0f}; {args.reps} interleaved reps")
 
-    check = check_same_scores(base_model.to(device), pairs, batches[0][:args.micro_batch_size], device)
+    check = check_same_scores(copy.deepcopy(base_model).to(device), pairs, batches[0][:args.micro_batch_size], device)
     ok = all(v <= 1e-5 for v in check.values())
     print("score check (float32, same weights and pairs), max |this project - verl-style|: "
           + ", ".join(f"{k} {v:.1e}" for k, v in check.items()) + f"  -> {'OK' if ok else 'FAIL'} (tol 1e-5)")
 
     peak_before = matmul_peak(device)
-    contenders = build_contenders(args, base_model, pairs, cfg, device, batches)
+    contenders = build_contenders(args, base_model, pairs, cfg, device)
     seconds = time_interleaved(contenders, batches, args.reps)
     peak = max(peak_before, matmul_peak(device))
+    print(f"load average after: {os.getloadavg()[0]:.1f}")
     print(f"matmul peak ({'fp32' if device.type == 'cpu' else 'bf16'} torch.matmul): {peak / 1e9:.1f} GFLOP/s")
     pairs_per_s, ratios, fractions = report(contenders, seconds, batches, pairs, peak, base_model)
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from critic.config import DataConfig, SpecError
+from critic.config import DataConfig, SpecError, StudentConfig
 from critic.demo import demo_path
 
 
@@ -36,6 +36,7 @@ class PairSet:
     student_ends_eos: np.ndarray
     stats: dict[str, float] = field(default_factory=dict)
     digest: str = ""
+    lineage: dict[str, str] = field(default_factory=dict)  # how generated student responses were made
 
     def __len__(self) -> int:
         return len(self.prompt_ids)
@@ -44,7 +45,7 @@ class PairSet:
         pick = lambda seq: [seq[i] for i in index]  # noqa: E731
         return PairSet(name, pick(self.prompt_ids), pick(self.teacher_ids), pick(self.student_ids),
                        pick(self.prompt_text), self.teacher_ends_eos[index], self.student_ends_eos[index],
-                       dict(self.stats), self.digest)
+                       dict(self.stats), self.digest, dict(self.lineage))
 
     def pair_lengths(self) -> np.ndarray:
         """(N,) tokens of prompt + teacher + student, used to group batches by length."""
@@ -85,8 +86,12 @@ def prompt_messages(value) -> list[dict]:
     return [{"role": str(m.get("role", "user")), "content": str(m.get("content", ""))} for m in value]
 
 
-def read_pairs(path: Path, cfg: DataConfig) -> tuple[pd.DataFrame, dict[str, float]]:
-    """Read a parquet file and drop unusable rows, counting them."""
+def read_pairs(path: Path, cfg: DataConfig, keep_empty_student: bool = False) -> tuple[pd.DataFrame, dict[str, float]]:
+    """Read a parquet file and drop unusable rows, counting them.
+
+    `keep_empty_student`: the student column was generated from the actor, so an empty response
+    is what the actor said (EOS at once); it is kept (tokenized as the EOS-only response) and counted.
+    """
     try:
         frame = pd.read_parquet(path)
     except Exception as exc:  # pyarrow raises several types for a bad file
@@ -94,13 +99,15 @@ def read_pairs(path: Path, cfg: DataConfig) -> tuple[pd.DataFrame, dict[str, flo
     needed = [cfg.prompt_key, cfg.teacher_key, cfg.student_key]
     missing = [c for c in needed if c not in frame.columns]
     if missing:
+        hint = " or configure student.model / student.endpoint to generate it" if cfg.student_key in missing else ""
         raise DataError(f"{path}: missing column(s) {missing}; the file has {list(frame.columns)}. "
-                        f"Set data.prompt_key / data.teacher_key / data.student_key to the right names.")
+                        f"Set data.prompt_key / data.teacher_key / data.student_key to the right names{hint}.")
     if len(frame) == 0:
         raise DataError(f"{path}: the file has no rows")
     ok = pd.Series(True, index=frame.index)
     for column in (cfg.teacher_key, cfg.student_key):
-        ok &= frame[column].map(lambda v: isinstance(v, str) and v.strip() != "")
+        allow_empty = keep_empty_student and column == cfg.student_key
+        ok &= frame[column].map(lambda v: isinstance(v, str) and (allow_empty or v.strip() != ""))
     ok &= frame[cfg.prompt_key].map(lambda v: v is not None and not (isinstance(v, float) and np.isnan(v)))
     dropped = int((~ok).sum())
     kept = frame[ok].reset_index(drop=True)
@@ -109,7 +116,10 @@ def read_pairs(path: Path, cfg: DataConfig) -> tuple[pd.DataFrame, dict[str, flo
                         f"nothing is left to train on")
     if dropped:
         print(f"[data] {path.name}: dropped {dropped} of {len(frame)} rows with null, non-string or empty responses")
-    return kept, {"rows": float(len(frame)), "dropped_rows": float(dropped)}
+    stats = {"rows": float(len(frame)), "dropped_rows": float(dropped)}
+    if keep_empty_student:
+        stats["student_empty_responses"] = float(kept[cfg.student_key].map(lambda v: v.strip() == "").sum())
+    return kept, stats
 
 
 def split_by_prompt(prompts: list[str], val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -166,9 +176,11 @@ def tokenize_pairs(frame: pd.DataFrame, cfg: DataConfig, tokenizer, name: str) -
     return PairSet(name, prompt_ids, teacher_ids, student_ids, texts, teacher_eos, student_eos, stats)
 
 
-def _cache_key(digest: str, tokenizer_id: str, cfg: DataConfig) -> str:
+def _cache_key(digest: str, tokenizer_id: str, cfg: DataConfig, keep_empty_student: bool = False) -> str:
     options = dict(prompt=cfg.prompt_key, teacher=cfg.teacher_key, student=cfg.student_key,
                    max_prompt=cfg.max_prompt_length, max_response=cfg.max_response_length, version=1)
+    if keep_empty_student:  # only then, so existing cache keys stay valid
+        options["keep_empty_student"] = True
     return hashlib.sha256(json.dumps([digest, tokenizer_id, options], sort_keys=True).encode()).hexdigest()[:24]
 
 
@@ -198,11 +210,21 @@ def _load(path: Path, name: str, digest: str) -> PairSet:
 _MEMORY: dict[str, PairSet] = {}
 
 
-def load_pair_set(path_spec: str, cfg: DataConfig, tokenizer, tokenizer_id: str, name: str) -> PairSet:
-    """Read, check and tokenize one file; cached in memory and on disk by file digest + tokenizer + options."""
+def load_pair_set(path_spec: str, cfg: DataConfig, tokenizer, tokenizer_id: str, name: str,
+                  student: StudentConfig | None = None) -> PairSet:
+    """Read, check and tokenize one file; cached in memory and on disk by file digest + tokenizer + options.
+
+    With `student` configured, a file without the student column (or any file, with student.regenerate)
+    is read with responses generated once by the frozen actor (see critic/student.py).
+    """
     path = resolve_path(path_spec, cfg.cache_dir)
+    generated = None
+    if student is not None:
+        from critic.student import student_responses  # imported here: critic.student imports this module
+        generated = student_responses(path, cfg, student)
+        path = generated.path if generated else path
     digest = file_digest(path)
-    key = _cache_key(digest, tokenizer_id, cfg)
+    key = _cache_key(digest, tokenizer_id, cfg, keep_empty_student=generated is not None)
     if key in _MEMORY:
         cached = _MEMORY[key]
         return cached.subset(np.arange(len(cached)), name)
@@ -210,13 +232,14 @@ def load_pair_set(path_spec: str, cfg: DataConfig, tokenizer, tokenizer_id: str,
     if cache_file.exists():
         pairs = _load(cache_file, name, digest)
     else:
-        frame, read_stats = read_pairs(path, cfg)
+        frame, read_stats = read_pairs(path, cfg, keep_empty_student=generated is not None)
         pairs = tokenize_pairs(frame, cfg, tokenizer, name)
         pairs.stats.update(read_stats)
         pairs.digest = digest
         _save(pairs, cache_file)
     pairs.stats["identical_pairs"] = float(sum(np.array_equal(t, s) for t, s in
                                                zip(pairs.teacher_ids, pairs.student_ids)))
+    pairs.lineage = dict(generated.lineage) if generated else {}
     _MEMORY[key] = pairs
     return pairs.subset(np.arange(len(pairs)), name)
 
@@ -227,11 +250,17 @@ class TrialData:
     eval_sets: dict[str, PairSet]  # "val" first, then the named extra sets
     stats: dict[str, float]
     digests: dict[str, str]
+    lineage: dict[str, str] = field(default_factory=dict)  # student.* of generated responses, for tracking
 
 
-def load_trial_data(cfg: DataConfig, tokenizer, tokenizer_id: str) -> TrialData:
+def _student_lineage(name: str, lineage: dict[str, str]) -> dict[str, str]:
+    """{'student.source': ..., 'student.actor': ..., 'student.generation': ..., 'student.<set>_cache_key': ...}"""
+    return {f"student.{name}_{k}" if k == "cache_key" else f"student.{k}": v for k, v in lineage.items()}
+
+
+def load_trial_data(cfg: DataConfig, tokenizer, tokenizer_id: str, student: StudentConfig | None = None) -> TrialData:
     """The training split, the held-out val split (by prompt) and every extra evaluation set."""
-    full = load_pair_set(cfg.train_path, cfg, tokenizer, tokenizer_id, "train")
+    full = load_pair_set(cfg.train_path, cfg, tokenizer, tokenizer_id, "train", student)
     train_idx, val_idx = split_by_prompt(full.prompt_text, cfg.val_fraction, cfg.split_seed)
     if len(train_idx) == 0 or len(val_idx) == 0:
         raise DataError(f"{cfg.train_path}: splitting {len(full)} pairs by prompt with val_fraction="
@@ -248,10 +277,12 @@ def load_trial_data(cfg: DataConfig, tokenizer, tokenizer_id: str) -> TrialData:
     if cfg.fold is not None:
         stats["data/fold_pairs"] = float(len(eval_sets["fold"]))
     digests = {"train": full.digest}
+    lineage = _student_lineage("train", full.lineage)
     for name, path in cfg.eval_sets.items():
-        extra = load_pair_set(path, cfg, tokenizer, tokenizer_id, name)
+        extra = load_pair_set(path, cfg, tokenizer, tokenizer_id, name, student)
+        lineage.update(_student_lineage(name, extra.lineage))
         eval_sets[name] = extra
         stats.update({f"data/{name}_{k}": v for k, v in extra.stats.items()})
         stats[f"data/{name}_pairs"] = float(len(extra))
         digests[name] = extra.digest
-    return TrialData(full.subset(train_idx, "train"), eval_sets, stats, digests)
+    return TrialData(full.subset(train_idx, "train"), eval_sets, stats, digests, lineage)

@@ -73,7 +73,9 @@ def _bridge(d: Diagnosis) -> str:
 
 def _per_dataset(d: Diagnosis) -> str:
     table = d.table()
-    rows = [[name, *[table.loc[name, s] for s in table.columns]] for name in METRIC_ROWS]
+    count = lambda v: str(int(v)) if math.isfinite(v) else "n/a"  # noqa: E731
+    rows = [[name, *[count(table.loc[name, s]) if name.endswith("pairs") else table.loc[name, s]
+                     for s in table.columns]] for name in METRIC_ROWS]
     return "## Per-dataset metrics\n\n" + md_table(["metric", *table.columns], rows)
 
 

@@ -129,20 +129,22 @@ def _calibration(sets: dict[str, dict], others: list[str]) -> Verdict:
     return Verdict(cause, status, shifts[worst], text)
 
 
-def _student(lineage: dict[str, set[str] | None], others: list[str]) -> Verdict:
+def _student(lineage: dict[str, str | None], others: list[str]) -> Verdict:
     cause = "different student"
     train = lineage.get("train")
     known = [n for n in others if lineage.get(n) is not None]
     if train is None or not known:
         return Verdict(cause, NOT_MEASURABLE, math.nan,
-                       f"no lineage: add a '{LINEAGE_COLUMN}' column to the training file and the other files")
+                       f"no lineage for {'train' if train is None else ', '.join(others)}: responses generated "
+                       f"with student.model / student.endpoint carry it, or add a '{LINEAGE_COLUMN}' column "
+                       f"to every file" + (f"; train: {train}" if train else ""))
     differ = [n for n in known if lineage[n] != train]
-    text = f"train students {sorted(train)}; " + "; ".join(f"{n}: {sorted(lineage[n])}" for n in known)
+    text = f"train: {train}; " + "; ".join(f"{n}: {lineage[n]}" for n in known)
     return Verdict(cause, HOLDS if differ else DOES_NOT_HOLD, float(len(differ)), text)
 
 
 def judge(sets: dict[str, dict], others: list[str], progressive: float, fold_std: float,
-          lineage: dict[str, set[str] | None]) -> list[Verdict]:
+          lineage: dict[str, str | None]) -> list[Verdict]:
     """One verdict per proposed cause. `sets` holds the metrics of 'train' (post-hoc), 'val' and each other set."""
     return [_shift(sets, others, fold_std), _ties(sets, others), _overfitting(sets, progressive, fold_std),
             _shortcut(sets["val"]), _calibration(sets, others), _student(lineage, others)]
@@ -155,12 +157,11 @@ def gap_bridge(sets: dict[str, dict], others: list[str], progressive: float) -> 
     (shift) -> other with ties counted correct (tie rule).
     """
     train, val = sets["train"]["d_acc"], sets["val"]["d_acc"]
-    rows = [("progressive (training log, first epoch)", {n: progressive for n in others}),
+    return [("progressive (training log, first epoch)", {n: progressive for n in others}),
             ("post-hoc train split", {n: train for n in others}),
             ("val split", {n: val for n in others}),
             ("other set, strict (>)", {n: sets[n]["d_acc"] for n in others}),
             ("other set, ties correct (>=)", {n: sets[n]["d_acc_ties_correct"] for n in others})]
-    return rows
 
 
 def training_health(train_history) -> list[HealthCheck]:

@@ -5,11 +5,13 @@ halves, `collate` and `score_batch`): collate a batch in the configured layout -
 one forward -> `sequence_scores`.
 
 Two layouts, same scores (to float rounding, ~1e-6 in float32):
-- `padded` (`collate_pairs`): a row prompt|teacher and a row prompt|student per pair.
-- `packed` (`collate_packed`, the default): one row prompt|teacher|student per pair, so
-  the prompt is computed once. A 4D attention mask keeps the student tokens from
-  seeing the teacher tokens, and the student's position ids restart after the
-  prompt, so every token sees exactly what it sees in its own padded row.
+- `padded` (`collate_pairs`): a row prompt|teacher and a row prompt|student per pair,
+  right-padded to the longest row.
+- `packed` (`collate_packed`, the default): every pair of the batch in one row,
+  prompt|teacher|student each, no padding, so each prompt is computed once. The
+  student's position ids restart after the prompt, and `pair_attention` (transformers'
+  SDPA plus a per-pair path) lets the student's tokens attend to the prompt and the
+  student only, so every token sees exactly what it sees in its own padded row.
 
 verl's alignment: the value for response token t is read from the hidden state
 at position t-1 (`values = logits[:, -R-1:-1]`), i.e. from the state that has
@@ -25,8 +27,12 @@ from typing import Union
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface, AttentionMaskInterface
+from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+from transformers.masking_utils import sdpa_mask
 
-from critic.config import ScoreConfig
+from critic.config import ScoreConfig, SpecError
 
 
 def value_mask(prompt_lens: torch.Tensor, response_lens: torch.Tensor, ends_eos: torch.Tensor,
@@ -74,7 +80,7 @@ class PairBatch:
         return PairBatch(move(self.input_ids), move(self.attention_mask), move(self.mask),
                          move(self.student_row), self.teacher_tokens, self.student_tokens, self.n_pairs, self.n_tokens)
 
-    def model_inputs(self, mask_dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    def model_inputs(self, model: torch.nn.Module) -> dict:
         return {"input_ids": self.input_ids, "attention_mask": self.attention_mask}
 
     def scores(self, token_values: torch.Tensor, reduction: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -115,70 +121,128 @@ def collate_pairs(pairs, index: np.ndarray, pad_id: int, score_cfg: ScoreConfig)
                      n_tokens=sum(len(r) for r in rows))
 
 
+class PairSegments:
+    """Where each pair sits in a packed row: the `attention_mask` that `pair_attention` understands.
+
+    Spans are host ints (start, prompt, teacher, student tokens in the row); the student's additive
+    bias (student tokens see the prompt and the student so far) is built once per forward and device.
+    """
+
+    def __init__(self, starts, prompt_lens, teacher_lens, student_lens) -> None:
+        self.spans = [tuple(int(x) for x in span) for span in zip(starts, prompt_lens, teacher_lens, student_lens)]
+        self._biases: dict[tuple, list[torch.Tensor | None]] = {}
+
+    def student_biases(self, device: torch.device, dtype: torch.dtype) -> list[torch.Tensor | None]:
+        """Per pair, (S, P+S) additive bias over [prompt | student] keys for the S student queries."""
+        if (device, dtype) not in self._biases:
+            biases = []
+            for _, prompt, _, student in self.spans:
+                seen = torch.ones(student, prompt + student, dtype=torch.bool, device=device).tril(prompt)
+                bias = torch.zeros(seen.shape, dtype=dtype, device=device)
+                biases.append(bias.masked_fill_(~seen, torch.finfo(dtype).min) if student else None)
+            self._biases[(device, dtype)] = biases
+        return self._biases[(device, dtype)]
+
+
+def pair_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                   attention_mask, dropout: float = 0.0, scaling: float | None = None, **kwargs):
+    """transformers' SDPA attention, plus packed pairs: a `PairSegments` mask runs SDPA per pair.
+
+    query (1, H, N, D) and key/value (1, H_kv, N, D) of one packed row -> (1, N, H, D). Per pair,
+    prompt | teacher is plain causal attention, and the student's queries attend over
+    [prompt | student] keys only: the teacher's keys and the padding are never computed.
+    """
+    if not isinstance(attention_mask, PairSegments):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    groups = query.shape[1] // key.shape[1]
+    key, value = repeat_kv(key, groups), repeat_kv(value, groups)  # (1, H, N, D)
+    biases = attention_mask.student_biases(query.device, query.dtype)
+    parts = []
+    for (start, prompt, teacher, student), bias in zip(attention_mask.spans, biases):
+        shared = slice(start, start + prompt + teacher)  # prompt | teacher
+        parts.append(F.scaled_dot_product_attention(query[:, :, shared], key[:, :, shared], value[:, :, shared],
+                                                    dropout_p=dropout, scale=scaling, is_causal=True))
+        if student:
+            own = slice(shared.stop, shared.stop + student)
+            seen_keys = torch.cat([key[:, :, start:start + prompt], key[:, :, own]], dim=2)  # (1, H, P+S, D)
+            seen_values = torch.cat([value[:, :, start:start + prompt], value[:, :, own]], dim=2)
+            parts.append(F.scaled_dot_product_attention(query[:, :, own], seen_keys, seen_values, attn_mask=bias,
+                                                        dropout_p=dropout, scale=scaling))
+    return torch.cat(parts, dim=2).transpose(1, 2).contiguous(), None
+
+
+PAIR_ATTENTION = "critic_pair_sdpa"
+AttentionInterface.register(PAIR_ATTENTION, pair_attention)
+AttentionMaskInterface.register(PAIR_ATTENTION, sdpa_mask)  # padded inputs get SDPA's masks, as under "sdpa"
+
+
+def enable_pair_attention(model: torch.nn.Module) -> None:
+    """Switch an SDPA critic to `pair_attention` (idempotent; every other input still runs plain SDPA)."""
+    config = model.config
+    if config._attn_implementation == PAIR_ATTENTION:
+        return
+    layer_types = set(getattr(config, "layer_types", None) or ["full_attention"])
+    if config._attn_implementation != "sdpa" or layer_types != {"full_attention"}:
+        raise SpecError(f"score.layout: packed needs a critic with full SDPA attention (this one has "
+                        f"attn_implementation={config._attn_implementation!r}, layers {sorted(layer_types)}); "
+                        f"set score.layout: padded")
+    model.set_attn_implementation(PAIR_ATTENTION)
+
+
 @dataclass
 class PackedPairBatch:
-    """Packed layout: one row per pair, prompt | teacher | student, right-padded.
+    """Packed layout: all pairs in one row of N tokens, each pair as prompt | teacher | student, no padding.
 
     A pair whose student text equals the teacher's keeps only prompt | teacher and
     takes the teacher's score, so it is a tie bit for bit.
     """
-    input_ids: torch.Tensor  # (pairs, L)
-    position_ids: torch.Tensor  # (pairs, L): 0..P+T-1, then P.. again for the student
-    segment_lens: torch.Tensor  # (pairs, 3): prompt, teacher, student tokens in the row (0 when identical)
-    teacher_mask: torch.Tensor  # (pairs, L) positions of the teacher's values
-    student_mask: torch.Tensor  # (pairs, L) positions of the student's values
+    input_ids: torch.Tensor  # (1, N)
+    position_ids: torch.Tensor  # (1, N): per pair 0..P+T-1, then P..P+S-1 again for the student
+    segments: PairSegments
+    teacher_mask: torch.Tensor  # (pairs, N) positions of each pair's teacher values
+    student_mask: torch.Tensor  # (pairs, N) positions of each pair's student values
     identical: torch.Tensor  # (pairs,) bool
     teacher_tokens: torch.Tensor  # (pairs,) response tokens (including EOS)
     student_tokens: torch.Tensor
     n_pairs: int
-    n_tokens: int = 0  # non-padding tokens in the forward, counted on the host
+    n_tokens: int = 0  # tokens in the forward (no padding), counted on the host
 
     def to(self, device: torch.device) -> "PackedPairBatch":
         move = lambda t: t.to(device, non_blocking=True)  # noqa: E731
-        return PackedPairBatch(move(self.input_ids), move(self.position_ids), move(self.segment_lens),
-                               move(self.teacher_mask), move(self.student_mask), move(self.identical),
-                               self.teacher_tokens, self.student_tokens, self.n_pairs, self.n_tokens)
+        return PackedPairBatch(move(self.input_ids), move(self.position_ids), self.segments, move(self.teacher_mask),
+                               move(self.student_mask), move(self.identical), self.teacher_tokens,
+                               self.student_tokens, self.n_pairs, self.n_tokens)
 
-    def model_inputs(self, mask_dtype: torch.dtype) -> dict[str, torch.Tensor]:
-        bias = packed_attention_bias(self.segment_lens, self.input_ids.shape[1], mask_dtype)
-        return {"input_ids": self.input_ids, "attention_mask": bias, "position_ids": self.position_ids}
+    def model_inputs(self, model: torch.nn.Module) -> dict:
+        enable_pair_attention(model)
+        # A dict of masks by layer type is used as given (no causal mask is built over the N x N row).
+        return {"input_ids": self.input_ids, "position_ids": self.position_ids,
+                "attention_mask": {"full_attention": self.segments}}
 
     def scores(self, token_values: torch.Tensor, reduction: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """(pairs, L) values -> (teacher_scores, student_scores), each (pairs,)."""
-        teacher_scores = sequence_scores(token_values, self.teacher_mask, reduction)
-        student_scores = sequence_scores(token_values, self.student_mask, reduction)
+        """(1, N) values -> (teacher_scores, student_scores), each (pairs,)."""
+        values = token_values.expand(self.n_pairs, -1)  # (pairs, N), a view
+        teacher_scores = sequence_scores(values, self.teacher_mask, reduction)
+        student_scores = sequence_scores(values, self.student_mask, reduction)
         return teacher_scores, torch.where(self.identical, teacher_scores, student_scores)
 
 
 ScoreBatch = Union[PairBatch, PackedPairBatch]
 
 
-def packed_attention_bias(segment_lens: torch.Tensor, seq_len: int, dtype: torch.dtype) -> torch.Tensor:
-    """(rows, 1, L, L) additive mask for packed rows: causal, and student tokens do not see teacher tokens.
+def packed_value_masks(starts: torch.Tensor, prompt_lens: torch.Tensor, teacher_lens: torch.Tensor,
+                       student_lens: torch.Tensor, teacher_eos: torch.Tensor, student_eos: torch.Tensor,
+                       seq_len: int, exclude_eos: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pairs, N) teacher and student value positions of packed pairs, under verl's shift.
 
-    Padding queries see the prompt (never an empty row, so no NaN); no real query sees padding.
+    With P, T relative to the pair's start: teacher token j sits at P + j and its value is read
+    at P + j - 1 (as in `value_mask`). Student token j sits at P + T + j; its value is read at
+    P + T + j - 1 for j >= 1, and for j = 0 at the last prompt token P - 1: the state that has
+    seen the prompt only, as in the student's own padded row.
     """
-    prompt, teacher = segment_lens[:, 0], segment_lens[:, 1]
-    positions = torch.arange(seq_len, device=segment_lens.device)
-    query, key = positions[None, :, None], positions[None, None, :]  # (1, L, 1), (1, 1, L)
-    teacher_start, student_start = prompt[:, None, None], (prompt + teacher)[:, None, None]  # (rows, 1, 1)
-    teacher_key = (key >= teacher_start) & (key < student_start)  # (rows, 1, L)
-    blocked = (key > query) | ((query >= student_start) & teacher_key)  # (rows, L, L)
-    bias = torch.zeros(blocked.shape, dtype=dtype, device=blocked.device)
-    return bias.masked_fill_(blocked, torch.finfo(dtype).min)[:, None]
-
-
-def packed_value_masks(prompt_lens: torch.Tensor, teacher_lens: torch.Tensor, student_lens: torch.Tensor,
-                       teacher_eos: torch.Tensor, student_eos: torch.Tensor, seq_len: int,
-                       exclude_eos: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rows, L) teacher and student value positions of packed rows, under verl's shift.
-
-    Teacher token j sits at P + j, its value is read at P + j - 1 (as in `value_mask`).
-    Student token j sits at P + T + j; its value is read at P + T + j - 1 for j >= 1, and
-    for j = 0 at the last prompt token P - 1: the state that has seen the prompt only.
-    """
-    positions = torch.arange(seq_len)[None, :]  # (1, L)
-    prompt, teacher = prompt_lens[:, None], teacher_lens[:, None]  # (rows, 1)
+    positions = torch.arange(seq_len)[None, :] - starts[:, None]  # (pairs, N), relative to each pair
+    prompt, teacher = prompt_lens[:, None], teacher_lens[:, None]  # (pairs, 1)
     teacher_count = (teacher_lens - (teacher_eos & exclude_eos).long()).clamp(min=1)[:, None]
     student_count = (student_lens - (student_eos & exclude_eos).long()).clamp(min=1)[:, None]
     teacher_mask = (positions >= prompt - 1) & (positions < prompt - 1 + teacher_count)
@@ -187,43 +251,41 @@ def packed_value_masks(prompt_lens: torch.Tensor, teacher_lens: torch.Tensor, st
 
 
 def collate_packed(pairs, index: np.ndarray, pad_id: int, score_cfg: ScoreConfig) -> PackedPairBatch:
-    """Pack the pairs `index` of a PairSet one per row (prompt | teacher | student) for a single forward."""
-    prompts = [pairs.prompt_ids[i] for i in index]
-    teachers = [pairs.teacher_ids[i] for i in index]
-    students = [pairs.student_ids[i] for i in index]
+    """Pack the pairs `index` of a PairSet into one row, prompt | teacher | student each, for a single forward.
+
+    `pad_id` is unused (nothing is padded); it keeps the signature of `collate_pairs`.
+    """
+    prompts, teachers, students = ([getattr(pairs, f"{k}_ids")[i] for i in index] for k in
+                                   ("prompt", "teacher", "student"))
     identical = np.array([np.array_equal(t, s) for t, s in zip(teachers, students)], dtype=bool)
-    prompt_lens = np.array([len(p) for p in prompts], dtype=np.int64)
-    teacher_lens = np.array([len(t) for t in teachers], dtype=np.int64)
-    student_lens = np.array([len(s) for s in students], dtype=np.int64)
-    assert prompt_lens.min() >= 1, "a packed row needs at least one prompt token to read the first values from"
+    prompt_lens, teacher_lens, student_lens = (np.array([len(x) for x in seqs], dtype=np.int64) for seqs in
+                                               (prompts, teachers, students))
+    if prompt_lens.min() < 1:
+        raise ValueError("score.layout: packed reads a response's first value at its last prompt token; "
+                         "every prompt needs at least one token (or use score.layout: padded)")
     in_row = np.where(identical, 0, student_lens)  # student tokens placed in the row
-    row_lens = prompt_lens + teacher_lens + in_row
-    seq_len = int(row_lens.max())
-    input_ids = np.full((len(index), seq_len), pad_id, dtype=np.int64)
-    for r, (prompt, teacher, student) in enumerate(zip(prompts, teachers, students)):
-        parts = (prompt, teacher) if identical[r] else (prompt, teacher, student)
-        input_ids[r, :row_lens[r]] = np.concatenate(parts)
-    positions = torch.arange(seq_len)[None, :]  # (1, L)
-    student_start = torch.from_numpy(prompt_lens + teacher_lens)[:, None]
-    position_ids = positions - torch.from_numpy(teacher_lens)[:, None] * (positions >= student_start)
-    teacher_eos = torch.from_numpy(np.asarray(pairs.teacher_ends_eos)[index])
-    student_eos = torch.from_numpy(np.asarray(pairs.student_ends_eos)[index])
+    pair_lens = prompt_lens + teacher_lens + in_row
+    starts = np.concatenate([[0], np.cumsum(pair_lens)[:-1]])
+    input_ids = np.concatenate([np.concatenate((p, t) if same else (p, t, s)) for p, t, s, same in
+                                zip(prompts, teachers, students, identical)]).astype(np.int64)
+    position_ids = np.concatenate([np.concatenate([np.arange(p + t), np.arange(p, p + s)]) for p, t, s in
+                                   zip(prompt_lens, teacher_lens, in_row)])
     teacher_mask, student_mask = packed_value_masks(
-        torch.from_numpy(prompt_lens), torch.from_numpy(teacher_lens), torch.from_numpy(student_lens),
-        teacher_eos, student_eos, seq_len, score_cfg.exclude_eos)
+        *map(torch.from_numpy, (starts, prompt_lens, teacher_lens, student_lens,
+                                np.asarray(pairs.teacher_ends_eos)[index], np.asarray(pairs.student_ends_eos)[index])),
+        seq_len=len(input_ids), exclude_eos=score_cfg.exclude_eos)
     student_mask[identical] = teacher_mask[identical]
-    segment_lens = torch.from_numpy(np.stack([prompt_lens, teacher_lens, in_row], axis=1))
-    return PackedPairBatch(torch.from_numpy(input_ids), position_ids, segment_lens, teacher_mask, student_mask,
-                           torch.from_numpy(identical), torch.from_numpy(teacher_lens), torch.from_numpy(student_lens),
-                           len(index), n_tokens=int(row_lens.sum()))
+    return PackedPairBatch(torch.from_numpy(input_ids)[None], torch.from_numpy(position_ids)[None],
+                           PairSegments(starts, prompt_lens, teacher_lens, in_row), teacher_mask, student_mask,
+                           torch.from_numpy(identical), torch.from_numpy(teacher_lens),
+                           torch.from_numpy(student_lens), len(index), n_tokens=len(input_ids))
 
 
 def score_batch(model: torch.nn.Module, batch: "ScoreBatch", score_cfg: ScoreConfig,
                 autocast: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """One forward -> (teacher_scores, student_scores), each (pairs,) float32; either layout."""
-    mask_dtype = torch.bfloat16 if autocast else next(model.parameters()).dtype  # what attention will see
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
-        logits = model(**batch.model_inputs(mask_dtype), use_cache=False).logits  # (rows, L, 1)
+        logits = model(**batch.model_inputs(model), use_cache=False).logits  # (rows, L, 1)
     token_values = logits.squeeze(-1).float()  # (rows, L)
     return batch.scores(token_values, score_cfg.reduction)
 

@@ -33,6 +33,10 @@ class StudentGenerationError(SpecError):
     """Generation stopped before every response was made; what was made is kept and a rerun resumes."""
 
 
+class _Skipped(Exception):
+    """A request not (re)tried because the run is stopping; not a failure of its own."""
+
+
 def masked_url(url: str) -> str:
     """The URL with any password and secret-looking query values replaced by ***."""
     return _SECRET_QUERY.sub(r"\1***", _USERINFO.sub(r"\1:***@", url))
@@ -125,6 +129,8 @@ def generate_with_endpoint(student: StudentConfig, messages: dict[int, list[dict
                 continue
             try:
                 row, text, reason = future.result()
+            except _Skipped:
+                continue
             except StudentGenerationError as exc:
                 if failure is None:  # stop starting requests; those in flight still finish and are kept
                     failure = exc
@@ -145,10 +151,10 @@ def _post_with_retries(url: str, body: dict, api_key: str | None, student: Stude
     """(text, finish_reason) of one chat completion; retries timeouts, resets and 5xx/429 with backoff."""
     data = json.dumps(body).encode()
     headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {api_key}"} if api_key else {})}
-    problem, attempts = "not attempted", 0
+    problem, attempts = "", 0
     for attempt in range(student.max_retries + 1):
         if stop.is_set() or (attempt and stop.wait(min(BACKOFF_S * 2 ** (attempt - 1), 30.0))):
-            break
+            raise _Skipped()
         count_request()
         attempts += 1
         try:
@@ -164,6 +170,7 @@ def _post_with_retries(url: str, body: dict, api_key: str | None, student: Stude
             problem = f"{type(exc).__name__}: {getattr(exc, 'reason', None) or exc}"
         except (ValueError, LookupError, TypeError, AttributeError) as exc:
             problem = f"unexpected reply ({type(exc).__name__}: {exc})"
+    stop.set()  # a final failure: no other request starts
     message = (f"request to {masked_url(url)} (model {student.model_name!r}) failed after {attempts} attempt(s), "
                f"timeout {student.timeout_s:g} s: {problem}")
     raise StudentGenerationError(message.replace(api_key, "***") if api_key else message)

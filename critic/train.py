@@ -70,17 +70,12 @@ class TrainOutcome:
 def _train_step(model, pairs: PairSet, batch_index: np.ndarray, cfg: ExperimentConfig, device, pad_id: int):
     """Forward/backward every micro-batch of one optimizer step; returns detached scores and stats.
 
-    Micro-batches take the step's pairs longest first, so each forward holds similar lengths
-    (`train_critic`'s batches already are in that order). Scores come back in `batch_index`
-    order; nothing here waits for the device.
+    Nothing here waits for the device: token counts come from the host, losses stay tensors.
     """
     micro = cfg.train.micro_batch_size
-    lengths = np.array([len(pairs.prompt_ids[i]) + len(pairs.teacher_ids[i]) + len(pairs.student_ids[i])
-                        for i in batch_index])  # as PairSet.pair_lengths, for this step only
-    order = np.argsort(-lengths, kind="stable")  # (n,) positions in batch_index, longest first
     teacher, student, losses, temps, tokens = [], [], [], [], 0
-    for start in range(0, len(order), micro):
-        index = batch_index[order[start:start + micro]]
+    for start in range(0, len(batch_index), micro):
+        index = batch_index[start:start + micro]
         t_scores, s_scores, n_tokens = score_pairs(model, pairs, index, pad_id, cfg.score, device)
         loss, temperature = bradley_terry_loss(t_scores, s_scores, cfg.loss)
         (loss * len(index) / len(batch_index)).backward()  # accumulation: mean over the step's pairs
@@ -90,8 +85,7 @@ def _train_step(model, pairs: PairSet, batch_index: np.ndarray, cfg: ExperimentC
         temps.append(temperature.detach() * len(index))
         tokens += n_tokens
     n = len(batch_index)
-    restore = torch.from_numpy(np.argsort(order)).to(device)  # micro-batch order -> batch_index order
-    return (torch.cat(teacher)[restore], torch.cat(student)[restore], torch.stack(losses).sum() / n,
+    return (torch.cat(teacher), torch.cat(student), torch.stack(losses).sum() / n,
             torch.stack(temps).sum() / n, tokens)
 
 

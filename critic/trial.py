@@ -45,7 +45,7 @@ def prepare(cfg: ExperimentConfig):
         torch.set_num_threads(cfg.model.torch_threads)
     device = select_device(cfg.model.device)
     base = load_base_critic(cfg.model, cfg.data.cache_dir)
-    data: TrialData = load_trial_data(cfg.data, base.tokenizer, tokenizer_digest(base.tokenizer))
+    data: TrialData = load_trial_data(cfg.data, base.tokenizer, tokenizer_digest(base.tokenizer), cfg.student)
     return device, base, data
 
 

@@ -243,6 +243,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-o", "--output", help="write to this file instead of stdout")
     p.set_defaults(func=cmd_export)
 
+    from sweeper.diagnose_cmd import add_diagnose_command
+    from sweeper.generate_cmd import add_generate_command
+    add_generate_command(sub)
+    add_diagnose_command(sub)
+
     p = sub.add_parser("ui", help="start the MLflow UI for this store (127.0.0.1 unless --host is given)")
     _store_args(p)
     p.add_argument("--host", default="127.0.0.1", help="interface to listen on")

@@ -61,7 +61,8 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
     extra = parse_data_args(args.data)
     if args.max_pairs < 0:
         raise SpecError(f"--max-pairs must be >= 0 (0 = all pairs), got {args.max_pairs}")
-    diagnosis = diagnose(checkpoint, extra, folds=args.folds, max_pairs=args.max_pairs or None)
+    diagnosis = diagnose(checkpoint, extra, folds=args.folds, max_pairs=args.max_pairs or None,
+                         progress=sys.stderr.isatty())
     report, markdown = write_report(diagnosis, Path(args.out) if args.out else checkpoint / "diagnosis")
     print(markdown)
     print(f"[diagnose] wrote {report}, {report.parent / 'figures'}/ and {report.parent / 'diagnosis.json'}",

@@ -30,14 +30,16 @@ def train_once(spec: str, overrides: list[str], as_json: bool = False) -> int:
     cfg = load_config(spec, overrides)
     recorder = RecordingReporter()
     result = run_trial(cfg, recorder, progress=not as_json)
-    if cfg.train.save_checkpoint:  # the JSON on stdout stays one object; the path goes to stderr then
-        print(f"checkpoint: {save_trial_checkpoint(result, cfg, recorder.train)}",
-              file=sys.stderr if as_json else sys.stdout)
+    checkpoint = save_trial_checkpoint(result, cfg, recorder.train) if cfg.train.save_checkpoint else None
     if as_json:
+        if checkpoint:  # stdout stays one JSON object
+            print(f"checkpoint: {checkpoint}", file=sys.stderr)
         print(json.dumps({k: result.metrics[k] for k in sorted(result.metrics)}))
         return 0
     sets = ["val", *cfg.data.eval_sets]
     print(format_table(result.metrics, sets))
     print(f"\nprogressive train d_acc (first epoch, before each update): {result.metrics['train/progressive_d_acc']:.4f}"
           f"   steps: {result.metrics['train/steps']:.0f}   time: {result.timings['total_s']:.1f}s")
+    if checkpoint:
+        print(f"checkpoint: {checkpoint}")
     return 0

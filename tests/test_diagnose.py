@@ -315,9 +315,11 @@ def test_length_shortcut_verdict(val, status):
 
 def test_different_student_needs_lineage():
     sets = {"train": metrics(), "val": metrics(), "test": metrics()}
-    lineage = {"train": {"qwen-1.5b-sft"}, "test": {"qwen-1.5b-sft"}}
+    lineage = {"train": "student_model qwen-1.5b-sft", "test": None}
+    assert by_cause(judge(sets, ["test"], 0.8, 0.0, lineage))["different student"].status == NOT_MEASURABLE
+    lineage["test"] = "student_model qwen-1.5b-sft"
     assert by_cause(judge(sets, ["test"], 0.8, 0.0, lineage))["different student"].status == DOES_NOT_HOLD
-    lineage["test"] = {"qwen-1.5b-rl-step200"}
+    lineage["test"] = "student_model qwen-1.5b-rl-step200"
     assert by_cause(judge(sets, ["test"], 0.8, 0.0, lineage))["different student"].status == HOLDS
 
 
@@ -373,3 +375,17 @@ def test_cli_end_to_end_in_a_subprocess(demo_checkpoint, tmp_path):
     assert (out / "report.md").exists() and (out / "figures" / "d_acc.png").exists()
     with pytest.raises(SpecError, match="already data.eval_sets"):
         diagnose(demo_checkpoint, {"shifted": "demo:shifted"})
+
+
+def test_student_identity_from_generation_lineage_or_the_lineage_column(tmp_path):
+    from critic.diagnose import student_identity
+    from critic.data import PairSet
+
+    cfg = build_config({"data": {"cache_dir": str(tmp_path)}})
+    plain = random_pairs(tmp_path / "plain.parquet", 3, "plain", lambda rng: 4)
+    tagged = random_pairs(tmp_path / "tagged.parquet", 3, "tagged", lambda rng: 4, student_model="qwen-sft")
+    pairs = PairSet("x", [], [], [], [], np.zeros(0, bool), np.zeros(0, bool))
+    assert student_identity(pairs, str(plain), cfg) is None
+    assert student_identity(pairs, str(tagged), cfg) == "student_model qwen-sft"
+    pairs.lineage = {"source": "model", "actor": "/models/actor-step200", "generation": '{"temperature": 0.0}'}
+    assert "/models/actor-step200" in student_identity(pairs, str(plain), cfg)
