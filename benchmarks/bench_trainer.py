@@ -195,8 +195,8 @@ class VerlStyle:
         """One optimizer step on the pairs `batch_index`; returns its wall-clock seconds."""
         start = time.perf_counter()
         micro = self.cfg.train.micro_batch_size
-        for start in range(0, len(batch_index), micro):
-            index = batch_index[start:start + micro]
+        for first in range(0, len(batch_index), micro):
+            index = batch_index[first:first + micro]
             order = ("teacher", "student") if self.rng.random() < 0.5 else ("student", "teacher")
             scores = {which: self.side(index, which) for which in order}
             loss = verl_style_loss(scores["teacher"], scores["student"], self.cfg.loss)

@@ -9,6 +9,7 @@ error text that leaves this module has it scrubbed.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import re
@@ -94,6 +95,7 @@ def generate_with_model(student: StudentConfig, messages: dict[int, list[dict]],
     finally:
         del model  # the critic trains next: give the device memory back
         if device.type == "cuda":
+            gc.collect()
             torch.cuda.empty_cache()
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -30,6 +31,12 @@ class NonFiniteError(FloatingPointError):
 
 class TrialOutOfMemory(RuntimeError):
     """The device ran out of memory; the sweep may retry with a smaller micro-batch."""
+
+
+def _simulated_device_pairs() -> int | None:
+    """Test/ops knob: SWEEP_SIMULATE_DEVICE_PAIRS=N makes a micro-batch of more than N pairs raise a real OOM."""
+    value = os.environ.get("SWEEP_SIMULATE_DEVICE_PAIRS", "")
+    return int(value) if value else None
 
 
 def length_grouped_batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generator) -> list[np.ndarray]:
@@ -73,9 +80,13 @@ def _train_step(model, pairs: PairSet, batch_index: np.ndarray, cfg: ExperimentC
     Nothing here waits for the device: token counts come from the host, losses stay tensors.
     """
     micro = cfg.train.micro_batch_size
+    device_pairs = _simulated_device_pairs()
     teacher, student, losses, temps, tokens = [], [], [], [], 0
     for start in range(0, len(batch_index), micro):
         index = batch_index[start:start + micro]
+        if device_pairs is not None and len(index) > device_pairs:
+            raise torch.OutOfMemoryError(f"simulated: a micro-batch of {len(index)} pairs does not fit a device "
+                                         f"of {device_pairs} pairs (SWEEP_SIMULATE_DEVICE_PAIRS)")
         t_scores, s_scores, n_tokens = score_pairs(model, pairs, index, pad_id, cfg.score, device)
         loss, temperature = bradley_terry_loss(t_scores, s_scores, cfg.loss)
         (loss * len(index) / len(batch_index)).backward()  # accumulation: mean over the step's pairs
@@ -158,7 +169,9 @@ def train_critic(model: torch.nn.Module, pairs: PairSet, cfg: ExperimentConfig, 
                 bar.set_postfix(d_acc=f"{metrics['critic/d_acc']:.2f}", loss=f"{metrics['critic/loss']:.3f}")
                 if step % cfg.eval.every_steps == 0 and step < n_steps:
                     run_eval(step)
-    except torch.OutOfMemoryError as exc:
+    except RuntimeError as exc:  # torch.OutOfMemoryError (GPU) or a failed CPU allocation
+        if not isinstance(exc, torch.OutOfMemoryError) and "can't allocate memory" not in str(exc):
+            raise
         raise TrialOutOfMemory(f"out of memory at step {step + 1} with micro_batch_size="
                                f"{cfg.train.micro_batch_size}: {exc}") from exc
     finally:

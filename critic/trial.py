@@ -31,6 +31,7 @@ class TrialResult:
     model: torch.nn.Module | None = None
     tokenizer: object = None
     timings: dict[str, float] = field(default_factory=dict)
+    lineage: dict[str, str] = field(default_factory=dict)  # which student produced the responses
 
 
 def seed_everything(seed: int) -> None:
@@ -70,4 +71,4 @@ def run_trial(cfg: ExperimentConfig, reporter: Reporter | None = None, progress:
     timings = {"setup_s": setup_seconds, "train_s": outcome.train_seconds, "eval_s": outcome.eval_seconds,
                "total_s": time.perf_counter() - started}
     return TrialResult(metrics, outcome.eval_history, evaluator.last_scores, data.digests,
-                       model if keep_model else None, base.tokenizer, timings)
+                       model if keep_model else None, base.tokenizer, timings, dict(data.lineage))

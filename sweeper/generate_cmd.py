@@ -34,6 +34,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from critic.student import student_responses, student_source
 
     cfg = load_config(args.spec, args.overrides)
+    if cfg.model.torch_threads > 0:  # the same knob as in trials: on a shared CPU, fewer threads can be faster
+        import torch
+        torch.set_num_threads(cfg.model.torch_threads)
     if student_source(cfg.student) is None:
         raise SpecError(f"{args.spec}: nothing to generate with; set student.model (a local causal LM directory) "
                         f"or student.endpoint and student.model_name, e.g. --set student.model=/path/to/actor")

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+import pandas as pd
 import torch
 import yaml
 
@@ -149,6 +150,16 @@ class Objective:
         self.tracker.set_tags(run_id, {f"sweep.{key}": reason[:5000]})
 
     def _record_success(self, trial: optuna.Trial, cfg: ExperimentConfig, run_id: str, result: TrialResult) -> None:
+        digests = {f"data.digest.{name}": digest for name, digest in result.data_digests.items()}
+        self.tracker.set_tags(run_id, {**digests, **result.lineage})
+        paths = {"train": cfg.data.train_path, **cfg.data.eval_sets}
+        self.tracker.log_datasets(run_id, {name: (pd.DataFrame({"path": [paths.get(name, "")], "digest": [digest]}),
+                                                  paths.get(name, ""), digest)
+                                           for name, digest in result.data_digests.items()})
+        if result.lineage:
+            trial.set_user_attr("student_lineage", mask(json.dumps(result.lineage)))
+            trial.study.set_user_attr("student_lineage", mask(json.dumps(result.lineage)))
+            self.tracker.set_tags(self.parent_run_id, result.lineage)
         summary = {k: result.metrics[k] for k in SUMMARY_KEYS if k in result.metrics}
         self.tracker.log_metrics(run_id, [_metric(k, v, int(result.metrics["train/steps"])) for k, v in summary.items()]
                                  + [_metric(f"timing/{k}", v, 0) for k, v in result.timings.items()])

@@ -80,8 +80,9 @@ def train_checkpoint(raw: dict, directory: Path) -> Path:
     return save_trial_checkpoint(result, cfg, recorder.train, directory)
 
 
-def statuses(diagnosis) -> dict[str, str]:
-    return {v.cause.split(" (")[0]: v.status for v in diagnosis.verdicts}
+def by_cause(verdicts) -> dict[str, object]:
+    """{'different data': Verdict, 'tie rule': ..., 'overfitting': ..., ...}"""
+    return {v.cause.split(" (")[0]: v for v in verdicts}
 
 
 def demo_spec(cache_dir: Path, seed: int = 0) -> dict:
@@ -163,7 +164,7 @@ def test_overfitting_case_is_attributed_to_overfitting(cache_dir, tmp_path, caps
     assert checkpoint.parent == cache_dir.parent / "checkpoints"  # <data.cache_dir>/../checkpoints/<timestamp>/
 
     diagnosis = diagnose(checkpoint, folds=2, max_pairs=200)
-    verdicts = {v.cause.split(" (")[0]: v for v in diagnosis.verdicts}
+    verdicts = by_cause(diagnosis.verdicts)
     assert verdicts["overfitting"].status == HOLDS and verdicts["overfitting"].value > 0.25
     assert verdicts["overfitting"].value > verdicts["different data"].value
     assert verdicts["tie rule"].status == DOES_NOT_HOLD
@@ -179,11 +180,12 @@ def test_length_shortcut_is_flagged(cache_dir, tmp_path):
     checkpoint = train_checkpoint(raw, tmp_path / "checkpoint")
 
     diagnosis = diagnose(checkpoint, {"reversed": str(reversed_file)}, max_pairs=200)
-    assert statuses(diagnosis)["length shortcut"] == HOLDS
+    verdicts = by_cause(diagnosis.verdicts)
+    assert verdicts["length shortcut"].status == HOLDS
     val = diagnosis.sets["val"].metrics
     assert val["length_baseline_acc"] == 1.0 and abs(val["score_length_spearman"]) > 0.5
     assert diagnosis.sets["reversed"].metrics["d_acc"] < 0.2  # where longer means student, it is wrong
-    assert statuses(diagnosis)["different student"] == HOLDS  # the files' student_model columns differ
+    assert verdicts["different student"].status == HOLDS  # the files' student_model columns differ
 
 
 # --- checkpoint ---------------------------------------------------------------------------------------
@@ -211,6 +213,10 @@ def test_save_checkpoint_refuses_a_non_empty_directory(demo_checkpoint, tmp_path
         save_checkpoint(tmp_path / "taken", model, tokenizer, cfg, [], [])
     saved = save_checkpoint(tmp_path / "new", model, tokenizer, cfg, [(1, {"critic/d_acc": float("nan")})], [])
     assert math.isnan(load_checkpoint(saved)[3].train[0][1]["critic/d_acc"])  # NaN survives as JSON null
+    history = json.loads((saved / "history.json").read_text())
+    (saved / "history.json").write_text(json.dumps({**history, "tokenizer_digest": "0123456789abcdef"}))
+    with pytest.raises(SpecError, match="tokenizes differently"):
+        load_checkpoint(saved)
 
 
 def test_load_checkpoint_names_what_is_missing(tmp_path):
@@ -273,10 +279,6 @@ def metrics(**values) -> dict[str, float]:
                 js_teacher=0.02)
     base.update(values)
     return base
-
-
-def by_cause(verdicts) -> dict[str, object]:
-    return {v.cause.split(" (")[0]: v for v in verdicts}
 
 
 def test_without_other_sets_shift_and_calibration_are_not_measurable():

@@ -29,6 +29,15 @@ API_KEY = "sk-test-do-not-print-4242"
 PROMPTS = [f"What is {i} + {3 * i}?" for i in range(6)]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Generation is many tiny steps: on shared CPU cores one thread is many times faster than several."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def actor_dir(tmp_path_factory, tiny_tokenizer):
     """A tiny random Qwen2 causal LM saved with the project's tokenizer: the frozen actor."""
@@ -172,7 +181,7 @@ class FakeChatServer:
     """
 
     def __init__(self, script: dict[str, list[str]]):
-        self.script, self.attempts, self.auth = script, {}, []
+        self.script, self.attempts, self.auth, self.received = script, {}, [], []
         self.lock = threading.Lock()
         server = self
 
@@ -187,6 +196,7 @@ class FakeChatServer:
                     attempt = server.attempts.get(prompt, 0)
                     server.attempts[prompt] = attempt + 1
                     server.auth.append(self.headers.get("Authorization"))
+                    server.received.append(body["messages"])
                 cues = server.script.get(prompt, [])
                 cue = cues[attempt] if attempt < len(cues) else "ok"
                 try:
@@ -286,6 +296,21 @@ def test_endpoint_failure_stops_keeps_the_rest_and_never_shows_the_key(tmp_path,
     resumed = student_responses(path, cfg, endpoint_student(broken.url))
     assert generated_since(before) == {"batches": 0, "requests": 2, "responses": 2}  # p2 and p3 only
     assert pd.read_parquet(resumed.path)["student_response"].tolist() == [f"answer to {p}" for p in prompts]
+
+
+def test_chat_prompts_pass_through_and_regenerate_replaces_the_files_own_column(tmp_path, endpoint_env):
+    server = endpoint_env({})
+    chats = [[{"role": "system", "content": "Be brief."}, {"role": "user", "content": f"q{i}"}] for i in range(2)]
+    path = write_pairs(tmp_path / "chat.parquet", pd.DataFrame({
+        "content": chats, "teacher_response": ["t0", "t1"], "student_response": ["old0", "old1"]}))
+    cfg = DataConfig(train_path=str(path), cache_dir=str(tmp_path / "cache"))
+    assert student_responses(path, cfg, endpoint_student(server.url)) is None  # the file's own column is used
+    result = student_responses(path, cfg, endpoint_student(server.url, regenerate=True))
+    assert sorted(server.received, key=str) == chats  # verl-style message lists reach the server as they are
+    frame = pd.read_parquet(result.path)
+    assert list(frame.columns) == ["content", "teacher_response", "student_response",
+                                   "student_response_finish_reason"]
+    assert frame["student_response"].tolist() == ["answer to q0", "answer to q1"]
 
 
 # --- whole trials and the command line --------------------------------------------------------------------------
