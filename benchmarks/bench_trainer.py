@@ -110,6 +110,14 @@ def matmul_peak(device: torch.device) -> float:
     return 2 * n**3 / best
 
 
+def cpu_name() -> str:
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.machine()
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), platform.machine())
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -334,12 +342,12 @@ def check_same_scores(model, pairs: PairSet, index: np.ndarray, device: torch.de
 
 
 def time_interleaved(contenders: list, batches: list[np.ndarray], reps: int) -> dict[str, np.ndarray]:
-    """One warm-up step each, then for each repetition and step, one step of every contender back to back.
+    """A warm-up step each (one micro-batch), then per repetition and step, every contender back to back.
 
     Returns seconds[name] of shape (reps, steps).
     """
     for contender in contenders:
-        contender.step(batches[0])
+        contender.step(batches[0][:contender.cfg.train.micro_batch_size])
     seconds = {c.name: np.zeros((reps, len(batches))) for c in contenders}
     for rep in range(reps):
         for k, batch_index in enumerate(batches):
@@ -357,12 +365,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="critic shape: cpu (hidden 256, 4 layers) or 0.5b (Qwen2.5-0.5B); default by device")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
     parser.add_argument("--reps", type=int, default=3, help="interleaved repetitions (median reported)")
-    parser.add_argument("--steps", type=int, default=2, help="optimizer steps per repetition")
+    parser.add_argument("--steps", type=int, default=1, help="optimizer steps per repetition (other pairs each)")
     parser.add_argument("--batch-size", type=int, default=None, help="pairs per optimizer step (cpu 16, gpu 32)")
     parser.add_argument("--micro-batch-size", type=int, default=8, help="pairs per forward")
     parser.add_argument("--layout", choices=["packed", "padded"], default="packed", help="this project's layout")
     parser.add_argument("--with-padded", action="store_true", help="also time this project with layout=padded")
     parser.add_argument("--no-trl", action="store_true", help="skip TRL even when it is installed")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads; 1 by default: on a machine shared with other work, more threads "
+                             "mostly wait for each other and the figures swing; 0 = torch's default")
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
 
@@ -406,6 +417,8 @@ def report(contenders, seconds, batches, pairs, peak, base_model) -> tuple[dict,
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
     size = args.size or ("cpu" if device.type == "cpu" else "0.5b")
@@ -420,7 +433,7 @@ def main(argv=None) -> int:
     batches = [np.arange(k * batch_size, (k + 1) * batch_size) for k in range(args.steps)]  # random pairs per step
     base_model = build_critic(size, args.seed)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
-        f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+        f"cpu ({cpu_name()}, {torch.get_num_threads()} of {os.cpu_count()} threads)"
     print(f"device: {device_name}; torch {torch.__version__}, transformers {transformers.__version__}; "
           f"load average {os.getloadavg()[0]:.1f} (other processes share this machine)")
     print(f"critic: Qwen2 {size} {MODEL_SHAPES[size]}, random weights, float32"

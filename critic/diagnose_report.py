@@ -274,7 +274,8 @@ def to_json(d: Diagnosis) -> dict:
         "sets": {n: {"role": r.role, "source": r.source, **{k: clean(v) for k, v in r.metrics.items()}}
                  for n, r in d.sets.items()},
         "health": [{"check": h.check, "status": h.status, "value": clean(h.value)} for h in d.health],
-        "folds": None if d.folds is None else d.folds.to_dict(orient="records"),
+        "folds": None if d.folds is None else [{k: clean(v) for k, v in row.items()}
+                                                for row in d.folds.to_dict(orient="records")],
         "notes": d.notes,
     }
 

@@ -84,7 +84,7 @@ def _ties(sets: dict[str, dict], others: list[str]) -> Verdict:
             f"strict {m['d_acc']:.3f} vs ties-correct {m['d_acc_ties_correct']:.3f}")
     if worst != "val":
         gap = sets["val"]["d_acc"] - m["d_acc"]
-        text += f"; the rule accounts for {m['tie_rate']:.3f} of the {gap:+.3f} val-{worst} gap"
+        text += f"; the rule moves d_acc by {m['tie_rate']:.3f}, against the {gap:+.3f} val-{worst} gap"
     return Verdict(cause, HOLDS if m["tie_rate"] >= TIE_RATE_MIN else DOES_NOT_HOLD, m["tie_rate"], text)
 
 

@@ -130,6 +130,8 @@ class PairSegments:
 
     def __init__(self, starts, prompt_lens, teacher_lens, student_lens) -> None:
         self.spans = [tuple(int(x) for x in span) for span in zip(starts, prompt_lens, teacher_lens, student_lens)]
+        # the row cut into [prompt | teacher], [student] per pair, in order (a student chunk may be empty)
+        self.chunk_sizes = [size for _, p, t, s in self.spans for size in (p + t, s)]
         self._biases: dict[tuple, list[torch.Tensor | None]] = {}
 
     def student_biases(self, device: torch.device, dtype: torch.dtype) -> list[torch.Tensor | None]:
@@ -150,24 +152,24 @@ def pair_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tens
 
     query (1, H, N, D) and key/value (1, H_kv, N, D) of one packed row -> (1, N, H, D). Per pair,
     prompt | teacher is plain causal attention, and the student's queries attend over
-    [prompt | student] keys only: the teacher's keys and the padding are never computed.
+    [prompt | student] keys only: the teacher's keys and padding are never computed.
     """
     if not isinstance(attention_mask, PairSegments):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     groups = query.shape[1] // key.shape[1]
-    key, value = repeat_kv(key, groups), repeat_kv(value, groups)  # (1, H, N, D)
+    # one split per tensor (not a slice per pair): its backward is one concatenation
+    queries, keys, values = (x.split(attention_mask.chunk_sizes, dim=2) for x in (query, key, value))
     biases = attention_mask.student_biases(query.device, query.dtype)
     parts = []
-    for (start, prompt, teacher, student), bias in zip(attention_mask.spans, biases):
-        shared = slice(start, start + prompt + teacher)  # prompt | teacher
-        parts.append(F.scaled_dot_product_attention(query[:, :, shared], key[:, :, shared], value[:, :, shared],
-                                                    dropout_p=dropout, scale=scaling, is_causal=True))
-        if student:
-            own = slice(shared.stop, shared.stop + student)
-            seen_keys = torch.cat([key[:, :, start:start + prompt], key[:, :, own]], dim=2)  # (1, H, P+S, D)
-            seen_values = torch.cat([value[:, :, start:start + prompt], value[:, :, own]], dim=2)
-            parts.append(F.scaled_dot_product_attention(query[:, :, own], seen_keys, seen_values, attn_mask=bias,
+    for k, ((_, prompt, _, student), bias) in enumerate(zip(attention_mask.spans, biases)):
+        shared, own = 2 * k, 2 * k + 1  # chunks [prompt | teacher] and [student]
+        parts.append(F.scaled_dot_product_attention(queries[shared], keys[shared], values[shared], dropout_p=dropout,
+                                                    scale=scaling, is_causal=True, enable_gqa=groups > 1))
+        if student:  # with a mask, GQA as expanded heads (as transformers does: masked GQA kernels are slow)
+            seen_keys = repeat_kv(torch.cat([keys[shared][:, :, :prompt], keys[own]], dim=2), groups)
+            seen_values = repeat_kv(torch.cat([values[shared][:, :, :prompt], values[own]], dim=2), groups)
+            parts.append(F.scaled_dot_product_attention(queries[own], seen_keys, seen_values, attn_mask=bias,
                                                         dropout_p=dropout, scale=scaling))
     return torch.cat(parts, dim=2).transpose(1, 2).contiguous(), None
 

@@ -1,6 +1,6 @@
 """`sweep.py diagnose`: measure why a critic's d_acc differs between training and another dataset.
 
-Registered by `add_diagnose_command(subparsers)`; until sweep.py does so it also runs on its own:
+Registered on sweep.py's subcommands by `add_diagnose_command(subparsers)`; it also runs on its own:
   python -m sweeper.diagnose_cmd --checkpoint DIR [--data NAME=PATH ...] [--folds K] [--out DIR]
 """
 
@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 from critic.config import SpecError
@@ -27,6 +28,8 @@ def add_diagnose_command(subparsers: argparse._SubParsersAction) -> argparse.Arg
     source.add_argument("--trial", type=int, metavar="N", help="the checkpoint of trial N of a sweep")
     source.add_argument("--run", metavar="RUN_ID", help="the checkpoint artifact of an MLflow run")
     p.add_argument("--study", metavar="NAME", help="with --trial: the study (default: the only one in the storage)")
+    p.add_argument("--storage", help="with --trial: the Optuna storage URL (default: sqlite under mlruns/)")
+    p.add_argument("--tracking-uri", help="with --trial/--run: the MLflow tracking URI (default: sqlite under mlruns/)")
     p.add_argument("--data", action="append", default=[], metavar="NAME=PATH",
                    help="another parquet file (or demo:NAME) to diagnose besides the spec's data.eval_sets; "
                         "repeatable")
@@ -40,33 +43,67 @@ def add_diagnose_command(subparsers: argparse._SubParsersAction) -> argparse.Arg
     return p
 
 
-def resolve_checkpoint(args: argparse.Namespace) -> Path:
-    """The checkpoint directory the arguments name. --trial/--run need the sweep's MLflow store (not wired yet)."""
+def resolve_checkpoint(args: argparse.Namespace) -> tuple[Path, str | None]:
+    """The checkpoint directory the arguments name, and the MLflow run it came from (None for --checkpoint).
+
+    --trial N reads the trial's MLflow run id from the study and downloads its `checkpoint` artifact (saved
+    with train.save_checkpoint: true), or the parent run's `best_checkpoint` when N is the trial it holds.
+    --run RUN_ID downloads that run's `checkpoint` (a trial) or `best_checkpoint` (a study's parent run).
+    """
     if args.checkpoint:
         path = Path(args.checkpoint).expanduser().resolve()
         if not path.is_dir():
             raise SpecError(f"--checkpoint {path} is not a directory; pass the folder `sweep.py train` printed "
                             f"after 'checkpoint:'")
-        return path
-    what = f"--run {args.run}" if args.run else f"--trial {args.trial}"
-    raise SpecError(f"{what} needs the sweep's MLflow store, which `diagnose` cannot read yet; download the run's "
-                    f"'checkpoint' artifact (trials with train.save_checkpoint: true) and pass --checkpoint DIR")
+        return path, None
+    from mlflow import MlflowClient
+
+    from sweeper.cli import _load_study, _urls
+    _, tracking = _urls(args)
+    client = MlflowClient(tracking)
+    if args.trial is not None:
+        study = _load_study(args)
+        trials = [t for t in study.get_trials(deepcopy=False) if t.number == args.trial]
+        if not trials or "mlflow_run_id" not in trials[0].user_attrs:
+            raise SpecError(f"trial {args.trial} of study {study.study_name!r} has no MLflow run; "
+                            f"pick a trial from `sweep.py status`")
+        candidates = [(trials[0].user_attrs["mlflow_run_id"], "checkpoint")]
+        parent = study.user_attrs.get("mlflow_parent_run_id")
+        if parent and client.get_run(parent).data.tags.get("best.checkpoint_trial") == str(args.trial):
+            candidates.append((parent, "best_checkpoint"))
+        what = f"trial {args.trial}"
+    else:
+        candidates = [(args.run, "checkpoint"), (args.run, "best_checkpoint")]
+        what = f"run {args.run}"
+    for run_id, artifact in candidates:
+        if any(a.path == artifact for a in client.list_artifacts(run_id)):
+            target = Path(tempfile.mkdtemp(prefix="diagnose-"))
+            local = client.download_artifacts(run_id, artifact, str(target))
+            return Path(local), run_id
+    raise SpecError(f"{what} has no saved critic; rerun it with --set train.save_checkpoint=true "
+                    f"(or sweep.save_best_checkpoint: true for the best trial)")
 
 
 def cmd_diagnose(args: argparse.Namespace) -> int:
     from critic.diagnose import diagnose, parse_data_args
     from critic.diagnose_report import write_report
 
-    checkpoint = resolve_checkpoint(args)
-    extra = parse_data_args(args.data)
     if args.max_pairs < 0:
         raise SpecError(f"--max-pairs must be >= 0 (0 = all pairs), got {args.max_pairs}")
+    extra = parse_data_args(args.data)
+    checkpoint, run_id = resolve_checkpoint(args)
     diagnosis = diagnose(checkpoint, extra, folds=args.folds, max_pairs=args.max_pairs or None,
                          progress=sys.stderr.isatty())
     report, markdown = write_report(diagnosis, Path(args.out) if args.out else checkpoint / "diagnosis")
     print(markdown)
     print(f"[diagnose] wrote {report}, {report.parent / 'figures'}/ and {report.parent / 'diagnosis.json'}",
           file=sys.stderr)
+    if run_id is not None:  # the report goes next to the critic it diagnoses
+        from mlflow import MlflowClient
+
+        from sweeper.cli import _urls
+        MlflowClient(_urls(args)[1]).log_artifacts(run_id, str(report.parent), "diagnosis")
+        print(f"[diagnose] logged the report as artifacts 'diagnosis/' of MLflow run {run_id}", file=sys.stderr)
     return 0
 
 

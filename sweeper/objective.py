@@ -187,19 +187,9 @@ class Objective:
 
 
 def save_checkpoint_dir(result: TrialResult, cfg: ExperimentConfig, folder: Path) -> Path:
-    """A Hugging Face checkpoint directory (AutoModelForTokenClassification) plus the spec and curves."""
-    try:
-        from critic.checkpoint import save_checkpoint
-    except ImportError:
-        save_checkpoint = None
-    history = getattr(result, "train_history", [])
-    if save_checkpoint is not None:
-        save_checkpoint(folder, result.model, result.tokenizer, cfg, history, result.eval_history)
-    else:
-        result.model.save_pretrained(folder)
-        result.tokenizer.save_pretrained(folder)
-        (folder / "experiment.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    return folder
+    """A Hugging Face checkpoint directory (AutoModelForTokenClassification) plus the spec, curves and metrics."""
+    from critic.checkpoint import save_trial_checkpoint
+    return save_trial_checkpoint(result, cfg, getattr(result, "train_history", []), folder)
 
 
 def release_memory() -> None:

@@ -20,6 +20,7 @@ from optuna.trial import TrialState
 from tqdm.auto import tqdm
 
 from sweeper.objective import Objective, TrialFailure, save_checkpoint_dir
+from sweeper.stores import StorageLock
 from sweeper.study import FINISHED, SweepSpec, state_counts
 from sweeper.tracking import Tracker, now_ms
 
@@ -31,7 +32,9 @@ class SweepStopped(RuntimeError):
 def leaderboard(study: optuna.Study) -> pd.DataFrame:
     """One row per trial: number, state, value(s), params, reason, duration, baseline flag."""
     rows = []
-    for t in study.get_trials(deepcopy=False):
+    trials = study.get_trials(deepcopy=False)
+    retried = {t.user_attrs["retry_of"]: t.number for t in trials if "retry_of" in t.user_attrs}  # see CloseAndRetry
+    for t in trials:
         row = {"number": t.number, "state": t.state.name,
                "baseline": bool(t.user_attrs.get("baseline", False)),
                "duration_s": t.duration.total_seconds() if t.duration else math.nan}
@@ -39,7 +42,8 @@ def leaderboard(study: optuna.Study) -> pd.DataFrame:
         for i, value in enumerate(values):
             row["value" if len(values) == 1 else f"value_{i}"] = value
         row.update({f"param:{k}": v for k, v in t.params.items()})
-        row["reason"] = t.user_attrs.get("fail_reason") or t.user_attrs.get("prune_reason") or ""
+        row["reason"] = t.user_attrs.get("fail_reason") or t.user_attrs.get("prune_reason") or (
+            f"worker died (no heartbeat); re-run as trial {retried[t.number]}" if t.number in retried else "")
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -88,26 +92,36 @@ def run_trials(study: optuna.Study, spec: SweepSpec, tracker: Tracker, parent_id
     bar = tqdm(total=n_trials, desc="trials", disable=not progress, dynamic_ncols=True)
     try:
         while True:
-            counts = state_counts(study)
-            finished = counts["COMPLETE"] + counts["PRUNED"]
-            bar.n = min(finished, n_trials)
-            bar.set_postfix_str(_postfix(study, counts))
-            if finished >= n_trials:
-                break
-            failures = count_failures(study)
-            if failures >= max_failures:
-                raise SweepStopped(f"{failures} trials failed (sweep.max_failures={max_failures}); "
-                                   f"see `sweep.py status` for their reasons")
-            if finished + counts["RUNNING"] >= n_trials:
-                # Other workers hold the last trials; wait in case one dies and its trial is re-queued.
-                optuna.storages.fail_stale_trials(study)
-                time.sleep(poll_s)
-                continue
-            study.optimize(objective, n_trials=1, catch=(TrialFailure,), callbacks=[update_parent],
-                           gc_after_trial=False)
+            with StorageLock.of(study) as claim:  # count, then ask, as one step: workers never overshoot n_trials
+                counts = state_counts(study)
+                finished = counts["COMPLETE"] + counts["PRUNED"]
+                bar.n = min(finished, n_trials)
+                bar.set_postfix_str(_postfix(study, counts))
+                if finished >= n_trials:
+                    break
+                failures = count_failures(study)
+                if failures >= max_failures:
+                    raise SweepStopped(f"{failures} trials failed (sweep.max_failures={max_failures}); "
+                                       f"see `sweep.py status` for their reasons")
+                if finished + counts["RUNNING"] >= n_trials:
+                    # Other workers hold the last trials; wait in case one dies and its trial is re-queued.
+                    claim.release()
+                    optuna.storages.fail_stale_trials(study)
+                    time.sleep(poll_s)
+                    continue
+                study.optimize(_release_then(claim, objective), n_trials=1, catch=(TrialFailure,),
+                               callbacks=[update_parent], gc_after_trial=False)
             _maybe_save_best(study, objective, spec, tracker, parent_id)
     finally:
         bar.close()
+
+
+def _release_then(claim: StorageLock, objective: Objective):
+    """The objective, releasing the claim first: by then optimize has asked for (claimed) the trial."""
+    def run(trial: optuna.Trial):
+        claim.release()
+        return objective(trial)
+    return run
 
 
 def _postfix(study: optuna.Study, counts: dict[str, int]) -> str:

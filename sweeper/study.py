@@ -20,7 +20,7 @@ from optuna.trial import TrialState
 from critic.config import ExperimentConfig, SpecError, apply_overrides, build_config, read_spec
 from critic.metrics import pair_metrics
 from sweeper.space import SpaceEntry, check_in_space, parse_space, space_signature
-from sweeper.stores import make_storage, mask
+from sweeper.stores import StorageLock, make_storage, mask
 from sweeper.tracking import Tracker, git_commit
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -128,6 +128,12 @@ def run_tags(spec: SweepSpec, study_name: str) -> dict[str, str]:
 def init_study(spec: SweepSpec, storage_url: str, tracking_uri: str, study_name: str | None = None,
                new_study: bool = False, stale_trial_callback=None) -> tuple[optuna.Study, Tracker, str]:
     """Create (or check and resume) the study, the MLflow experiment and the parent run. Run once, before workers."""
+    with StorageLock(storage_url):  # N `run`s started at once: one creates everything, the others resume it
+        return _init_study(spec, storage_url, tracking_uri, study_name, new_study, stale_trial_callback)
+
+
+def _init_study(spec: SweepSpec, storage_url: str, tracking_uri: str, study_name: str | None,
+                new_study: bool, stale_trial_callback) -> tuple[optuna.Study, Tracker, str]:
     storage = make_storage(storage_url, spec.cfg.sweep.heartbeat_interval, spec.cfg.sweep.grace_period,
                            stale_trial_callback)
     name = study_name or spec.cfg.sweep.study_name

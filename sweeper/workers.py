@@ -3,11 +3,12 @@
 Workers share the study through the Optuna storage (Optuna's own distributed
 mode). A worker that dies stops its heartbeat; once the grace period passes,
 whichever process looks next marks the trial FAIL, closes its MLflow run as
-FAILED and re-queues the same parameters.
+FAILED and re-queues the same parameters as a new trial.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -15,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+import mlflow
 import optuna
 import torch
 from mlflow import MlflowClient
@@ -22,12 +24,18 @@ from tqdm.auto import tqdm
 
 from sweeper import study as study_mod
 from sweeper.runner import SweepStopped, best_trials, run_trials
+from sweeper.stores import without_password
 
 ROOT = Path(__file__).resolve().parents[1]
+_KEEP_ON_RETRY = ("baseline",)  # user attrs a re-queued trial inherits; the rest belong to the dead attempt
 
 
 class CloseAndRetry:
-    """Heartbeat-stale trial callback: close its MLflow run as FAILED, then re-queue it (same params)."""
+    """Heartbeat-stale trial callback: close its MLflow run as FAILED, then re-queue its params as a new trial.
+
+    Optuna has already marked the trial FAIL (so its attributes are frozen); the new trial records
+    `retry_of` = the dead trial's number, which is how `status` explains the failure.
+    """
 
     def __init__(self, tracking_uri: str) -> None:
         self.tracking_uri = tracking_uri
@@ -36,17 +44,32 @@ class CloseAndRetry:
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         run_id = trial.user_attrs.get("mlflow_run_id")
         if run_id:
-            client = MlflowClient(self.tracking_uri)
-            client.set_tag(run_id, "sweep.fail_reason", "worker died: heartbeat stale, trial re-queued")
-            client.set_tag(run_id, "sweep.state", "FAIL")
-            client.set_terminated(run_id, status="FAILED")
-        study._storage.set_trial_user_attr(trial._trial_id, "fail_reason", "worker died (heartbeat stale); re-queued")
+            try:
+                client = MlflowClient(self.tracking_uri)
+                client.set_tag(run_id, "sweep.fail_reason", "worker died (no heartbeat); trial re-queued")
+                client.set_tag(run_id, "sweep.state", "FAIL")
+                client.set_terminated(run_id, status="FAILED")
+            except mlflow.exceptions.MlflowException as exc:  # the re-queue matters more than the bookkeeping
+                print(f"[sweep] could not close the MLflow run of dead trial {trial.number}: {exc}", file=sys.stderr)
+        trial.user_attrs = {**{k: v for k, v in trial.user_attrs.items() if k in _KEEP_ON_RETRY},
+                            "retry_of": trial.number}
         self.retry(study, trial)
+
+
+def _interrupt_once() -> None:
+    """SIGINT/SIGTERM -> KeyboardInterrupt once; later ones are ignored so closing the trial is not cut short."""
+    def handler(signum, frame):
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise KeyboardInterrupt(f"signal {signum}")
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
 
 
 def run_worker(storage_url: str, study_name: str, tracking_uri: str, worker_index: int = 0,
                progress: bool = True) -> int:
     """Join an initialised study and run trials until it holds n_trials finished ones."""
+    _interrupt_once()
     if os.environ.get("SWEEP_TORCH_THREADS"):
         torch.set_num_threads(int(os.environ["SWEEP_TORCH_THREADS"]))
     study, spec, tracker, parent_id = study_mod.attach(storage_url, study_name, tracking_uri, worker_index,
@@ -58,27 +81,45 @@ def run_worker(storage_url: str, study_name: str, tracking_uri: str, worker_inde
         print(f"[worker {worker_index}] interrupted; its trial was closed", file=sys.stderr)
         return 130
     except SweepStopped as exc:
+        tracker.end(parent_id, "FAILED")
         print(f"[worker {worker_index}] stopped: {exc}", file=sys.stderr)
         return 1
+    tracker.end(parent_id, "FINISHED")  # the study is done; `run SPEC` on it adds the leaderboard and plots
     return 0
 
 
-def _worker_env(index: int, n_workers: int) -> dict[str, str]:
+def _visible_gpus() -> list[str]:
+    """The GPU ids this process may use, as CUDA_VISIBLE_DEVICES names them (a scheduler may have set it)."""
+    if not torch.cuda.is_available():
+        return []
+    count = torch.cuda.device_count()
+    given = [g.strip() for g in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if g.strip()]
+    return given[:count] if given else [str(i) for i in range(count)]
+
+
+def _worker_env(index: int, n_workers: int, password: str | None) -> dict[str, str]:
     env = dict(os.environ)
-    if torch.cuda.is_available() and torch.cuda.device_count() >= 1:
-        env["CUDA_VISIBLE_DEVICES"] = str(index % torch.cuda.device_count())
+    if password is not None:  # by environment, not argv: other users can read a process's arguments
+        env["SWEEP_DB_PASSWORD"] = password
+    gpus = _visible_gpus()
+    if gpus:  # one GPU per worker, round robin when there are more workers than GPUs
+        env["CUDA_VISIBLE_DEVICES"] = gpus[index % len(gpus)]
     else:  # split the CPU cores: each worker gets its share of torch threads
-        threads = max(1, (os.cpu_count() or 1) // n_workers)
-        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), SWEEP_TORCH_THREADS=str(threads))
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        threads = str(max(1, cores // n_workers))
+        env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads, SWEEP_TORCH_THREADS=threads)
     return env
 
 
 def launch_workers(study: optuna.Study, spec, storage_url: str, tracking_uri: str, n_workers: int,
                    progress: bool = True) -> None:
     """Start n worker processes on this machine, forward SIGINT/SIGTERM to them, show the study's progress."""
+    storage_arg, password = without_password(storage_url)
+    # Own sessions: a terminal's Ctrl-C reaches only this process, which forwards one SIGTERM to each worker.
     procs = [subprocess.Popen([sys.executable, str(ROOT / "sweep.py"), "worker", "--study", study.study_name,
-                               "--storage", storage_url, "--tracking-uri", tracking_uri, "--worker-index", str(i),
-                               "--no-progress"], env=_worker_env(i, n_workers), cwd=os.getcwd())
+                               "--storage", storage_arg, "--tracking-uri", tracking_uri, "--worker-index", str(i),
+                               "--no-progress"], env=_worker_env(i, n_workers, password), cwd=os.getcwd(),
+                              start_new_session=True)
              for i in range(n_workers)]
     try:
         _watch_until(study, spec.cfg.sweep.n_trials, lambda: all(p.poll() is not None for p in procs), progress)
@@ -90,7 +131,7 @@ def launch_workers(study: optuna.Study, spec, storage_url: str, tracking_uri: st
             p.wait()
         raise
     codes = [p.wait() for p in procs]
-    if any(code not in (0,) for code in codes):
+    if any(code != 0 for code in codes):
         raise SweepStopped(f"worker exit codes {codes}; see their output above and `sweep.py status`")
 
 
@@ -109,7 +150,7 @@ def _refresh(bar, study: optuna.Study) -> None:
     counts = study_mod.state_counts(study)
     bar.n = counts["COMPLETE"] + counts["PRUNED"]
     best = best_trials(study)
-    bar.set_postfix_str(f"best={best[0].values[0]:.4f} " if best else "" +
+    bar.set_postfix_str((f"best={best[0].values[0]:.4f} " if best else "") +
                         f"running={counts['RUNNING']} fail={counts['FAIL']} waiting={counts['WAITING']}")
     bar.refresh()
 
@@ -117,7 +158,7 @@ def _refresh(bar, study: optuna.Study) -> None:
 def watch(study: optuna.Study) -> int:
     """`status --watch`: poll the storage until the study is done or Ctrl-C."""
     attrs = study.user_attrs
-    n_trials = study_mod.load_sweep_spec("<study>", raw=__import__("json").loads(attrs["spec"])).cfg.sweep.n_trials
+    n_trials = study_mod.load_sweep_spec("<study>", raw=json.loads(attrs["spec"])).cfg.sweep.n_trials
     try:
         _watch_until(study, n_trials, lambda: _finished(study) >= n_trials, progress=True)
     except KeyboardInterrupt:

@@ -355,21 +355,21 @@ def test_data_arguments_are_checked(items, match):
 
 
 @pytest.mark.parametrize("argv, match", [
-    (["--trial", "3", "--study", "s"], "--trial 3 needs the sweep's MLflow store"),
-    (["--run", "abc123"], "--run abc123 needs the sweep's MLflow store"),
+    (["--trial", "3", "--study", "s"], "study 's' not found"),
     (["--checkpoint", "/no/such/dir"], "is not a directory"),
 ])
-def test_resolve_checkpoint(argv, match):
+def test_resolve_checkpoint(argv, match, tmp_path):
     parser = argparse.ArgumentParser()
     add_diagnose_command(parser.add_subparsers(dest="command"))
+    store = ["--storage", f"sqlite:///{tmp_path / 'optuna.db'}", "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]
     with pytest.raises(SpecError, match=match):
-        resolve_checkpoint(parser.parse_args(["diagnose", *argv]))
+        resolve_checkpoint(parser.parse_args(["diagnose", *argv, *store]))
 
 
 def test_cli_end_to_end_in_a_subprocess(demo_checkpoint, tmp_path):
-    """The way a user runs it (until sweep.py registers the command): report on stdout, files in --out."""
+    """The way a user runs it: report on stdout, files in --out."""
     out = tmp_path / "out"
-    done = subprocess.run([sys.executable, "-m", "sweeper.diagnose_cmd", "--checkpoint", str(demo_checkpoint),
+    done = subprocess.run([sys.executable, "sweep.py", "diagnose", "--checkpoint", str(demo_checkpoint),
                            "--data", "again=demo:shifted", "--out", str(out), "--max-pairs", "100"],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]

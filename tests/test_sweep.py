@@ -232,3 +232,19 @@ def test_mask_hides_passwords():
     assert mask("postgresql://bob:pa55@db:5432/optuna") == "postgresql://bob:***@db:5432/optuna"
     assert mask("see postgresql+psycopg://u:x@h/d and http://a:b@c") == "see postgresql+psycopg://u:***@h/d and http://a:***@c"
     assert mask("sqlite:////tmp/optuna.db") == "sqlite:////tmp/optuna.db"
+
+
+def test_diagnose_a_trial_of_a_sweep(tmp_path):
+    """train.save_checkpoint keeps each trial's critic; `diagnose --trial N` finds it and logs the report to its run."""
+    spec = tiny_sweep_spec(tmp_path, sweep={"n_trials": 1}, extra={"train": {"save_checkpoint": True}})
+    run = cli("run", str(spec), *store_args(tmp_path), "--no-progress", cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    diag = cli("diagnose", "--trial", "0", "--max-pairs", "0", *store_args(tmp_path), cwd=tmp_path)
+    assert diag.returncode == 0, diag.stderr[-3000:]
+    assert "shifted" in diag.stdout and "tie rule" in diag.stdout
+    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run_id = study.trials[0].user_attrs["mlflow_run_id"]
+    assert "diagnosis/report.md" in {a.path for a in client.list_artifacts(run_id, "diagnosis")}
+    missing = cli("diagnose", "--trial", "7", *store_args(tmp_path), cwd=tmp_path)
+    assert missing.returncode == 2 and "has no MLflow run" in missing.stderr

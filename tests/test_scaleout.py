@@ -1,0 +1,284 @@
+"""Many workers on one study, with real servers: PostgreSQL, an MLflow tracking server, SQLite files, signals.
+
+Nothing is mocked: workers are `sweep.py` processes, a dead worker is a SIGKILL,
+an out-of-memory error is a real torch.OutOfMemoryError (SWEEP_SIMULATE_DEVICE_PAIRS).
+Heartbeats are 1 s with a 4 s grace period so dead trials are reaped quickly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from mlflow import MlflowClient
+
+import sweep
+from critic.config import SpecError
+from pg import PASSWORD, MlflowServer, PostgresServer, dump_postgres, postgres_bin
+from sweep_helpers import ROOT, cli, tiny_sweep_spec
+from sweeper import study as study_mod
+from sweeper.runner import leaderboard, run_trials
+from sweeper.stores import credentials_from_env, mask, without_password
+
+FAST_HEARTBEAT = {"heartbeat_interval": 1, "grace_period": 4}
+
+
+@pytest.fixture(scope="module")
+def postgres():
+    bin_dir = postgres_bin()
+    if bin_dir is None:
+        pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) not installed; `.ci/run` installs them")
+    server = PostgresServer(bin_dir).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(postgres, tmp_path_factory):
+    """`mlflow server` with a PostgreSQL backend store, the way a team would run it."""
+    server = MlflowServer(postgres.url("mlflow"), tmp_path_factory.mktemp("mlflow-server") / "artifacts")
+    yield server.wait_ready()
+    server.stop()
+
+
+def stores(kind: str, tmp_path: Path, request, name: str) -> tuple[str, str]:
+    """(Optuna storage URL, MLflow tracking URI) for a fresh database of `kind`."""
+    if kind == "sqlite":
+        return f"sqlite:///{tmp_path / 'optuna.db'}", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    return request.getfixturevalue("postgres").url(name), request.getfixturevalue("mlflow_server").uri
+
+
+def finished(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    return [t for t in study.trials if t.state.name in ("COMPLETE", "PRUNED")]
+
+
+def worker(study_name: str, storage: str, tracking: str, index: int, tmp_path: Path) -> subprocess.Popen:
+    """`sweep.py worker` the way a second machine starts it; a password travels in $SWEEP_DB_PASSWORD."""
+    storage_arg, password = without_password(storage)
+    env = {**os.environ, **({"SWEEP_DB_PASSWORD": password} if password else {})}
+    return subprocess.Popen([sys.executable, str(ROOT / "sweep.py"), "worker", "--study", study_name, "--storage",
+                             storage_arg, "--tracking-uri", tracking, "--worker-index", str(index), "--no-progress"],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(condition, timeout: float, what: str, poll: float = 0.5):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            value = condition()
+        except (KeyError, ValueError):  # the study does not exist yet
+            value = None
+        if value:
+            return value
+        time.sleep(poll)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def trial_runs(client: MlflowClient, experiment_name: str):
+    runs = client.search_runs([client.get_experiment_by_name(experiment_name).experiment_id])
+    return ([r for r in runs if r.data.tags.get("sweep.role") == "parent"],
+            [r for r in runs if r.data.tags.get("sweep.role") == "trial"])
+
+
+@pytest.fixture(scope="module")
+def three_worker_sweep(postgres, mlflow_server, tmp_path_factory):
+    """`run --workers 3` on a PostgreSQL study (password URL) with the MLflow server; n_trials=6."""
+    tmp_path = tmp_path_factory.mktemp("three-workers")
+    storage = postgres.url("three")
+    spec = tiny_sweep_spec(tmp_path, sweep={"study_name": "three", "n_trials": 6, **FAST_HEARTBEAT})
+    proc = subprocess.Popen([sys.executable, str(ROOT / "sweep.py"), "run", str(spec), "--workers", "3",
+                             "--storage", storage, "--tracking-uri", mlflow_server.uri, "--no-progress"],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    argv_leaks = set()
+    while proc.poll() is None:  # other users can read argv: the workers must get the password another way
+        for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+            try:
+                argv = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if "sweep.py" in argv and PASSWORD in argv and " run " not in argv:
+                argv_leaks.add(argv)
+        time.sleep(1)
+    out, err = proc.communicate()
+    return {"returncode": proc.returncode, "stdout": out, "stderr": err, "storage": storage,
+            "tracking": mlflow_server.uri, "argv_leaks": argv_leaks, "tmp_path": tmp_path}
+
+
+def test_three_workers_on_postgres_finish_exactly_n_trials(three_worker_sweep):
+    result = three_worker_sweep
+    assert result["returncode"] == 0, result["stderr"][-3000:]
+    study = optuna.load_study(study_name="three", storage=result["storage"])
+    numbers = [t.number for t in study.trials]
+    assert len(finished(study)) == 6 and len(set(numbers)) == len(numbers)
+    assert not [t for t in study.trials if t.state.name in ("RUNNING", "WAITING")]
+    parents, children = trial_runs(MlflowClient(result["tracking"]), "three")
+    assert len(parents) == 1 and len(children) == 6
+    assert sorted(int(r.data.tags["sweep.trial"]) for r in children) == sorted(t.number for t in finished(study))
+    assert all(r.info.status == "FINISHED" for r in parents + children)
+
+
+def test_no_password_in_output_argv_stores_or_attrs(three_worker_sweep, postgres):
+    result = three_worker_sweep
+    assert result["returncode"] == 0, result["stderr"][-3000:]
+    assert PASSWORD not in result["stdout"] + result["stderr"]
+    assert "sweeper:***@" in result["stdout"]  # the storage is shown, masked
+    assert not result["argv_leaks"]
+    assert PASSWORD not in dump_postgres(result["storage"])  # Optuna: user attrs, system attrs, everything
+    assert PASSWORD not in dump_postgres(postgres.address("mlflow"))  # the MLflow server's store
+    study = optuna.load_study(study_name="three", storage=result["storage"])
+    assert PASSWORD not in json.dumps([study.user_attrs] + [t.user_attrs for t in study.trials])
+    status = cli("status", "--storage", result["storage"], cwd=result["tmp_path"])
+    assert status.returncode == 0 and PASSWORD not in status.stdout + status.stderr
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+def test_killed_worker_trial_is_failed_requeued_and_rerun(kind, tmp_path, request):
+    storage, tracking = stores(kind, tmp_path, request, "kill")
+    spec = tiny_sweep_spec(tmp_path, sweep={"study_name": f"kill-{kind}", "n_trials": 3, **FAST_HEARTBEAT})
+    assert sweep.main(["init", str(spec), "--storage", storage, "--tracking-uri", tracking]) == 0
+    workers = [worker(f"kill-{kind}", storage, tracking, i, tmp_path) for i in range(2)]
+    try:
+        study = optuna.load_study(study_name=f"kill-{kind}", storage=storage)
+        # Both workers inside a trial (MLflow run open): kill the first without any chance to clean up.
+        wait_for(lambda: [t for t in study.get_trials(states=(optuna.trial.TrialState.RUNNING,))
+                          if "mlflow_run_id" in t.user_attrs][1:], 240, "two running trials")
+        workers[0].send_signal(signal.SIGKILL)
+        _, err = workers[1].communicate(timeout=300)
+        assert workers[1].returncode == 0, err[-3000:]
+    finally:
+        for proc in workers:
+            if proc.returncode is None:
+                proc.kill()
+                proc.communicate()
+
+    study = optuna.load_study(study_name=f"kill-{kind}", storage=storage)
+    assert len(finished(study)) == 3
+    [dead] = [t for t in study.trials if t.state.name == "FAIL"]
+    [rerun] = [t for t in study.trials if t.user_attrs.get("retry_of") == dead.number]
+    assert rerun.state.name == "COMPLETE" and rerun.params == dead.params
+    board = leaderboard(study).set_index("number")
+    assert board.loc[dead.number, "reason"] == f"worker died (no heartbeat); re-run as trial {rerun.number}"
+    client = MlflowClient(tracking)
+    dead_run = client.get_run(dead.user_attrs["mlflow_run_id"])
+    assert dead_run.info.status == "FAILED" and "worker died" in dead_run.data.tags["sweep.fail_reason"]
+    for trial in finished(study):  # nothing a finished trial recorded is missing
+        assert set(json.loads(trial.user_attrs["metrics"])) >= {"val/d_acc", "shifted/d_acc"}
+        run = client.get_run(trial.user_attrs["mlflow_run_id"])
+        assert run.info.status == "FINISHED" and "val/d_acc" in run.data.metrics
+    parents, children = trial_runs(client, f"kill-{kind}")
+    assert len(children) == 4 and all(r.info.status != "RUNNING" for r in parents + children)
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+def test_workers_started_at_once_on_a_fresh_database(kind, tmp_path, request):
+    """Every task of a job array runs the same `run` command: one creates the study, the others join it."""
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}" if kind == "sqlite" else request.getfixturevalue(
+        "postgres").url("fresh")
+    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}" if kind == "sqlite" else request.getfixturevalue(
+        "postgres").url("fresh_mlflow")  # a fresh MLflow store too: its schema is created by the first process
+    spec = tiny_sweep_spec(tmp_path, sweep={"study_name": "fresh", "n_trials": 2, **FAST_HEARTBEAT})
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    procs = [subprocess.Popen([sys.executable, str(ROOT / "sweep.py"), "run", str(spec), "--storage", storage,
+                               "--tracking-uri", tracking, "--no-progress"], cwd=tmp_path, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    outputs = [proc.communicate(timeout=400) for proc in procs]
+    for proc, (_, err) in zip(procs, outputs):
+        assert proc.returncode == 0 and "Traceback" not in err, err[-3000:]
+    assert [s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)] == ["fresh"]
+    study = optuna.load_study(study_name="fresh", storage=storage)
+    assert len(finished(study)) == 2 and sum(bool(t.user_attrs.get("baseline")) for t in study.trials) == 1
+    client = MlflowClient(tracking)
+    assert [e.name for e in client.search_experiments() if e.name != "Default"] == ["fresh"]
+    parents, children = trial_runs(client, "fresh")
+    assert len(parents) == 1 and len(children) == 2
+
+
+def test_worker_on_a_fresh_database_says_to_init_first(tmp_path):
+    with pytest.raises(SpecError, match="not found.*run `sweep.py init SPEC"):
+        study_mod.attach(f"sqlite:///{tmp_path / 'optuna.db'}", "nothing-here", f"sqlite:///{tmp_path / 'm.db'}")
+
+
+def test_sigint_stops_all_workers_cleanly_and_rerun_completes(tmp_path):
+    spec = tiny_sweep_spec(tmp_path, sweep={"study_name": "sigint", "n_trials": 4, **FAST_HEARTBEAT})
+    storage, tracking = f"sqlite:///{tmp_path / 'optuna.db'}", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    command = ["run", str(spec), "--workers", "2", "--storage", storage, "--tracking-uri", tracking, "--no-progress"]
+    proc = subprocess.Popen([sys.executable, str(ROOT / "sweep.py"), *command], cwd=tmp_path, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    try:
+        wait_for(lambda: one_done_one_running(optuna.load_study(study_name="sigint", storage=storage).trials),
+                 240, "a finished and a running trial")
+        proc.send_signal(signal.SIGINT)  # what Ctrl-C sends to the process
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 130, err[-3000:]
+    assert "Rerun the same command to resume" in err and "Traceback" not in err
+    study = optuna.load_study(study_name="sigint", storage=storage)
+    interrupted = [t for t in study.trials if t.state.name == "FAIL"]
+    assert interrupted and all(t.user_attrs["fail_reason"] == "interrupted" for t in interrupted)
+    assert not [t for t in study.trials if t.state.name == "RUNNING"]
+    client = MlflowClient(tracking)
+    parents, children = trial_runs(client, "sigint")
+    assert all(client.get_run(t.user_attrs["mlflow_run_id"]).info.status == "KILLED" for t in interrupted)
+    assert all(r.info.status != "RUNNING" for r in parents + children)
+
+    rerun = cli(*command, cwd=tmp_path)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    study = optuna.load_study(study_name="sigint", storage=storage)
+    assert len(finished(study)) == 4
+    parents, children = trial_runs(client, "sigint")
+    assert len(parents) == 1 and all(r.info.status != "RUNNING" for r in parents + children)
+
+
+def one_done_one_running(trials) -> bool:
+    """At least one trial finished and another inside its objective (its MLflow run open)."""
+    return (any(t.state.is_finished() for t in trials)
+            and any(t.state.name == "RUNNING" and "mlflow_run_id" in t.user_attrs for t in trials))
+
+
+def test_out_of_memory_retries_with_half_micro_batch_then_fails_with_reason(tmp_path, monkeypatch):
+    # A simulated device that fits 3 pairs: micro-batch 4 -> OOM -> retried with 2 (fits);
+    # micro-batch 8 -> OOM -> 4 -> OOM again -> FAIL; the sweep goes on to the next trial.
+    space = {"train.micro_batch_size": {"type": "categorical", "choices": [2, 4, 8]}}
+    spec = study_mod.load_sweep_spec(str(tiny_sweep_spec(tmp_path, sweep={
+        "study_name": "oom", "n_trials": 2, "search_space": space, "baseline": {}})))
+    storage, tracking = f"sqlite:///{tmp_path / 'optuna.db'}", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    study, tracker, parent_id = study_mod.init_study(spec, storage, tracking)
+    for micro_batch in (4, 8, 2):
+        study.enqueue_trial({"train.micro_batch_size": micro_batch})
+    monkeypatch.setenv("SWEEP_SIMULATE_DEVICE_PAIRS", "3")
+    run_trials(study, spec, tracker, parent_id, 2, progress=False)
+
+    retried, failed, plain = study.trials
+    assert retried.state.name == "COMPLETE" and retried.user_attrs["oom_retry"] is True
+    retried_run = tracker.client.get_run(retried.user_attrs["mlflow_run_id"])
+    assert retried_run.data.tags["sweep.oom_retry"] == "micro_batch_size 4 -> 2"
+    assert failed.state.name == "FAIL"
+    assert "out of memory (after retry with micro_batch_size=4)" in failed.user_attrs["fail_reason"]
+    assert "SWEEP_SIMULATE_DEVICE_PAIRS" in failed.user_attrs["fail_reason"]
+    assert tracker.client.get_run(failed.user_attrs["mlflow_run_id"]).info.status == "FAILED"
+    assert plain.state.name == "COMPLETE" and "oom_retry" not in plain.user_attrs
+
+
+def test_password_from_environment_is_quoted_and_kept_out_of_argv(monkeypatch):
+    monkeypatch.setenv("SWEEP_DB_PASSWORD", "p@ss/w:rd")
+    url = credentials_from_env("postgresql://alice@db:5432/optuna")
+    assert url == "postgresql://alice:p%40ss%2Fw%3Ard@db:5432/optuna" and mask(url) == "postgresql://alice:***@db:5432/optuna"
+    assert without_password(url) == ("postgresql://alice@db:5432/optuna", "p@ss/w:rd")
+    assert credentials_from_env("postgresql://alice:given@db/optuna") == "postgresql://alice:given@db/optuna"
+
+
+def test_grace_period_shorter_than_two_heartbeats_is_refused(tmp_path):
+    from sweeper.stores import make_storage
+    with pytest.raises(SpecError, match=r"grace_period \(3\) must be at least twice"):
+        make_storage(f"sqlite:///{tmp_path / 'o.db'}", heartbeat_interval=2, grace_period=3)
