@@ -34,25 +34,25 @@ import json
 import os
 import platform
 import sys
-import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 import transformers  # noqa: E402
-from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification, Qwen2Config  # noqa: E402
+from transformers import AutoModelForTokenClassification, Qwen2Config  # noqa: E402
 
 from critic.config import ExperimentConfig, LossConfig, ScoreConfig, TrainConfig  # noqa: E402
 from critic.data import PairSet  # noqa: E402
 from critic.score import collate, score_batch  # noqa: E402
 from critic.train import _build_optimizer, optimizer_step  # noqa: E402
+from trl_contender import Trl, trl_available  # noqa: E402
 
 PAD_ID, EOS_ID, FIRST_TEXT_ID = 0, 2, 3
 MODEL_SHAPES = {
@@ -241,85 +241,6 @@ class ThisProject:
         return time.perf_counter() - start
 
 
-def word_tokenizer(vocab_size: int):
-    """A tokenizer whose ids are the benchmark's ids (TRL wants one for its pad and EOS tokens)."""
-    from tokenizers import Tokenizer, models
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {f"t{i}": i for i in range(vocab_size)}
-    vocab.update({"<pad>": PAD_ID, "<eos>": EOS_ID})
-    del vocab[f"t{PAD_ID}"], vocab[f"t{EOS_ID}"]
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
-    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>")
-
-
-class Trl:
-    """trl.RewardTrainer, one optimizer step per train() call (so it interleaves with the others).
-
-    The timer runs from on_train_begin to on_step_end: the trainer's setup is excluded, its
-    dataloader, collation, forward/backward, clipping, optimizer step and logging are included.
-    """
-    name = "TRL RewardTrainer"
-    packed = False
-
-    def __init__(self, token_model, pairs: PairSet, cfg: ExperimentConfig, device: torch.device) -> None:
-        import datasets
-
-        datasets.disable_progress_bars()
-        self.model = AutoModelForSequenceClassification.from_config(
-            copy.deepcopy(token_model.config), attn_implementation="sdpa").float()
-        self.model.model.load_state_dict(token_model.model.state_dict())  # same body; its own last-token head
-        self.pairs, self.cfg, self.device = pairs, cfg, device
-        self.tokenizer = word_tokenizer(token_model.config.vocab_size)
-        self.output_dir = tempfile.mkdtemp(prefix="bench_trl_")
-
-    def dataset(self, batch_index: np.ndarray):
-        import datasets
-
-        pairs = self.pairs  # sequential sampling: the step takes exactly these pairs, in this order
-        return datasets.Dataset.from_dict({
-            "chosen_ids": [np.concatenate([pairs.prompt_ids[i], pairs.teacher_ids[i]]).tolist() for i in batch_index],
-            "rejected_ids": [np.concatenate([pairs.prompt_ids[i], pairs.student_ids[i]]).tolist()
-                             for i in batch_index]})
-
-    def step(self, batch_index: np.ndarray) -> float:
-        from transformers import PrinterCallback, TrainerCallback
-        from trl import RewardConfig, RewardTrainer
-
-        device = self.device
-
-        class Timer(TrainerCallback):
-            def on_train_begin(self, args, state, control, **kwargs):
-                self.start = time.perf_counter()
-
-            def on_step_end(self, args, state, control, **kwargs):
-                _sync(device)
-                self.end = time.perf_counter()
-
-        t, timer = self.cfg.train, Timer()
-        args = RewardConfig(
-            output_dir=self.output_dir, max_steps=1, per_device_train_batch_size=t.micro_batch_size,
-            gradient_accumulation_steps=len(batch_index) // t.micro_batch_size, learning_rate=t.lr,
-            lr_scheduler_type="constant", weight_decay=t.weight_decay, adam_beta1=t.betas[0], adam_beta2=t.betas[1],
-            max_grad_norm=t.grad_clip, activation_checkpointing=False, bf16=device.type == "cuda",
-            use_cpu=device.type == "cpu", train_sampling_strategy="sequential", max_length=None,
-            logging_strategy="no", save_strategy="no", report_to="none", disable_tqdm=True,
-            dataloader_num_workers=0, seed=0)
-        trainer = RewardTrainer(model=self.model, args=args, train_dataset=self.dataset(batch_index),
-                                processing_class=self.tokenizer, callbacks=[timer])
-        trainer.remove_callback(PrinterCallback)  # its end-of-training summary would break the table
-        trainer.train()
-        return timer.end - timer.start
-
-
-def trl_available() -> bool:
-    try:
-        import trl  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 # ---------------------------------------------------------------- checks, timing and report
 
 def check_same_scores(model, pairs: PairSet, index: np.ndarray, device: torch.device) -> dict[str, float]:
@@ -354,7 +275,7 @@ def time_interleaved(contenders: list, batches: list[np.ndarray], reps: int) -> 
             cells = []
             for contender in contenders:
                 seconds[contender.name][rep, k] = contender.step(batch_index)
-                cells.append(f"{contender.name.split(' (')[0]} {seconds[contender.name][rep, k]:.2f}")
+                cells.append(f"{contender.name} {seconds[contender.name][rep, k]:.2f}")
             print(f"  rep {rep + 1}/{reps} step {k + 1}/{len(batches)}: " + ", ".join(cells) + " s", flush=True)
     return seconds
 
@@ -415,6 +336,22 @@ def report(contenders, seconds, batches, pairs, peak, base_model) -> tuple[dict,
     return pairs_per_s, ratios, fractions
 
 
+def describe_run(args, device: torch.device, size: str, pairs: PairSet, cfg: ExperimentConfig) -> str:
+    """Print what runs where; returns the device's name."""
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
+        f"cpu ({cpu_name()}, {torch.get_num_threads()} of {os.cpu_count()} threads)"
+    print(f"device: {device_name}; torch {torch.__version__}, transformers {transformers.__version__}; "
+          f"load average {os.getloadavg()[0]:.1f} (other processes share this machine)")
+    print(f"critic: Qwen2 {size} {MODEL_SHAPES[size]}, random weights, float32"
+          + (" + bf16 autocast" if device.type == "cuda" else ""))
+    mean = {k: np.mean([len(x) for x in getattr(pairs, f"{k}_ids")]) for k in ("prompt", "teacher", "student")}
+    t = cfg.train
+    print(f"workload: {args.steps} step(s) x {t.batch_size} pairs (micro-batch {t.micro_batch_size}), lengths "
+          f"uniform {LENGTHS}, mean prompt {mean['prompt']:.0f} / teacher {mean['teacher']:.0f} / student "
+          f"{mean['student']:.0f}; {args.reps} interleaved reps")
+    return device_name
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.threads > 0:
@@ -432,16 +369,7 @@ def main(argv=None) -> int:
     pairs = make_workload(batch_size * args.steps, MODEL_SHAPES[size]["vocab_size"], args.seed)
     batches = [np.arange(k * batch_size, (k + 1) * batch_size) for k in range(args.steps)]  # random pairs per step
     base_model = build_critic(size, args.seed)
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
-        f"cpu ({cpu_name()}, {torch.get_num_threads()} of {os.cpu_count()} threads)"
-    print(f"device: {device_name}; torch {torch.__version__}, transformers {transformers.__version__}; "
-          f"load average {os.getloadavg()[0]:.1f} (other processes share this machine)")
-    print(f"critic: Qwen2 {size} {MODEL_SHAPES[size]}, random weights, float32"
-          + (" + bf16 autocast" if device.type == "cuda" else ""))
-    mean = {k: np.mean([len(x) for x in getattr(pairs, f"{k}_ids")]) for k in ("prompt", "teacher", "student")}
-    print(f"workload: {args.steps} steps x {batch_size} pairs (micro-batch {args.micro_batch_size}), lengths uniform "
-          f"{LENGTHS}, mean prompt {mean['prompt']:.0f} / teacher {mean['teacher']:.0f} / student "
-          f"{mean['student']:.0f}; {args.reps} interleaved reps")
+    device_name = describe_run(args, device, size, pairs, cfg)
 
     check = check_same_scores(copy.deepcopy(base_model).to(device), pairs, batches[0][:args.micro_batch_size], device)
     ok = all(v <= 1e-5 for v in check.values())
