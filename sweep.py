@@ -13,6 +13,7 @@ import os
 import sys
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # sweeps often run where nothing outside is reachable
+os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # one line per closed run, per worker
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is downloaded at run time
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 

@@ -98,10 +98,15 @@ def cmd_init(args: argparse.Namespace) -> int:
     storage, tracking = _urls(args)
     study, tracker, parent_id = study_mod.init_study(spec, storage, tracking, args.study, args.new_study)
     tracker.end(parent_id, "FINISHED")  # workers set it RUNNING again while they work
-    print(f"[sweep] initialised study {study.study_name!r} in {mask(storage)}; join it with:\n"
-          f"  python sweep.py worker --study {study.study_name} --storage '{mask(storage)}' --tracking-uri "
-          f"'{mask(tracking)}'")
+    print(f"[sweep] initialised study {study.study_name!r} in {mask(storage)}; join it from any machine with:\n"
+          f"  python sweep.py worker --study {study.study_name} --storage '{_without_password(storage)}' "
+          f"--tracking-uri '{_without_password(tracking)}'\n"
+          f"(put the database password in $SWEEP_DB_PASSWORD; it is never printed)")
     return 0
+
+
+def _without_password(url: str) -> str:
+    return mask(url).replace(":***@", "@")
 
 
 def cmd_worker(args: argparse.Namespace) -> int:

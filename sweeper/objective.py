@@ -24,6 +24,7 @@ import torch
 import yaml
 
 from critic.config import ExperimentConfig, SpecError, apply_overrides, build_config, flatten, to_dict
+from critic.data import resolve_path
 from critic.reporting import FanoutReporter, Reporter
 from critic.train import NonFiniteError, TrialOutOfMemory
 from critic.trial import TrialResult, run_trial
@@ -145,6 +146,15 @@ class Objective:
                 mlflow_reporter.flush()
         raise AssertionError("unreachable")
 
+    def _log_datasets(self, cfg: ExperimentConfig, run_id: str, result: TrialResult) -> None:
+        """Each data file as an MLflow dataset input with its digest (val is a split of the train file)."""
+        specs = {"train": cfg.data.train_path, "val": cfg.data.train_path, **cfg.data.eval_sets}
+        frames = {}
+        for name, digest in {"val": result.data_digests.get("train", ""), **result.data_digests}.items():
+            path = str(resolve_path(specs[name], cfg.data.cache_dir))  # demo:<name> -> its parquet file
+            frames[name] = (pd.DataFrame({"path": [path], "digest": [digest]}), path, digest)
+        self.tracker.log_datasets(run_id, frames)
+
     def _record_reason(self, trial: optuna.Trial, run_id: str, reason: str, key: str) -> None:
         trial.set_user_attr(key, reason[:2000])
         self.tracker.set_tags(run_id, {f"sweep.{key}": reason[:5000]})
@@ -152,10 +162,7 @@ class Objective:
     def _record_success(self, trial: optuna.Trial, cfg: ExperimentConfig, run_id: str, result: TrialResult) -> None:
         digests = {f"data.digest.{name}": digest for name, digest in result.data_digests.items()}
         self.tracker.set_tags(run_id, {**digests, **result.lineage})
-        paths = {"train": cfg.data.train_path, **cfg.data.eval_sets}
-        self.tracker.log_datasets(run_id, {name: (pd.DataFrame({"path": [paths.get(name, "")], "digest": [digest]}),
-                                                  paths.get(name, ""), digest)
-                                           for name, digest in result.data_digests.items()})
+        self._log_datasets(cfg, run_id, result)
         if result.lineage:
             trial.set_user_attr("student_lineage", mask(json.dumps(result.lineage)))
             trial.study.set_user_attr("student_lineage", mask(json.dumps(result.lineage)))

@@ -91,6 +91,8 @@ def test_end_to_end_sweep_export_and_reproduce(tmp_path):
         assert len(client.get_metric_history(child.info.run_id, "critic/d_acc")) > 1
         assert len(client.get_metric_history(child.info.run_id, "critic/score_diff")) > 1
         assert len(client.get_metric_history(child.info.run_id, "val/d_acc")) >= 1
+        inputs = {d.dataset.name: d.dataset.digest for d in child.inputs.dataset_inputs}
+        assert set(inputs) == {"train", "val", "shifted"} and all(inputs.values())
         artifacts = {a.path for a in client.list_artifacts(child.info.run_id, "figures")}
         assert "figures/training_progress.png" in artifacts
         assert child.data.params["train.lr"] == str(json.loads(study.trials[int(child.data.tags["sweep.trial"])]
