@@ -29,6 +29,7 @@ test: install
 
 bench: install
 	$(PY) benchmarks/bench_trainer.py
+	$(PY) benchmarks/bench_sweep.py
 
 bench-scale: install
 	$(PY) benchmarks/bench_scale.py
