@@ -1,13 +1,12 @@
 """`sweep.py diagnose`: measure why a critic's d_acc differs between training and another dataset.
 
-Registered on sweep.py's subcommands by `add_diagnose_command(subparsers)`; it also runs on its own:
-  python -m sweeper.diagnose_cmd --checkpoint DIR [--data NAME=PATH ...] [--folds K] [--out DIR]
+Registered on sweep.py's subcommands by `add_diagnose_command(subparsers)`:
+  python sweep.py diagnose (--checkpoint DIR | --trial N | --run RUN_ID) [--data NAME=PATH ...] [--folds K]
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 from pathlib import Path
@@ -105,20 +104,3 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
         MlflowClient(_urls(args)[1]).log_artifacts(run_id, str(report.parent), "diagnosis")
         print(f"[diagnose] logged the report as artifacts 'diagnosis/' of MLflow run {run_id}", file=sys.stderr)
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is downloaded at run time
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    parser = argparse.ArgumentParser(prog="python -m sweeper.diagnose_cmd")
-    add_diagnose_command(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["diagnose", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        return args.func(args)
-    except SpecError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

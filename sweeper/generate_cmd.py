@@ -1,13 +1,12 @@
 """`sweep.py generate`: make the frozen student's responses once, before a sweep; trials then read the cache.
 
-Registered by `add_generate_command(subparsers)`; until sweep.py does so it also runs on its own:
-  python -m sweeper.generate_cmd SPEC [--set section.key=value ...]
+Registered on sweep.py's subcommands by `add_generate_command(subparsers)`:
+  python sweep.py generate SPEC [--set section.key=value ...]
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 import sys
 
@@ -63,20 +62,3 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if lineage:
         print(f"[generate] student: {lineage['source']} {lineage['actor']}, generation {lineage['generation']}")
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is downloaded at run time
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    parser = argparse.ArgumentParser(prog="python -m sweeper.generate_cmd")
-    add_generate_command(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["generate", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        return args.func(args)
-    except SpecError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())
