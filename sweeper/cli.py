@@ -14,7 +14,7 @@ import optuna
 
 from critic.config import SpecError
 from sweeper import study as study_mod
-from sweeper.runner import SweepStopped, best_trials, finish_parent, leaderboard, run_trials
+from sweeper.runner import SweepStopped, stop_on_signals, best_trials, finish_parent, leaderboard, run_trials
 from sweeper.stores import credentials_from_env, default_storage, default_tracking_uri, mask
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -32,13 +32,6 @@ def _urls(args: argparse.Namespace) -> tuple[str, str]:
     return credentials_from_env(args.storage or default_storage()), args.tracking_uri or default_tracking_uri()
 
 
-def _raise_on_sigterm() -> None:
-    """SIGTERM (scheduler, kill) ends the current trial like Ctrl-C: bookkeeping done, nothing left RUNNING."""
-    def handler(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-    signal.signal(signal.SIGTERM, handler)
-
-
 def cmd_run(args: argparse.Namespace) -> int:
     overrides = list(args.overrides) + ([f"sweep.n_trials={args.n_trials}"] if args.n_trials else [])
     spec = study_mod.load_sweep_spec(args.spec, overrides)  # every spec error stops here, before any trial
@@ -48,7 +41,10 @@ def cmd_run(args: argparse.Namespace) -> int:
                                                      CloseAndRetry(tracking))
     print(f"[sweep] study {study.study_name!r} in {mask(storage)}\n[sweep] MLflow runs page: {tracker.ui_link()} "
           f"(after `python sweep.py ui`)")
-    _raise_on_sigterm()
+    if args.workers <= 1:
+        stop_on_signals(signal.SIGINT, signal.SIGTERM)
+    else:  # the parent only forwards signals to its workers
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         if args.workers > 1:
             from sweeper.workers import launch_workers
@@ -112,7 +108,6 @@ def _without_password(url: str) -> str:
 def cmd_worker(args: argparse.Namespace) -> int:
     from sweeper.workers import run_worker
     storage, tracking = _urls(args)
-    _raise_on_sigterm()
     return run_worker(storage, args.study, tracking, args.worker_index, progress=not args.no_progress)
 
 

@@ -47,6 +47,10 @@ class OptunaReporter(Reporter):
         self.trial, self.objective, self.prune = trial, objective, prune
         self.last_step = 0
 
+    def log_train(self, step: int, metrics: dict[str, float]) -> None:
+        from sweeper.runner import raise_if_stop_requested  # a signal's KeyboardInterrupt can be lost
+        raise_if_stop_requested()
+
     def log_eval(self, step: int, metrics: dict[str, float]) -> None:
         self.last_step = step
         value = metrics.get(self.objective)
@@ -80,17 +84,12 @@ class Objective:
         self.prune = len(self.names) == 1  # report even without a pruner: intermediate-value plots use it
 
     def __call__(self, trial: optuna.Trial) -> float | list[float]:
-        sampled = suggest(trial, self.entries, flatten(self.cfg))
-        cfg = trial_config(self.raw, sampled, "sweep")
-        run_id = self.tracker.child_run(self.parent_run_id, trial.number, {
-            **self.tags, "sweep.sampled_params": ",".join(sampled),
-            "sweep.baseline": str(bool(trial.user_attrs.get("baseline", False))).lower()})
-        trial.set_user_attr("mlflow_run_id", run_id)
-        trial.set_user_attr("config", mask(json.dumps(flatten(cfg), default=str)))
-        params = flatten(cfg, ("data", "model", "score", "loss", "train", "eval", "student"))
-        self.tracker.log_params(run_id, {**params, **{f"sampled/{k}": v for k, v in sampled.items()}})
+        run_id: str | None = None  # everything below is inside `try`: an interrupt at any point is recorded
         status, state, started = "FAILED", "FAIL", time.time()
         try:
+            sampled = suggest(trial, self.entries, flatten(self.cfg))
+            cfg = trial_config(self.raw, sampled, "sweep")
+            run_id = self._open_run(trial, cfg, sampled)
             result = self._run_with_oom_retry(trial, cfg, run_id)
             values = [result.metrics.get(name, math.nan) for name in self.names]
             if not all(math.isfinite(v) for v in values):
@@ -118,9 +117,22 @@ class Objective:
             self._record_reason(trial, run_id, reason, "fail_reason")
             raise TrialFailure(reason) from exc
         finally:
-            self.tracker.set_tags(run_id, {"sweep.state": state, "sweep.duration_s": f"{time.time() - started:.1f}"})
-            self.tracker.end(run_id, status)
+            if run_id is not None:
+                self.tracker.set_tags(run_id, {"sweep.state": state,
+                                               "sweep.duration_s": f"{time.time() - started:.1f}"})
+                self.tracker.end(run_id, status)
             gc.collect()
+
+    def _open_run(self, trial: optuna.Trial, cfg: ExperimentConfig, sampled: dict[str, Any]) -> str:
+        """The trial's MLflow child run, with the resolved config as params; its id goes to the trial's attrs."""
+        run_id = self.tracker.child_run(self.parent_run_id, trial.number, {
+            **self.tags, "sweep.sampled_params": ",".join(sampled),
+            "sweep.baseline": str(bool(trial.user_attrs.get("baseline", False))).lower()})
+        trial.set_user_attr("mlflow_run_id", run_id)
+        trial.set_user_attr("config", mask(json.dumps(flatten(cfg), default=str)))
+        params = flatten(cfg, ("data", "model", "score", "loss", "train", "eval", "student"))
+        self.tracker.log_params(run_id, {**params, **{f"sampled/{k}": v for k, v in sampled.items()}})
+        return run_id
 
     def _run_with_oom_retry(self, trial: optuna.Trial, cfg: ExperimentConfig, run_id: str) -> TrialResult:
         """Out of memory once -> retry with half the micro-batch (same effective batch); twice -> fail."""
@@ -155,9 +167,10 @@ class Objective:
             frames[name] = (pd.DataFrame({"path": [path], "digest": [digest]}), path, digest)
         self.tracker.log_datasets(run_id, frames)
 
-    def _record_reason(self, trial: optuna.Trial, run_id: str, reason: str, key: str) -> None:
+    def _record_reason(self, trial: optuna.Trial, run_id: str | None, reason: str, key: str) -> None:
         trial.set_user_attr(key, reason[:2000])
-        self.tracker.set_tags(run_id, {f"sweep.{key}": reason[:5000]})
+        if run_id is not None:
+            self.tracker.set_tags(run_id, {f"sweep.{key}": reason[:5000]})
 
     def _record_success(self, trial: optuna.Trial, cfg: ExperimentConfig, run_id: str, result: TrialResult) -> None:
         digests = {f"data.digest.{name}": digest for name, digest in result.data_digests.items()}

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import math
+import signal
+import threading
 import tempfile
 import time
 from pathlib import Path
@@ -23,6 +25,31 @@ from sweeper.objective import Objective, TrialFailure, save_checkpoint_dir
 from sweeper.stores import StorageLock
 from sweeper.study import FINISHED, SweepSpec, state_counts
 from sweeper.tracking import Tracker, now_ms
+
+
+STOP_REQUESTED = threading.Event()
+
+
+def stop_on_signals(*signums: int) -> None:
+    """SIGINT/SIGTERM end the current trial cleanly (Optuna FAIL 'interrupted', MLflow KILLED).
+
+    The handler raises KeyboardInterrupt once and also sets STOP_REQUESTED: an exception raised in a
+    signal handler is lost when it lands in a finalizer or weakref callback, so the trial also checks
+    the flag after every optimizer step and the trial loop before every new trial. Later signals are
+    ignored so that closing the trial is not cut short.
+    """
+    def handler(signum, frame):
+        for sig in signums:
+            signal.signal(sig, signal.SIG_IGN)
+        STOP_REQUESTED.set()
+        raise KeyboardInterrupt(f"signal {signum}")
+    for sig in signums:
+        signal.signal(sig, handler)
+
+
+def raise_if_stop_requested() -> None:
+    if STOP_REQUESTED.is_set():
+        raise KeyboardInterrupt("stop requested by a signal")
 
 
 class SweepStopped(RuntimeError):
@@ -92,6 +119,7 @@ def run_trials(study: optuna.Study, spec: SweepSpec, tracker: Tracker, parent_id
     bar = tqdm(total=n_trials, desc="trials", disable=not progress, dynamic_ncols=True)
     try:
         while True:
+            raise_if_stop_requested()
             with StorageLock.of(study) as claim:  # count, then ask, as one step: workers never overshoot n_trials
                 counts = state_counts(study)
                 finished = counts["COMPLETE"] + counts["PRUNED"]

@@ -23,7 +23,7 @@ from mlflow import MlflowClient
 from tqdm.auto import tqdm
 
 from sweeper import study as study_mod
-from sweeper.runner import SweepStopped, best_trials, run_trials
+from sweeper.runner import SweepStopped, best_trials, run_trials, stop_on_signals
 from sweeper.stores import without_password
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,20 +56,10 @@ class CloseAndRetry:
         self.retry(study, trial)
 
 
-def _interrupt_once() -> None:
-    """SIGINT/SIGTERM -> KeyboardInterrupt once; later ones are ignored so closing the trial is not cut short."""
-    def handler(signum, frame):
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        raise KeyboardInterrupt(f"signal {signum}")
-    signal.signal(signal.SIGINT, handler)
-    signal.signal(signal.SIGTERM, handler)
-
-
 def run_worker(storage_url: str, study_name: str, tracking_uri: str, worker_index: int = 0,
                progress: bool = True) -> int:
     """Join an initialised study and run trials until it holds n_trials finished ones."""
-    _interrupt_once()
+    stop_on_signals(signal.SIGINT, signal.SIGTERM)
     if os.environ.get("SWEEP_TORCH_THREADS"):
         torch.set_num_threads(int(os.environ["SWEEP_TORCH_THREADS"]))
     study, spec, tracker, parent_id = study_mod.attach(storage_url, study_name, tracking_uri, worker_index,
