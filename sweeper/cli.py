@@ -199,14 +199,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    _add_spec_args = add_spec_args
     p = sub.add_parser("train", help="train and evaluate one config; prints the final held-out metrics")
-    _add_spec_args(p)
+    add_spec_args(p)
     p.add_argument("--json", action="store_true", help="print one JSON object with every final metric instead")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("run", help="run (or resume) a sweep until n_trials trials are finished")
-    _add_spec_args(p)
+    add_spec_args(p)
     _store_args(p)
     p.add_argument("--n-trials", type=int, help="override sweep.n_trials")
     p.add_argument("--new-study", action="store_true", help="start a fresh study when the stored one differs")
@@ -215,7 +214,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("init", help="create the study, schema and MLflow experiment once, before workers join")
-    _add_spec_args(p)
+    add_spec_args(p)
     _store_args(p)
     p.add_argument("--new-study", action="store_true", help="start a fresh study when the stored one differs")
     p.set_defaults(func=cmd_init)

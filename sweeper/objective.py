@@ -202,7 +202,6 @@ class Objective:
             if result.model is not None and cfg.train.save_checkpoint:
                 save_checkpoint_dir(result, cfg, folder / "checkpoint")
                 self.tracker.log_dir(run_id, folder / "checkpoint", "checkpoint")
-        trial.set_user_attr("_result_model_kept", result.model is not None)
         self.last_result = result
 
 
