@@ -1,44 +1,82 @@
-"""Pair metrics on fixed scores: the numbers users compare, computed one way everywhere."""
+"""Pair metrics on fixed scores: the numbers users compare, computed one way everywhere.
+
+Every metric is a function of four aligned arrays (teacher/student scores, teacher/student
+response lengths) that reduces over the last axis. With 1-D inputs it gives one number; with
+(resamples, pairs) inputs it gives one number per resample, which is how the confirmation
+stage bootstraps held-out pairs through the very same functions.
+"""
 
 from __future__ import annotations
+
+from typing import Callable
 
 import numpy as np
 from scipy import stats
 
 
+def _mean(x: np.ndarray) -> np.ndarray:
+    return np.mean(x, axis=-1)
+
+
+def _auc(t, s, tl, sl):
+    # P(teacher score > student score) over all teacher/student combinations, ties half (Mann-Whitney U).
+    n = t.shape[-1]
+    return stats.mannwhitneyu(t, s, axis=-1).statistic / (n * n)
+
+
+def _spearman(t, s, tl, sl):
+    """Rank correlation of scores with lengths (teacher and student pooled); 0 where either is constant."""
+    scores, lengths = np.concatenate([t, s], axis=-1), np.concatenate([tl, sl], axis=-1)
+    score_ranks = stats.rankdata(scores, axis=-1)
+    length_ranks = stats.rankdata(lengths, axis=-1)
+    score_ranks = score_ranks - score_ranks.mean(axis=-1, keepdims=True)
+    length_ranks = length_ranks - length_ranks.mean(axis=-1, keepdims=True)
+    norm = np.sqrt((score_ranks ** 2).sum(axis=-1) * (length_ranks ** 2).sum(axis=-1))
+    safe = np.where(norm > 0, norm, 1.0)
+    return np.where(norm > 0, (score_ranks * length_ranks).sum(axis=-1) / safe, 0.0)
+
+
+def _length_baseline(t, s, tl, sl):
+    return _mean(np.where(tl == sl, 0.5, (tl > sl).astype(np.float64)))
+
+
+# name -> f(teacher_scores, student_scores, teacher_lengths, student_lengths), reducing the last axis.
+# `d_acc` is the training rule (teacher strictly above student); `d_acc_ties_correct` counts ties
+# as correct (the `<=` rule of the users' old test script).
+PAIR_METRICS: dict[str, Callable[..., np.ndarray]] = {
+    "d_acc": lambda t, s, tl, sl: _mean(t - s > 0),
+    "d_acc_ties_correct": lambda t, s, tl, sl: _mean(t - s >= 0),
+    "tie_rate": lambda t, s, tl, sl: _mean(t - s == 0),
+    "auc": _auc,
+    "pair_logloss": lambda t, s, tl, sl: _mean(np.logaddexp(0.0, -(t - s))),  # -log sigmoid(diff), T = 1
+    "score_diff": lambda t, s, tl, sl: _mean(t - s),
+    "teacher_score_mean": lambda t, s, tl, sl: _mean(t),
+    "student_score_mean": lambda t, s, tl, sl: _mean(s),
+    "teacher_score_std": lambda t, s, tl, sl: np.std(t, axis=-1),
+    "student_score_std": lambda t, s, tl, sl: np.std(s, axis=-1),
+    "length_ratio": lambda t, s, tl, sl: _mean(sl) / np.maximum(_mean(tl), 1e-9),
+    "length_baseline_acc": _length_baseline,
+    "score_length_spearman": _spearman,
+    "n_pairs": lambda t, s, tl, sl: np.full(t.shape[:-1], float(t.shape[-1])),
+}
+
+
+def _arrays(*arrays) -> list[np.ndarray]:
+    return [np.asarray(a, dtype=np.float64) for a in arrays]
+
+
+def pair_metric(name: str, teacher_scores, student_scores, teacher_lengths, student_lengths) -> np.ndarray:
+    """One metric of PAIR_METRICS; a float for 1-D inputs, an array for batched (..., pairs) inputs."""
+    if name not in PAIR_METRICS:
+        raise KeyError(f"unknown pair metric {name!r}; known: {', '.join(PAIR_METRICS)}")
+    return PAIR_METRICS[name](*_arrays(teacher_scores, student_scores, teacher_lengths, student_lengths))
+
+
 def pair_metrics(teacher_scores: np.ndarray, student_scores: np.ndarray,
                  teacher_lengths: np.ndarray, student_lengths: np.ndarray) -> dict[str, float]:
-    """Accuracy, ties, AUC, log-loss, score levels and length statistics for aligned pairs.
-
-    `d_acc` is the training rule (teacher strictly above student); `d_acc_ties_correct`
-    counts ties as correct (the `<=` rule of the users' old test script).
-    """
-    t = np.asarray(teacher_scores, dtype=np.float64)
-    s = np.asarray(student_scores, dtype=np.float64)
-    tl = np.asarray(teacher_lengths, dtype=np.float64)
-    sl = np.asarray(student_lengths, dtype=np.float64)
-    diff = t - s
-    scores, lengths = np.concatenate([t, s]), np.concatenate([tl, sl])
-    # AUC = P(teacher score > student score) over all teacher/student combinations, ties half (Mann-Whitney U).
-    auc = stats.mannwhitneyu(t, s).statistic / (len(t) * len(s))
-    spearman = stats.spearmanr(scores, lengths).statistic if np.ptp(scores) > 0 and np.ptp(lengths) > 0 else 0.0
-    longer_is_teacher = np.where(tl == sl, 0.5, (tl > sl).astype(np.float64))
-    return {
-        "d_acc": float(np.mean(diff > 0)),
-        "d_acc_ties_correct": float(np.mean(diff >= 0)),
-        "tie_rate": float(np.mean(diff == 0)),
-        "auc": float(auc),
-        "pair_logloss": float(np.mean(np.logaddexp(0.0, -diff))),  # -log sigmoid(diff), T = 1
-        "score_diff": float(diff.mean()),
-        "teacher_score_mean": float(t.mean()),
-        "student_score_mean": float(s.mean()),
-        "teacher_score_std": float(t.std()),
-        "student_score_std": float(s.std()),
-        "length_ratio": float(sl.mean() / max(tl.mean(), 1e-9)),
-        "length_baseline_acc": float(longer_is_teacher.mean()),
-        "score_length_spearman": float(spearman),
-        "n_pairs": float(len(t)),
-    }
+    """Accuracy, ties, AUC, log-loss, score levels and length statistics for aligned pairs."""
+    arrays = _arrays(teacher_scores, student_scores, teacher_lengths, student_lengths)
+    return {name: float(metric(*arrays)) for name, metric in PAIR_METRICS.items()}
 
 
 def step_metrics(teacher_scores: np.ndarray, student_scores: np.ndarray,
