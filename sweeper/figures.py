@@ -59,3 +59,24 @@ def score_histograms(pair_scores: pd.DataFrame, path: Path) -> Path:
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return path
+
+
+def confirmation_intervals(table: pd.DataFrame, metric: str, path: Path) -> Path:
+    """Each finalist's difference to the baseline with its 95% interval, and the zero line."""
+    rows = table[table["config"] != "baseline"].reset_index(drop=True)
+    fig, ax = plt.subplots(figsize=(7, 1.2 + 0.6 * max(len(rows), 1)), constrained_layout=True)
+    colours = {"better": "tab:green", "worse": "tab:red", "no difference": "tab:grey", "unstable": "tab:orange"}
+    for i, row in rows.iterrows():
+        ax.errorbar(row["diff_mean"], i, xerr=[[row["diff_mean"] - row["diff_low"]], [row["diff_high"] - row["diff_mean"]]],
+                    fmt="o", capsize=4, color=colours.get(row["verdict"], "black"), label=row["verdict"])
+    ax.axvline(0.0, color="black", linewidth=1)
+    ax.set_yticks(range(len(rows)), [f"trial {t}" for t in rows["trial"]])
+    ax.invert_yaxis()
+    ax.set(xlabel=f"{metric}: finalist - baseline (95% interval, seeds x pairs)", title="Confirmation")
+    handles, labels = ax.get_legend_handles_labels()
+    unique = dict(zip(labels, handles))
+    if unique:
+        ax.legend(unique.values(), unique.keys(), fontsize=8)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -108,38 +108,56 @@ class ParentUpdater:
         self.tracker.log_metrics(self.parent_id, metrics)
 
 
+class SearchPlan:
+    """The search's view for the trial loop: n_trials finished (COMPLETE or PRUNED) trials; nothing to enqueue."""
+
+    is_search = True  # study-level curves and the best checkpoint belong to the search only
+
+    def __init__(self, n_trials: int) -> None:
+        self.n_trials = n_trials
+
+    def finished(self, study: optuna.Study, counts: dict[str, int]) -> int:
+        return counts["COMPLETE"] + counts["PRUNED"]
+
+    def refill(self, study: optuna.Study) -> None:
+        pass
+
+
 def run_trials(study: optuna.Study, spec: SweepSpec, tracker: Tracker, parent_id: str, n_trials: int,
-               progress: bool = True, poll_s: float = 5.0) -> None:
-    """Run trials in this process until the study has `n_trials` finished trials."""
+               progress: bool = True, poll_s: float = 5.0, plan=None) -> None:
+    """Run trials in this process until the plan (default: n_trials finished search trials) is done."""
+    plan = plan or SearchPlan(n_trials)
     objective = Objective(spec.raw, spec.cfg, spec.entries, tracker, parent_id,
                           {"sweep.study": study.study_name, "sweep.sampler": spec.cfg.sweep.sampler},
                           progress=progress)
     update_parent = ParentUpdater(tracker, parent_id, spec)
-    max_failures = spec.cfg.sweep.max_failures or n_trials
-    bar = tqdm(total=n_trials, desc="trials", disable=not progress, dynamic_ncols=True)
+    max_failures = spec.cfg.sweep.max_failures or plan.n_trials
+    bar = tqdm(total=plan.n_trials, desc="trials", disable=not progress, dynamic_ncols=True)
     try:
         while True:
             raise_if_stop_requested()
-            with StorageLock.of(study) as claim:  # count, then ask, as one step: workers never overshoot n_trials
+            with StorageLock.of(study) as claim:  # count, then ask, as one step: workers never overshoot
+                plan.refill(study)
                 counts = state_counts(study)
-                finished = counts["COMPLETE"] + counts["PRUNED"]
-                bar.n = min(finished, n_trials)
+                finished = plan.finished(study, counts)
+                bar.n = min(finished, plan.n_trials)
                 bar.set_postfix_str(_postfix(study, counts))
-                if finished >= n_trials:
+                if finished >= plan.n_trials:
                     break
                 failures = count_failures(study)
                 if failures >= max_failures:
                     raise SweepStopped(f"{failures} trials failed (sweep.max_failures={max_failures}); "
                                        f"see `sweep.py status` for their reasons")
-                if finished + counts["RUNNING"] >= n_trials:
+                if finished + counts["RUNNING"] >= plan.n_trials:
                     # Other workers hold the last trials; wait in case one dies and its trial is re-queued.
                     claim.release()
                     optuna.storages.fail_stale_trials(study)
                     time.sleep(poll_s)
                     continue
                 study.optimize(_release_then(claim, objective), n_trials=1, catch=(TrialFailure,),
-                               callbacks=[update_parent], gc_after_trial=False)
-            _maybe_save_best(study, objective, spec, tracker, parent_id)
+                               callbacks=[update_parent] if plan.is_search else [], gc_after_trial=False)
+            if plan.is_search:
+                _maybe_save_best(study, objective, spec, tracker, parent_id)
     finally:
         bar.close()
 

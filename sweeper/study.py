@@ -178,9 +178,10 @@ def attach(storage_url: str, study_name: str, tracking_uri: str, worker_index: i
     spec = load_sweep_spec(attrs.get("spec_source", "<study>"), raw=json.loads(attrs["spec"]))
     storage = make_storage(storage_url, spec.cfg.sweep.heartbeat_interval, spec.cfg.sweep.grace_period,
                            stale_trial_callback)
+    confirming = "confirm_of" in attrs  # every confirmation trial is enqueued; none may be pruned
     study = optuna.load_study(study_name=study_name, storage=storage, sampler=make_sampler(spec, worker_index),
-                              pruner=make_pruner(spec))
-    tracker = Tracker(tracking_uri, study_name)
+                              pruner=optuna.pruners.NopPruner() if confirming else make_pruner(spec))
+    tracker = Tracker(tracking_uri, attrs.get("confirm_of", study_name))  # confirmation runs join the search's experiment
     return study, spec, tracker, attrs["mlflow_parent_run_id"]
 
 

@@ -76,10 +76,10 @@ class Tracker:
             self.client.update_run(run_id, status="RUNNING")
         return run_id
 
-    def child_run(self, parent_id: str, trial_number: int, tags: dict[str, str]) -> str:
-        run = self.client.create_run(self.experiment_id, run_name=f"trial-{trial_number:03d}",
+    def child_run(self, parent_id: str, trial_number: int, tags: dict[str, Any], run_name: str | None = None) -> str:
+        run = self.client.create_run(self.experiment_id, run_name=run_name or f"trial-{trial_number:03d}",
                                      tags={"mlflow.parentRunId": parent_id, "sweep.role": "trial",
-                                           "sweep.trial": str(trial_number), **tags})
+                                           "sweep.trial": str(trial_number), **{k: str(v) for k, v in tags.items()}})
         return run.info.run_id
 
     def log_params(self, run_id: str, params: dict[str, Any]) -> None:

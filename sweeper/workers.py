@@ -24,10 +24,11 @@ from tqdm.auto import tqdm
 
 from sweeper import study as study_mod
 from sweeper.runner import SweepStopped, best_trials, run_trials, stop_on_signals
+from sweeper.confirm import STAGE_ATTRS, ConfirmPlan
 from sweeper.stores import without_password
 
 ROOT = Path(__file__).resolve().parents[1]
-_KEEP_ON_RETRY = ("baseline",)  # user attrs a re-queued trial inherits; the rest belong to the dead attempt
+_KEEP_ON_RETRY = ("baseline", *STAGE_ATTRS)  # user attrs a re-queued trial inherits; the rest belong to the dead attempt
 
 
 class CloseAndRetry:
@@ -65,8 +66,9 @@ def run_worker(storage_url: str, study_name: str, tracking_uri: str, worker_inde
     study, spec, tracker, parent_id = study_mod.attach(storage_url, study_name, tracking_uri, worker_index,
                                                        CloseAndRetry(tracking_uri))
     tracker.client.update_run(parent_id, status="RUNNING")
+    plan = ConfirmPlan.of(study) if "confirm_plan" in study.user_attrs else None  # a `<study>.confirm` study
     try:
-        run_trials(study, spec, tracker, parent_id, spec.cfg.sweep.n_trials, progress=progress)
+        run_trials(study, spec, tracker, parent_id, spec.cfg.sweep.n_trials, progress=progress, plan=plan)
     except KeyboardInterrupt:
         print(f"[worker {worker_index}] interrupted; its trial was closed", file=sys.stderr)
         return 130
@@ -102,7 +104,7 @@ def _worker_env(index: int, n_workers: int, password: str | None) -> dict[str, s
 
 
 def launch_workers(study: optuna.Study, spec, storage_url: str, tracking_uri: str, n_workers: int,
-                   progress: bool = True) -> None:
+                   progress: bool = True, plan=None) -> None:
     """Start n worker processes on this machine, forward SIGINT/SIGTERM to them, show the study's progress."""
     storage_arg, password = without_password(storage_url)
     # Own sessions: a terminal's Ctrl-C reaches only this process, which forwards one SIGTERM to each worker.
@@ -112,7 +114,8 @@ def launch_workers(study: optuna.Study, spec, storage_url: str, tracking_uri: st
                               start_new_session=True)
              for i in range(n_workers)]
     try:
-        _watch_until(study, spec.cfg.sweep.n_trials, lambda: all(p.poll() is not None for p in procs), progress)
+        _watch_until(study, plan.n_trials if plan else spec.cfg.sweep.n_trials,
+                     lambda: all(p.poll() is not None for p in procs), progress, plan)
     except KeyboardInterrupt:
         for p in procs:
             if p.poll() is None:
@@ -125,20 +128,20 @@ def launch_workers(study: optuna.Study, spec, storage_url: str, tracking_uri: st
         raise SweepStopped(f"worker exit codes {codes}; see their output above and `sweep.py status`")
 
 
-def _watch_until(study: optuna.Study, n_trials: int, done, progress: bool, poll_s: float = 2.0) -> None:
+def _watch_until(study: optuna.Study, n_trials: int, done, progress: bool, plan=None, poll_s: float = 2.0) -> None:
     bar = tqdm(total=n_trials, desc="trials (all workers)", disable=not progress, dynamic_ncols=True)
     try:
         while not done():
-            _refresh(bar, study)
+            _refresh(bar, study, plan)
             time.sleep(poll_s)
-        _refresh(bar, study)
+        _refresh(bar, study, plan)
     finally:
         bar.close()
 
 
-def _refresh(bar, study: optuna.Study) -> None:
+def _refresh(bar, study: optuna.Study, plan=None) -> None:
     counts = study_mod.state_counts(study)
-    bar.n = counts["COMPLETE"] + counts["PRUNED"]
+    bar.n = plan.finished(study, counts) if plan else counts["COMPLETE"] + counts["PRUNED"]
     best = best_trials(study)
     bar.set_postfix_str((f"best={best[0].values[0]:.4f} " if best else "") +
                         f"running={counts['RUNNING']} fail={counts['FAIL']} waiting={counts['WAITING']}")

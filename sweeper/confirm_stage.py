@@ -1,0 +1,178 @@
+"""Run the confirmation stage and turn it into numbers and words: table, verdict, noise floor, figure.
+
+The per-seed values are the trials' reported objective; the per-pair scores are the held-out
+score tables every trial already logs to MLflow (scores/heldout_pair_scores.parquet).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import optuna
+import pandas as pd
+from optuna.trial import TrialState
+
+from critic.metrics import PAIR_METRICS, pair_metric
+from sweeper import figures
+from sweeper.confirm import (ConfirmPlan, choose_finalists, load_params, make_plan, open_confirm_study,
+                             params_text, plan_summary)
+from sweeper.objective import objectives
+from sweeper.runner import run_trials
+from sweeper.stats import ConfigScores, compare, detectable_difference
+from sweeper.stores import StorageLock
+from sweeper.study import SweepSpec
+from sweeper.tracking import Tracker
+
+SCORES_ARTIFACT = "scores/heldout_pair_scores.parquet"
+
+
+def _pair_frame(tracker: Tracker, run_id: str, set_name: str, folder: Path) -> pd.DataFrame:
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per download is noise here
+    local = tracker.client.download_artifacts(run_id, SCORES_ARTIFACT, str(folder / run_id))
+    frame = pd.read_parquet(local)
+    return frame[frame["set"] == set_name].reset_index(drop=True)
+
+
+def gather(confirm: optuna.Study, metric: str, tracker: Tracker) -> tuple[dict[str, ConfigScores], list[int]]:
+    """config label -> its per-seed values and per-pair scores; and the planned seed indices."""
+    plan = ConfirmPlan.of(confirm)
+    set_name, _, pair_name = metric.partition("/")
+    per_pair = pair_name in PAIR_METRICS
+    done = {}
+    for trial in confirm.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        done[ConfirmPlan.key(trial)] = trial  # the latest trial of a (config, seed) wins
+    configs: dict[str, ConfigScores] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for label in dict.fromkeys(item.config for item in plan.items):
+            values, frames = {}, {}
+            for item in (i for i in plan.items if i.config == label):
+                trial = done.get((label, item.seed))
+                if trial is None:
+                    continue
+                values[item.seed] = trial.values[0]
+                if per_pair:
+                    frame = _pair_frame(tracker, trial.user_attrs["mlflow_run_id"], set_name, Path(tmp))
+                    recomputed = float(pair_metric(pair_name, frame["teacher_score"], frame["student_score"],
+                                                   frame["teacher_length"], frame["student_length"]))
+                    if not math.isclose(recomputed, trial.values[0], rel_tol=1e-9, abs_tol=1e-12):
+                        raise RuntimeError(f"{label} seed {item.seed}: {metric} from the logged pair scores is "
+                                           f"{recomputed}, the trial reported {trial.values[0]}")
+                    frames[item.seed] = frame
+            configs[label] = ConfigScores(label, values, frames if per_pair else None)
+    return configs, sorted({item.seed for item in plan.items})
+
+
+def analyse(confirm: optuna.Study, metric: str, direction: str, tracker: Tracker, n_resamples: int
+            ) -> dict[str, Any]:
+    """The confirmation result as one JSON-able dict: rows, verdict, noise floor."""
+    configs, seeds = gather(confirm, metric, tracker)
+    params = load_params(confirm)
+    baseline = configs.pop("baseline")
+    pair_name = metric.partition("/")[2]  # e.g. val/d_acc -> d_acc, on the val set's pair scores
+    base_row, rows = compare(pair_name, direction, baseline, list(configs.values()), seeds, n_resamples)
+    table = [{**base_row.row(), "trial": _trial_of(confirm, "baseline"), "params": params_text(params["baseline"])}]
+    table += [{**r.row(), "trial": _trial_of(confirm, r.label), "params": params_text(params[r.label])} for r in rows]
+    base_values = [baseline.seed_values[s] for s in base_row.seeds]
+    noise = {"baseline_seed_sd": float(np.std(base_values, ddof=1)) if len(base_values) > 1 else math.nan,
+             "baseline_se": base_row.value.se, "detectable_difference": detectable_difference(rows),
+             "n_pairs": base_row.n_pairs, "seeds": len(base_row.seeds)}
+    winners = sorted((r for r in rows if r.verdict == "better"),
+                     key=lambda r: -r.diff.mean if direction == "maximize" else r.diff.mean)
+    result = {"metric": metric, "direction": direction, "seeds": seeds, "table": table, "noise": noise,
+              "winner": _trial_of(confirm, winners[0].label) if winners else None}
+    result["verdict"] = verdict_text(result)
+    return result
+
+
+def _trial_of(confirm: optuna.Study, label: str) -> int:
+    return next(item["trial"] for item in confirm.user_attrs["confirm_plan"] if item["config"] == label)
+
+
+def _interval(row: dict[str, Any]) -> str:
+    return f"{row['diff_mean']:+.4f} [{row['diff_low']:+.4f}, {row['diff_high']:+.4f}]"
+
+
+def verdict_text(result: dict[str, Any]) -> str:
+    """Plain words: who beats the baseline by how much, or that nothing does; then the noise floor."""
+    metric, rows = result["metric"], result["table"][1:]
+    noise = result["noise"]
+    scale = f"{noise['seeds']} seeds x {noise['n_pairs']} pairs" if noise["n_pairs"] else f"{noise['seeds']} seeds"
+    lines = []
+    better = [r for r in rows if r["verdict"] == "better"]
+    if better:
+        best = next(r for r in better if r["trial"] == result["winner"])
+        lines.append(f"{best['params']} (trial {best['trial']}) beats the baseline on {metric} by {_interval(best)} "
+                     f"(p={best['p_holm']:.3g}, Holm over {len(rows)} finalists, {scale})")
+        lines += [f"also better: trial {r['trial']} by {_interval(r)} (p={r['p_holm']:.3g})"
+                  for r in better if r is not best]
+    elif rows:
+        comparable = [r for r in rows if math.isfinite(r["diff_mean"])]
+        sign = 1 if result["direction"] == "maximize" else -1
+        top = max(comparable, key=lambda r: sign * r["diff_mean"]) if comparable else None
+        lines.append("no finalist beats the baseline beyond noise" +
+                     (f": best trial {top['trial']} {_interval(top)} (p={top['p_holm']:.3g}, {scale})" if top else "")
+                     + "; keep your current setting or widen the search")
+    else:
+        lines.append("no finalist to confirm (no COMPLETE trial other than the baseline)")
+    lines += [f"worse than the baseline: trial {r['trial']} by {_interval(r)} (p={r['p_holm']:.3g})"
+              for r in rows if r["verdict"] == "worse"]
+    lines += [f"unstable: trial {r['trial']} has no result for seed(s) {r['missing_seeds']} (diverged or failed); "
+              f"not recommended" for r in rows if r["verdict"] == "unstable"]
+    lines.append(f"noise floor: the baseline's {metric} varies by {noise['baseline_seed_sd']:.4f} (sd over "
+                 f"{noise['seeds']} seeds); the smallest difference these seeds and pairs detect (80% power, 5% "
+                 f"two-sided) is about {noise['detectable_difference']:.4f}. Add seeds when the seed sd dominates, "
+                 f"held-out pairs when it does not.")
+    return "\n".join(lines)
+
+
+def format_table(result: dict[str, Any]) -> str:
+    frame = pd.DataFrame(result["table"])
+    columns = ["config", "trial", "seeds", "mean_mean", "mean_low", "mean_high", "diff_mean", "diff_low",
+               "diff_high", "p_value", "p_holm", "verdict"]
+    shown = frame[columns].rename(columns={"mean_mean": "mean", "mean_low": "low", "mean_high": "high",
+                                           "diff_mean": "diff", "diff_low": "diff_low", "diff_high": "diff_high"})
+    return shown.to_string(index=False, float_format=lambda v: f"{v:.4f}")
+
+
+def store(result: dict[str, Any], search: optuna.Study, confirm: optuna.Study, tracker: Tracker,
+          parent_id: str) -> None:
+    """On both studies' user attrs, and on the parent run: CSV, figure, verdict tags."""
+    text = json.dumps(result, default=float)
+    search.set_user_attr("confirmation", text)
+    confirm.set_user_attr("confirmation", text)
+    frame = pd.DataFrame(result["table"])
+    tracker.log_frame(parent_id, frame, "confirmation/confirmation.csv")
+    tracker.log_text(parent_id, result["verdict"] + "\n", "confirmation/verdict.txt")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = figures.confirmation_intervals(frame, result["metric"], Path(tmp) / "confirmation.png")
+        tracker.log_file(parent_id, path, "confirmation")
+    tracker.set_tags(parent_id, {"confirm.verdict": result["verdict"].splitlines()[0][:5000],
+                                 "confirm.winner": result["winner"] if result["winner"] is not None else "none"})
+
+
+def run_confirmation(search: optuna.Study, spec: SweepSpec, storage_url: str, tracker: Tracker, parent_id: str,
+                     top_k: int, seeds: int, trial_numbers: list[int] | None = None, workers: int = 1,
+                     progress: bool = True) -> dict[str, Any]:
+    """Plan, run (resuming what is done) and analyse the confirmation; store and return the result."""
+    baseline, finalists = choose_finalists(search, top_k, trial_numbers)
+    items = make_plan(baseline, finalists, seeds)
+    confirm = open_confirm_study(search, spec, storage_url, items)
+    plan = ConfirmPlan.of(confirm)
+    print(f"[confirm] {plan_summary(items)}; study {confirm.study_name!r}")
+    if workers > 1:
+        from sweeper.workers import launch_workers
+        with StorageLock.of(confirm):
+            plan.refill(confirm)  # before the workers look
+        launch_workers(confirm, spec, storage_url, tracker.tracking_uri, workers, progress, plan=plan)
+    else:
+        run_trials(confirm, spec, tracker, parent_id, plan.n_trials, progress=progress, plan=plan)
+    direction = "maximize" if search.directions[0] == optuna.study.StudyDirection.MAXIMIZE else "minimize"
+    result = analyse(confirm, objectives(spec.cfg)[0], direction, tracker, spec.cfg.sweep.confirm.n_resamples)
+    store(result, search, confirm, tracker, parent_id)
+    return result
