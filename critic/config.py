@@ -56,6 +56,9 @@ class ScoreConfig:
     # packed: one row per pair, prompt | teacher | student, the prompt computed once (fastest);
     # padded: a teacher row and a student row per pair (two copies of the prompt). Same scores to ~1e-6.
     layout: str = "packed"
+    # final: exclude_eos drops a final EOS's value only; token: every EOS id's, the users' verl mask
+    # `response_mask & (responses != eos_id)` (an EOS-only response then scores 0). See docs/spec.md.
+    eos_rule: str = "final"
 
 
 @dataclass(frozen=True)
@@ -80,10 +83,31 @@ class TrainConfig:
     warmup_steps: int = 0
     epochs: int = 1
     batch_size: int = 32  # pairs per optimizer step
-    micro_batch_size: int = 8  # pairs per forward; accumulation covers the rest
+    micro_batch_size: int = 8  # pairs per forward and per adaptive T (verl: ppo_micro_batch_size_per_gpu)
+    # Pairs per forward when smaller than micro_batch_size (null = the same): saves memory and keeps the loss,
+    # the adaptive T still comes from micro_batch_size pairs. The out-of-memory retry halves it.
+    forward_micro_batch_size: int | None = None
     max_steps: int | None = None
     seed: int = 0
     save_checkpoint: bool = False
+
+
+@dataclass(frozen=True)
+class VerlConfig:
+    """The users' verl run in verl's units; when set, it gives train's batch sizes, steps and lr schedule
+    (critic/verl_units.py). Left at its defaults, train.* alone describes the trial."""
+    train_batch_size: int | None = None  # data.train_batch_size: prompts per PPO iteration
+    rollout_n: int = 1  # actor_rollout_ref.rollout.n: responses (pairs) per prompt
+    ppo_mini_batch_size: int | None = None  # critic.ppo_mini_batch_size: prompts per optimizer step
+    ppo_epochs: int = 1  # critic.ppo_epochs: passes over each iteration's batch
+    ppo_micro_batch_size_per_gpu: int | None = None  # critic.ppo_micro_batch_size_per_gpu: pairs per forward
+    n_gpus: int = 1  # trainer.nnodes x trainer.n_gpus_per_node: only checks that verl's per-GPU split is whole
+    critic_warmup: int | None = None  # trainer.critic_warmup: iterations before the actor's first update
+    lr_warmup_steps: int = 0  # critic.optim.lr_warmup_steps: verl scheduler steps, one per iteration
+    total_training_steps: int | None = None  # the whole RL run's iterations: the horizon of verl's cosine
+
+    def in_use(self) -> bool:
+        return self != VerlConfig()
 
 
 @dataclass(frozen=True)
@@ -91,6 +115,14 @@ class EvalConfig:
     every_steps: int = 20
     before_train: bool = False
     batch_size: int = 64  # pairs per inference forward
+
+
+@dataclass(frozen=True)
+class ConfirmConfig:
+    """After the search: re-run the top_k finalists and the baseline with `seeds` new seeds each."""
+    top_k: int = 2  # 0 = no confirmation stage
+    seeds: int = 3  # seed indices 1..seeds (the search ran seed index 0): train.seed and model.init_seed + index
+    n_resamples: int = 1000  # bootstrap resamples of the held-out pairs
 
 
 @dataclass(frozen=True)
@@ -108,6 +140,7 @@ class SweepConfig:
     max_failures: int = 0  # 0 = no bound
     heartbeat_interval: int = 60
     grace_period: int = 600
+    confirm: ConfirmConfig = field(default_factory=ConfirmConfig)
 
 
 @dataclass(frozen=True)
@@ -139,6 +172,7 @@ class ExperimentConfig:
     score: ScoreConfig = field(default_factory=ScoreConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    verl: VerlConfig = field(default_factory=VerlConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
@@ -165,6 +199,14 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         raise SpecError(errors[0])
     if hint is Any:
         return value
+    if dataclasses.is_dataclass(hint):  # a nested block such as sweep.confirm
+        if not isinstance(value, dict):
+            raise SpecError(f"{where} must be a mapping, got {value!r}")
+        hints = typing.get_type_hints(hint)
+        unknown = sorted(set(value) - set(hints))
+        if unknown:
+            raise SpecError(f"{where}: unknown key(s) {unknown}. Valid keys: {', '.join(sorted(hints))}")
+        return hint(**{k: _coerce(v, hints[k], f"{where}.{k}") for k, v in value.items()})
     if hint is bool:
         if isinstance(value, bool):
             return value
@@ -229,6 +271,10 @@ def _check_values(cfg: ExperimentConfig, source: str) -> None:
     _require(s.reduction in ("mean", "last", "sum"),
              f"{p}score.reduction must be one of mean, last, sum; got {s.reduction!r}")
     _require(s.layout in ("packed", "padded"), f"{p}score.layout must be packed or padded; got {s.layout!r}")
+    _require(s.eos_rule in ("final", "token"), f"{p}score.eos_rule must be final or token; got {s.eos_rule!r}")
+    _require(s.eos_rule == "final" or s.exclude_eos,
+             f"{p}score.eos_rule: token drops EOS values, which needs score.exclude_eos: true; set it, or "
+             f"score.eos_rule: final")
     _require(lo.temperature > 0, f"{p}loss.temperature must be > 0, got {lo.temperature}")
     _require(0 < lo.t_min <= lo.t_max,
              f"{p}loss.t_min must be > 0 and <= loss.t_max, got t_min={lo.t_min}, t_max={lo.t_max}")
@@ -243,10 +289,17 @@ def _check_values(cfg: ExperimentConfig, source: str) -> None:
     _require(t.epochs >= 1, f"{p}train.epochs must be >= 1, got {t.epochs}")
     _require(t.batch_size >= 1 and t.micro_batch_size >= 1,
              f"{p}train.batch_size and train.micro_batch_size must be >= 1")
+    _require(t.forward_micro_batch_size is None or 1 <= t.forward_micro_batch_size <= t.micro_batch_size,
+             f"{p}train.forward_micro_batch_size must be null or in 1..train.micro_batch_size "
+             f"({t.micro_batch_size}), got {t.forward_micro_batch_size}")
     _require(t.max_steps is None or t.max_steps >= 1, f"{p}train.max_steps must be >= 1 or null, got {t.max_steps}")
     _require(e.every_steps >= 1, f"{p}eval.every_steps must be >= 1, got {e.every_steps}")
     _require(e.batch_size >= 1, f"{p}eval.batch_size must be >= 1, got {e.batch_size}")
     _require(sw.n_trials >= 1, f"{p}sweep.n_trials must be >= 1, got {sw.n_trials}")
+    _require(sw.confirm.top_k >= 0, f"{p}sweep.confirm.top_k must be >= 0 (0 = no confirmation), got {sw.confirm.top_k}")
+    _require(sw.confirm.seeds >= 2, f"{p}sweep.confirm.seeds must be >= 2: one seed cannot show seed-to-seed "
+             f"variation; got {sw.confirm.seeds}")
+    _require(sw.confirm.n_resamples >= 100, f"{p}sweep.confirm.n_resamples must be >= 100, got {sw.confirm.n_resamples}")
     for name in d.eval_sets:
         _require(name not in ("val", "train", "critic", "perf", "sweep"),
                  f"{p}data.eval_sets name '{name}' is reserved; rename it")
@@ -285,6 +338,9 @@ def build_config(raw: dict[str, Any], source: str = "<spec>") -> ExperimentConfi
         if name not in SECTIONS:
             raise SpecError(f"{source}: unknown section '{name}'. Valid sections: {', '.join(SECTIONS)}")
     cfg = ExperimentConfig(**{name: _build_section(name, raw.get(name), source) for name in SECTIONS})
+    if cfg.verl.in_use():
+        from critic.verl_units import apply_verl  # imported here: critic.verl_units imports this module
+        cfg = apply_verl(cfg, raw.get("train") or {}, source)
     _check_values(cfg, source)
     return cfg
 
@@ -361,8 +417,8 @@ def to_dict(cfg: ExperimentConfig) -> dict[str, Any]:
     return {name: plain(dataclasses.asdict(getattr(cfg, name))) for name in SECTIONS}
 
 
-def flatten(cfg: ExperimentConfig, sections: tuple[str, ...] = ("data", "model", "score", "loss", "train", "eval")
-            ) -> dict[str, Any]:
+def flatten(cfg: ExperimentConfig,
+            sections: tuple[str, ...] = ("data", "model", "score", "loss", "train", "verl", "eval")) -> dict[str, Any]:
     """{'train.lr': 3e-6, ...} for the trial-relevant sections."""
     out: dict[str, Any] = {}
     for name, values in to_dict(cfg).items():

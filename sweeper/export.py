@@ -3,27 +3,24 @@
 from __future__ import annotations
 
 import json
+import sys
 from typing import Any
 
 import optuna
 import yaml
 
 from critic.config import SpecError, apply_overrides, build_config, to_dict
+from sweeper.confirm import stored_confirmation
 from sweeper.runner import best_trials
 from sweeper.study import SweepSpec
-
-# Our key -> verl's critic key (verl's FSDP critic worker config).
-VERL_KEYS = {
-    "train.lr": "critic.optim.lr",
-    "train.warmup_steps": "critic.optim.lr_warmup_steps",
-    "train.scheduler": "critic.optim.lr_scheduler_type",
-    "train.epochs": "trainer.total_epochs",
-    "train.grad_clip": "critic.grad_clip",
-    "train.weight_decay": "critic.optim.weight_decay",
-}
+from sweeper.verl_export import verl_export
 
 
 def pick_trial(study: optuna.Study, number: int | None = None) -> optuna.trial.FrozenTrial:
+    """The given trial; else the confirmed winner; else the best search trial (single seed)."""
+    if number is None:
+        confirmed = stored_confirmation(study)
+        number = confirmed["winner"] if confirmed else None
     if number is not None:
         matches = [t for t in study.get_trials(deepcopy=False) if t.number == number]
         if not matches:
@@ -35,6 +32,34 @@ def pick_trial(study: optuna.Study, number: int | None = None) -> optuna.trial.F
     return best[0]
 
 
+def confirmation_note(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> tuple[bool, list[str]]:
+    """(shown better than the baseline, or is the baseline; lines saying what the confirmation measured)."""
+    result = stored_confirmation(study)
+    if result is None:
+        return False, [f"NOT CONFIRMED: trial {trial.number}'s value is one seed, and the best of many one-seed "
+                       f"trials is biased upward; run `sweep.py confirm` to re-run it with new seeds"]
+    metric = result["metric"]
+    row = next((r for r in result["table"] if r["trial"] == trial.number), None)
+    if row is None:
+        confirmed = ", ".join(str(r["trial"]) for r in result["table"])
+        return False, [f"NOT CONFIRMED: trial {trial.number} is not among the confirmed trials ({confirmed}); "
+                       f"run `sweep.py confirm --trials {trial.number}`"]
+    measured = (f"confirmed over {row['seeds']} seeds x {row['n_pairs']} held-out pairs: {metric} = "
+                f"{row['mean_mean']:.4f} [{row['mean_low']:.4f}, {row['mean_high']:.4f}]")
+    if row["config"] == "baseline":
+        return True, [measured + " (this is the baseline)"]
+    versus = (f"vs baseline: {row['diff_mean']:+.4f} [{row['diff_low']:+.4f}, {row['diff_high']:+.4f}], "
+              f"p={row['p_holm']:.3g} (Holm), verdict: {row['verdict']}")
+    if row["verdict"] != "better":
+        return False, [f"NOT SHOWN BETTER than the baseline (trial {_baseline_trial(result)}): {versus}",
+                       measured, "keep the baseline (export --trial %d) or widen the search" % _baseline_trial(result)]
+    return True, [measured, versus]
+
+
+def _baseline_trial(result: dict) -> int:
+    return result["table"][0]["trial"]
+
+
 def trial_spec(spec: SweepSpec, trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
     """The complete spec of a trial: base spec + its params, without the sweep section's search."""
     raw = apply_overrides(spec.raw, trial.params)
@@ -44,38 +69,20 @@ def trial_spec(spec: SweepSpec, trial: optuna.trial.FrozenTrial) -> dict[str, An
     return out
 
 
-def _verl_value(key: str, value: Any) -> str:
-    if key == "train.scheduler" and value == "linear":
-        raise SpecError("verl's critic supports lr_scheduler_type constant or cosine, not linear; "
-                        "drop 'linear' from the search space or export as yaml")
-    if isinstance(value, bool):
-        return str(value).lower()
-    return str(value)
-
-
-def verl_overrides(spec: SweepSpec, trial: optuna.trial.FrozenTrial) -> list[str]:
-    """Hydra overrides for verl; keys verl does not define come from export.verl_keys as +key=value."""
-    flat = {f"{section}.{k}": v for section, values in trial_spec(spec, trial).items() for k, v in values.items()}
-    lines = [f"{verl}={_verl_value(ours, flat[ours])}" for ours, verl in VERL_KEYS.items()]
-    for ours, verl in spec.cfg.export.verl_keys.items():
-        if ours not in flat:
-            raise SpecError(f"export.verl_keys: {ours!r} is not a config key (e.g. loss.temperature)")
-        lines.append(f"{verl if verl.startswith('+') else '+' + verl}={_verl_value(ours, flat[ours])}")
-    return lines
-
-
-def render(spec: SweepSpec, trial: optuna.trial.FrozenTrial, fmt: str) -> str:
-    header = (f"best trial {trial.number} of study {spec.cfg.sweep.study_name}: value(s) {trial.values}, "
-              f"params {trial.params}")
+def render(spec: SweepSpec, trial: optuna.trial.FrozenTrial, fmt: str, verl_version: str | None = None,
+           verl_worker: str | None = None, confirmation: list[str] = ()) -> str:
+    """The trial as yaml/json spec or verl overrides; `confirmation` lines go into the header (json: a field)."""
+    header = (f"trial {trial.number} of study {spec.cfg.sweep.study_name}: search value(s) {trial.values} (one seed), "
+              f"params {trial.params}" + "".join(f"\n# {line}" for line in confirmation))
     if fmt == "yaml":
         return f"# {header}\n# Runs as is: python sweep.py train THIS_FILE\n" + yaml.safe_dump(
             trial_spec(spec, trial), sort_keys=False)
     if fmt == "json":
         return json.dumps({"trial": trial.number, "values": trial.values, "params": trial.params,
-                           "spec": trial_spec(spec, trial)}, indent=2)
-    if fmt == "verl":
-        comment = ("# Hydra overrides for verl's critic. lr_warmup_steps is written explicitly (>= 0), so verl does\n"
-                   "# not fall back to lr_warmup_steps_ratio (it only does for negative values). Step counts are\n"
-                   "# optimizer steps of this tool's batch size: rescale warmup if verl's critic batch differs.\n")
-        return f"# {header}\n{comment}" + " \\\n".join(verl_overrides(spec, trial)) + "\n"
+                           "confirmation": list(confirmation), "spec": trial_spec(spec, trial)}, indent=2)
+    if fmt == "verl":  # sweeper/verl_export.py: verl's keys for that version, in verl's units
+        exported = verl_export(spec, trial, verl_version, verl_worker)
+        for note in exported.notes:
+            print(f"[sweep] verl export note: {note}", file=sys.stderr)
+        return f"# {header}\n" + exported.text()
     raise SpecError(f"--format must be yaml, json or verl, got {fmt!r}")

@@ -29,6 +29,7 @@ from critic.reporting import FanoutReporter, Reporter
 from critic.train import NonFiniteError, TrialOutOfMemory
 from critic.trial import TrialResult, run_trial
 from sweeper import figures
+from sweeper.confirm import seed_overrides
 from sweeper.space import suggest
 from sweeper.stores import mask
 from sweeper.tracking import MlflowReporter, Tracker
@@ -88,7 +89,8 @@ class Objective:
         status, state, started = "FAILED", "FAIL", time.time()
         try:
             sampled = suggest(trial, self.entries, flatten(self.cfg))
-            cfg = trial_config(self.raw, sampled, "sweep")
+            seeds = seed_overrides(self.cfg, int(trial.user_attrs.get("seed_index", 0)))  # confirmation runs
+            cfg = trial_config(self.raw, {**sampled, **seeds}, "sweep")
             run_id = self._open_run(trial, cfg, sampled)
             result = self._run_with_oom_retry(trial, cfg, run_id)
             values = [result.metrics.get(name, math.nan) for name in self.names]
@@ -125,9 +127,16 @@ class Objective:
 
     def _open_run(self, trial: optuna.Trial, cfg: ExperimentConfig, sampled: dict[str, Any]) -> str:
         """The trial's MLflow child run, with the resolved config as params; its id goes to the trial's attrs."""
-        run_id = self.tracker.child_run(self.parent_run_id, trial.number, {
-            **self.tags, "sweep.sampled_params": ",".join(sampled),
-            "sweep.baseline": str(bool(trial.user_attrs.get("baseline", False))).lower()})
+        stage = trial.user_attrs.get("stage", "search")
+        tags = {**self.tags, "sweep.sampled_params": ",".join(sampled), "sweep.stage": stage,
+                "sweep.baseline": str(bool(trial.user_attrs.get("baseline", False))).lower()}
+        name = None
+        if stage == "confirm":
+            seed = trial.user_attrs["seed_index"]
+            tags.update({"sweep.seed_index": seed, "sweep.confirm_config": trial.user_attrs["confirm_config"],
+                         "sweep.confirm_of_trial": trial.user_attrs["config_trial"]})
+            name = f"confirm-{trial.user_attrs['confirm_config']}-seed{seed}"
+        run_id = self.tracker.child_run(self.parent_run_id, trial.number, tags, run_name=name)
         trial.set_user_attr("mlflow_run_id", run_id)
         trial.set_user_attr("config", mask(json.dumps(flatten(cfg), default=str)))
         params = flatten(cfg, ("data", "model", "score", "loss", "train", "eval", "student"))
@@ -135,7 +144,11 @@ class Objective:
         return run_id
 
     def _run_with_oom_retry(self, trial: optuna.Trial, cfg: ExperimentConfig, run_id: str) -> TrialResult:
-        """Out of memory once -> retry with half the micro-batch (same effective batch); twice -> fail."""
+        """Out of memory once -> retry with forwards of half as many pairs; twice -> fail.
+
+        The retry keeps train.micro_batch_size, the loss's micro-batch: under adaptive temperature T still
+        comes from the same pairs (critic/train.py), so the retried trial optimises the same loss.
+        """
         for attempt in range(2):
             mlflow_reporter = MlflowReporter(self.tracker, run_id)
             reporter = FanoutReporter(mlflow_reporter, OptunaReporter(trial, self.names[0], self.prune))
@@ -146,14 +159,16 @@ class Objective:
                 return result
             except TrialOutOfMemory as exc:
                 release_memory()
-                half = cfg.train.micro_batch_size // 2
+                forward = cfg.train.forward_micro_batch_size or cfg.train.micro_batch_size
+                half = forward // 2
                 if attempt == 1 or half < 1:
-                    raise TrialFailure(f"out of memory (after retry with micro_batch_size={cfg.train.micro_batch_size})"
+                    raise TrialFailure(f"out of memory (after retry with forwards of {forward} pairs)"
                                        f": {exc}") from None
-                self.tracker.set_tags(run_id, {"sweep.oom_retry": f"micro_batch_size {cfg.train.micro_batch_size}"
-                                                                  f" -> {half}"})
+                self.tracker.set_tags(run_id, {"sweep.oom_retry": f"forward_micro_batch_size {forward} -> {half} "
+                                                                  f"(loss micro_batch_size "
+                                                                  f"{cfg.train.micro_batch_size} kept)"})
                 trial.set_user_attr("oom_retry", True)
-                cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, micro_batch_size=half))
+                cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, forward_micro_batch_size=half))
             finally:
                 mlflow_reporter.flush()
         raise AssertionError("unreachable")

@@ -21,7 +21,7 @@ from critic.config import ExperimentConfig, SpecError
 
 _ENTRY_KEYS = {"float": {"low", "high", "log", "step"}, "int": {"low", "high", "log", "step"},
                "categorical": {"choices"}}
-TUNABLE_SECTIONS = ("data", "model", "score", "loss", "train", "eval")
+TUNABLE_SECTIONS = ("data", "model", "score", "loss", "train", "verl", "eval")
 
 
 @dataclass(frozen=True)
@@ -141,3 +141,48 @@ def space_signature(entries: list[SpaceEntry]) -> list[list[Any]]:
     return [[e.key, optuna.distributions.distribution_to_json(e.distribution), [list(w) for w in e.when]]
             for e in entries]
 
+
+
+def _values(entry: SpaceEntry) -> list[Any]:
+    dist = entry.distribution
+    return list(dist.choices) if isinstance(dist, CategoricalDistribution) else [dist.low, dist.high]
+
+
+def _may_be(entries: dict[str, SpaceEntry], base: dict[str, Any], key: str, value: Any) -> bool:
+    """Can `key` equal `value` in some trial (its base value, or one of its sampled values)?"""
+    return value in _values(entries[key]) if key in entries else base.get(key) == value
+
+
+def check_effective(entries: list[SpaceEntry], base: dict[str, Any], source: str) -> list[str]:
+    """Ranges that cannot change the trial: an error when nothing in the range matters, a warning when part does.
+
+    The adaptive temperature is T = clamp(t_a + t_b * |mean diff|, t_min, t_max) with t_b >= 0, so T is
+    never below t_a: a t_min at or below t_a changes nothing. A fixed temperature matters only with
+    adaptive_temperature off, the t_* bounds only with it on.
+    """
+    by_key, warnings = {e.key: e for e in entries}, []
+    where = f"{source}: sweep.search_space"
+    adaptive_on = _may_be(by_key, base, "loss.adaptive_temperature", True)
+    adaptive_off = _may_be(by_key, base, "loss.adaptive_temperature", False)
+    for key in ("loss.t_a", "loss.t_b", "loss.t_min", "loss.t_max"):
+        if key in by_key and not adaptive_on:
+            raise SpecError(f"{where}.{key} never takes effect: loss.adaptive_temperature is false in every trial; "
+                            f"drop {key} or sample loss.adaptive_temperature")
+    if "loss.temperature" in by_key and not adaptive_off:
+        raise SpecError(f"{where}.loss.temperature never takes effect: loss.adaptive_temperature is true in every "
+                        f"trial; drop it, or sample loss.adaptive_temperature and add when: "
+                        f"{{loss.adaptive_temperature: false}}")
+    if "loss.temperature" in by_key and adaptive_on and ("loss.adaptive_temperature", False) not in by_key[
+            "loss.temperature"].when:
+        warnings.append(f"{where}.loss.temperature is also sampled in trials with the adaptive temperature, where "
+                        f"it does nothing; add when: {{loss.adaptive_temperature: false}}")
+    if "loss.t_min" in by_key and "loss.t_b" not in by_key and base.get("loss.t_b", 0) >= 0:
+        t_a = min(_values(by_key["loss.t_a"])) if "loss.t_a" in by_key else base["loss.t_a"]
+        low, high = _values(by_key["loss.t_min"])[0], _values(by_key["loss.t_min"])[-1]
+        fix = f"sample t_min from low: {t_a} upward, or sample loss.t_a instead"
+        if max(low, high) <= t_a:
+            raise SpecError(f"{where}.loss.t_min in [{low}, {high}] never takes effect: the adaptive temperature "
+                            f"t_a + t_b*|mean diff| is never below t_a={t_a}; {fix}")
+        if min(low, high) < t_a:
+            warnings.append(f"{where}.loss.t_min values below t_a={t_a} all behave like t_a; {fix}")
+    return warnings

@@ -11,15 +11,15 @@ import json
 import re
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import optuna
 from optuna.trial import TrialState
 
-from critic.config import ExperimentConfig, SpecError, apply_overrides, build_config, read_spec
+from critic.config import ExperimentConfig, SpecError, apply_overrides, build_config, flatten, read_spec
 from critic.metrics import pair_metrics
-from sweeper.space import SpaceEntry, check_in_space, parse_space, space_signature
+from sweeper.space import SpaceEntry, check_effective, check_in_space, parse_space, space_signature
 from sweeper.stores import StorageLock, make_storage, mask
 from sweeper.tracking import Tracker, git_commit
 
@@ -36,6 +36,7 @@ class SweepSpec:
     cfg: ExperimentConfig
     entries: list[SpaceEntry]
     source: str
+    warnings: list[str] = field(default_factory=list)  # ranges that partly cannot take effect (printed by run/init)
 
 
 def _check_objectives(cfg: ExperimentConfig, source: str) -> None:
@@ -76,13 +77,14 @@ def load_sweep_spec(path: str, overrides: list[str] | None = None, raw: dict | N
         raise SpecError(f"{source}: sweep.search_space is empty; add entries like "
                         "train.lr: {type: float, low: 1.0e-5, high: 1.0e-3, log: true}")
     check_in_space(entries, cfg.sweep.baseline, f"{source}: sweep.baseline")
+    warnings_ = check_effective(entries, flatten(cfg), source)
     for entry in entries:  # each bound on its own must give a valid trial config
         values = entry.distribution.choices if hasattr(entry.distribution, "choices") else \
             [entry.distribution.low, entry.distribution.high]
         for value in values:
             build_config(apply_overrides(raw, {entry.key: value}), f"{source} (search_space {entry.key}={value})")
     build_config(apply_overrides(raw, cfg.sweep.baseline), f"{source} (sweep.baseline)")
-    return SweepSpec(raw, cfg, entries, source)
+    return SweepSpec(raw, cfg, entries, source, warnings_)
 
 
 def fingerprint(spec: SweepSpec) -> dict[str, Any]:

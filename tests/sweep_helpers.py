@@ -29,7 +29,7 @@ def tiny_sweep_spec(tmp_path: Path, sweep: dict[str, Any] | None = None, n_pairs
         "train": {"lr": 1.0e-3, "batch_size": 8, "micro_batch_size": 8, "max_steps": 6},
         "eval": {"every_steps": 2, "batch_size": 64},
         "sweep": {"study_name": "tiny", "n_trials": 3, "objective": "val/d_acc", "direction": "maximize",
-                  "sampler": "tpe", "pruner": "none", "seed": 0,
+                  "sampler": "tpe", "pruner": "none", "seed": 0, "confirm": {"top_k": 0},
                   "search_space": {
                       "train.lr": {"type": "float", "low": 1.0e-4, "high": 3.0e-3, "log": True},
                       "train.warmup_steps": {"type": "int", "low": 0, "high": 3},
