@@ -14,7 +14,8 @@ import optuna
 
 from critic.config import SpecError
 from sweeper import study as study_mod
-from sweeper.runner import SweepStopped, stop_on_signals, best_trials, finish_parent, leaderboard, run_trials
+from sweeper.runner import SweepStopped, best_trials, finish_parent, leaderboard, run_trials
+from sweeper.signals import stop_on_signals
 from sweeper.stores import credentials_from_env, default_storage, default_tracking_uri, mask
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)

@@ -30,6 +30,7 @@ from critic.train import NonFiniteError, TrialOutOfMemory
 from critic.trial import TrialResult, run_trial
 from sweeper import figures
 from sweeper.confirm import seed_overrides
+from sweeper.signals import raise_if_stop_requested
 from sweeper.space import suggest
 from sweeper.stores import mask
 from sweeper.tracking import MlflowReporter, Tracker
@@ -49,8 +50,7 @@ class OptunaReporter(Reporter):
         self.last_step = 0
 
     def log_train(self, step: int, metrics: dict[str, float]) -> None:
-        from sweeper.runner import raise_if_stop_requested  # a signal's KeyboardInterrupt can be lost
-        raise_if_stop_requested()
+        raise_if_stop_requested()  # a signal's KeyboardInterrupt can be lost
 
     def log_eval(self, step: int, metrics: dict[str, float]) -> None:
         self.last_step = step

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import signal
-import threading
 import tempfile
 import time
 from pathlib import Path
@@ -22,34 +20,10 @@ from optuna.trial import TrialState
 from tqdm.auto import tqdm
 
 from sweeper.objective import Objective, TrialFailure, save_checkpoint_dir
+from sweeper.signals import raise_if_stop_requested
 from sweeper.stores import StorageLock
 from sweeper.study import FINISHED, SweepSpec, state_counts
 from sweeper.tracking import Tracker, now_ms
-
-
-STOP_REQUESTED = threading.Event()
-
-
-def stop_on_signals(*signums: int) -> None:
-    """SIGINT/SIGTERM end the current trial cleanly (Optuna FAIL 'interrupted', MLflow KILLED).
-
-    The handler raises KeyboardInterrupt once and also sets STOP_REQUESTED: an exception raised in a
-    signal handler is lost when it lands in a finalizer or weakref callback, so the trial also checks
-    the flag after every optimizer step and the trial loop before every new trial. Later signals are
-    ignored so that closing the trial is not cut short.
-    """
-    def handler(signum, frame):
-        for sig in signums:
-            signal.signal(sig, signal.SIG_IGN)
-        STOP_REQUESTED.set()
-        raise KeyboardInterrupt(f"signal {signum}")
-    for sig in signums:
-        signal.signal(sig, handler)
-
-
-def raise_if_stop_requested() -> None:
-    if STOP_REQUESTED.is_set():
-        raise KeyboardInterrupt("stop requested by a signal")
 
 
 class SweepStopped(RuntimeError):

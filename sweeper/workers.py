@@ -23,7 +23,8 @@ from mlflow import MlflowClient
 from tqdm.auto import tqdm
 
 from sweeper import study as study_mod
-from sweeper.runner import SweepStopped, best_trials, run_trials, stop_on_signals
+from sweeper.runner import SweepStopped, best_trials, run_trials
+from sweeper.signals import stop_on_signals
 from sweeper.confirm import STAGE_ATTRS, ConfirmPlan
 from sweeper.stores import without_password
 
