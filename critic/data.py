@@ -37,6 +37,7 @@ class PairSet:
     stats: dict[str, float] = field(default_factory=dict)
     digest: str = ""
     lineage: dict[str, str] = field(default_factory=dict)  # how generated student responses were made
+    eos_id: int | None = None  # the tokenizer's EOS id (score.eos_rule: token drops its values)
 
     def __len__(self) -> int:
         return len(self.prompt_ids)
@@ -45,7 +46,7 @@ class PairSet:
         pick = lambda seq: [seq[i] for i in index]  # noqa: E731
         return PairSet(name, pick(self.prompt_ids), pick(self.teacher_ids), pick(self.student_ids),
                        pick(self.prompt_text), self.teacher_ends_eos[index], self.student_ends_eos[index],
-                       dict(self.stats), self.digest, dict(self.lineage))
+                       dict(self.stats), self.digest, dict(self.lineage), self.eos_id)
 
     def pair_lengths(self) -> np.ndarray:
         """(N,) tokens of prompt + teacher + student, used to group batches by length."""
@@ -240,6 +241,7 @@ def load_pair_set(path_spec: str, cfg: DataConfig, tokenizer, tokenizer_id: str,
     pairs.stats["identical_pairs"] = float(sum(np.array_equal(t, s) for t, s in
                                                zip(pairs.teacher_ids, pairs.student_ids)))
     pairs.lineage = dict(generated.lineage) if generated else {}
+    pairs.eos_id = tokenizer.eos_token_id
     _MEMORY[key] = pairs
     return pairs.subset(np.arange(len(pairs)), name)
 

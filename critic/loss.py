@@ -16,11 +16,14 @@ def bt_temperature(score_diff: torch.Tensor, cfg: LossConfig) -> torch.Tensor:
     return (cfg.t_a + cfg.t_b * spread).clamp(cfg.t_min, cfg.t_max)
 
 
-def bradley_terry_loss(teacher_scores: torch.Tensor, student_scores: torch.Tensor,
-                       cfg: LossConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean of -logsigmoid((s_t - s_s - margin) / T) + center_coef * mean((s_t + s_s)^2); returns (loss, T)."""
+def bradley_terry_loss(teacher_scores: torch.Tensor, student_scores: torch.Tensor, cfg: LossConfig,
+                       temperature: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean of -logsigmoid((s_t - s_s - margin) / T) + center_coef * mean((s_t + s_s)^2); returns (loss, T).
+
+    `temperature` overrides T: a micro-batch scored in several forwards passes the T of the whole micro-batch.
+    """
     diff = teacher_scores - student_scores  # (pairs,)
-    temperature = bt_temperature(diff, cfg)
+    temperature = bt_temperature(diff, cfg) if temperature is None else temperature
     loss = -F.logsigmoid((diff - cfg.margin) / temperature).mean()
     if cfg.center_coef > 0:
         loss = loss + cfg.center_coef * ((teacher_scores + student_scores) ** 2).mean()

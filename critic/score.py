@@ -17,7 +17,8 @@ verl's alignment: the value for response token t is read from the hidden state
 at position t-1 (`values = logits[:, -R-1:-1]`), i.e. from the state that has
 seen everything *before* token t. Under this alignment, `exclude_eos` drops the
 value read at the response's last content token, so the final content token of
-a response that ends with EOS never influences its score.
+a response that ends with EOS never influences its score. `score.eos_rule: token`
+drops instead every value that scores an EOS id, the users' verl mask (see docs/spec.md).
 """
 
 from __future__ import annotations
@@ -59,7 +60,8 @@ def sequence_scores(token_values: torch.Tensor, mask: torch.Tensor, reduction: s
         return masked.sum(-1) / mask.sum(-1).clamp(min=1)
     if reduction == "last":
         last = (mask.long() * torch.arange(mask.shape[1], device=mask.device)).argmax(-1)  # (B,)
-        return token_values.gather(1, last[:, None]).squeeze(1)
+        value = token_values.gather(1, last[:, None]).squeeze(1)
+        return torch.where(mask.any(-1), value, 0.0)  # an empty mask (score.eos_rule: token) scores 0
     raise ValueError(f"unknown score reduction {reduction!r}; use mean, last or sum")
 
 
@@ -114,7 +116,9 @@ def collate_pairs(pairs, index: np.ndarray, pad_id: int, score_cfg: ScoreConfig)
         input_ids[r, :len(row)] = row
         attention[r, :len(row)] = 1
     mask = value_mask(torch.tensor(prompt_lens), torch.tensor(response_lens), torch.tensor(ends),
-                      seq_len, score_cfg.exclude_eos)
+                      seq_len, score_cfg.exclude_eos and score_cfg.eos_rule == "final")
+    if score_cfg.eos_rule == "token":  # the value at p scores the token at p + 1
+        mask &= torch.from_numpy(np.roll(input_ids, -1, axis=1) != eos_id_of(pairs))
     return PairBatch(torch.from_numpy(input_ids), torch.from_numpy(attention), mask, torch.from_numpy(student_row),
                      torch.tensor([len(pairs.teacher_ids[i]) for i in index]),
                      torch.tensor([len(pairs.student_ids[i]) for i in index]), len(index),
@@ -252,6 +256,27 @@ def packed_value_masks(starts: torch.Tensor, prompt_lens: torch.Tensor, teacher_
     return teacher_mask, (positions == prompt - 1) | student_rest
 
 
+def eos_id_of(pairs) -> int:
+    if getattr(pairs, "eos_id", None) is None:
+        raise ValueError("score.eos_rule: token needs the pairs' EOS id (PairSet.eos_id, set when data is loaded)")
+    return int(pairs.eos_id)
+
+
+def _drop_eos_values(teacher_mask: torch.Tensor, student_mask: torch.Tensor, input_ids: np.ndarray,
+                     last_prompt: np.ndarray, students: list[np.ndarray], eos_id: int) -> None:
+    """score.eos_rule: token on packed masks, in place: drop every value that scores an EOS id.
+
+    The value at p scores the token at p + 1, except a student's first token, scored at its
+    prompt's last position (`last_prompt`, whose next token in the row is the teacher's).
+    """
+    scored_not_eos = torch.from_numpy(np.roll(input_ids, -1) != eos_id)[None, :]  # (1, N)
+    teacher_mask &= scored_not_eos
+    student_keep = scored_not_eos.repeat(len(students), 1)  # (pairs, N)
+    first_not_eos = torch.tensor([len(s) > 0 and int(s[0]) != eos_id for s in students])
+    student_keep[torch.arange(len(students)), torch.from_numpy(last_prompt)] = first_not_eos
+    student_mask &= student_keep
+
+
 def collate_packed(pairs, index: np.ndarray, pad_id: int, score_cfg: ScoreConfig) -> PackedPairBatch:
     """Pack the pairs `index` of a PairSet into one row, prompt | teacher | student each, for a single forward.
 
@@ -275,7 +300,9 @@ def collate_packed(pairs, index: np.ndarray, pad_id: int, score_cfg: ScoreConfig
     teacher_mask, student_mask = packed_value_masks(
         *map(torch.from_numpy, (starts, prompt_lens, teacher_lens, student_lens,
                                 np.asarray(pairs.teacher_ends_eos)[index], np.asarray(pairs.student_ends_eos)[index])),
-        seq_len=len(input_ids), exclude_eos=score_cfg.exclude_eos)
+        seq_len=len(input_ids), exclude_eos=score_cfg.exclude_eos and score_cfg.eos_rule == "final")
+    if score_cfg.eos_rule == "token":
+        _drop_eos_values(teacher_mask, student_mask, input_ids, starts + prompt_lens - 1, students, eos_id_of(pairs))
     student_mask[identical] = teacher_mask[identical]
     return PackedPairBatch(torch.from_numpy(input_ids)[None], torch.from_numpy(position_ids)[None],
                            PairSegments(starts, prompt_lens, teacher_lens, in_row), teacher_mask, student_mask,

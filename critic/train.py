@@ -15,10 +15,11 @@ from transformers import get_scheduler
 
 from critic.config import ExperimentConfig
 from critic.data import PairSet
-from critic.loss import bradley_terry_loss
+from critic.loss import bradley_terry_loss, bt_temperature
 from critic.metrics import step_metrics
 from critic.reporting import Reporter
 from critic.score import score_pairs
+from critic.verl_units import verl_batches, verl_lr_lambda
 
 
 class NonFiniteError(FloatingPointError):
@@ -52,13 +53,27 @@ def length_grouped_batches(lengths: np.ndarray, batch_size: int, rng: np.random.
 
 
 def total_steps(n_pairs: int, cfg: ExperimentConfig) -> int:
+    if cfg.verl.in_use():  # verl's warmup length is in iterations, whatever the data size
+        return cfg.train.max_steps
     steps = cfg.train.epochs * math.ceil(n_pairs / cfg.train.batch_size)
     return min(steps, cfg.train.max_steps) if cfg.train.max_steps else steps
+
+
+def step_batches(pairs: PairSet, cfg: ExperimentConfig, rng: np.random.Generator) -> list[tuple[np.ndarray, bool]]:
+    """Every optimizer step's pairs in training order, each with `fresh`: none of them trained on before."""
+    if cfg.verl.in_use():
+        return verl_batches(len(pairs), cfg.verl, rng)
+    lengths, batches = pairs.pair_lengths(), []
+    for epoch in range(cfg.train.epochs):
+        batches.extend((index, epoch == 0) for index in length_grouped_batches(lengths, cfg.train.batch_size, rng))
+    return batches[:total_steps(len(pairs), cfg)]
 
 
 def _build_optimizer(model: torch.nn.Module, cfg: ExperimentConfig, n_steps: int):
     t = cfg.train
     optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
+    if cfg.verl.in_use():  # verl's schedule: stepped once per iteration, cosine over the whole RL run
+        return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, verl_lr_lambda(cfg))
     name = "constant_with_warmup" if t.scheduler == "constant" else t.scheduler
     scheduler = get_scheduler(name, optimizer, num_warmup_steps=t.warmup_steps, num_training_steps=n_steps)
     return optimizer, scheduler
@@ -74,27 +89,50 @@ class TrainOutcome:
     eval_seconds: float = 0.0
 
 
-def _train_step(model, pairs: PairSet, batch_index: np.ndarray, cfg: ExperimentConfig, device, pad_id: int):
-    """Forward/backward every micro-batch of one optimizer step; returns detached scores and stats.
-
-    Nothing here waits for the device: token counts come from the host, losses stay tensors.
-    """
-    micro = cfg.train.micro_batch_size
+def _forward_chunks(group: np.ndarray, size: int) -> list[np.ndarray]:
+    """A micro-batch cut into forwards of at most `size` pairs; a simulated device refuses larger ones."""
     device_pairs = _simulated_device_pairs()
-    teacher, student, losses, temps, tokens = [], [], [], [], 0
-    for start in range(0, len(batch_index), micro):
-        index = batch_index[start:start + micro]
+    chunks = [group[start:start + size] for start in range(0, len(group), size)]
+    for index in chunks:
         if device_pairs is not None and len(index) > device_pairs:
             raise torch.OutOfMemoryError(f"simulated: a micro-batch of {len(index)} pairs does not fit a device "
                                          f"of {device_pairs} pairs (SWEEP_SIMULATE_DEVICE_PAIRS)")
-        t_scores, s_scores, n_tokens = score_pairs(model, pairs, index, pad_id, cfg.score, device)
-        loss, temperature = bradley_terry_loss(t_scores, s_scores, cfg.loss)
-        (loss * len(index) / len(batch_index)).backward()  # accumulation: mean over the step's pairs
-        teacher.append(t_scores.detach())
-        student.append(s_scores.detach())
-        losses.append(loss.detach() * len(index))
-        temps.append(temperature.detach() * len(index))
-        tokens += n_tokens
+    return chunks
+
+
+def _group_temperature(model, pairs: PairSet, chunks: list[np.ndarray], cfg: ExperimentConfig, device,
+                       pad_id: int) -> torch.Tensor:
+    """The adaptive T of a whole micro-batch scored in several forwards: a no-grad pass over its chunks."""
+    with torch.no_grad():
+        scored = [score_pairs(model, pairs, index, pad_id, cfg.score, device)[:2] for index in chunks]
+    diff = torch.cat([t_scores - s_scores for t_scores, s_scores in scored])  # (micro,)
+    return bt_temperature(diff, cfg.loss)
+
+
+def _train_step(model, pairs: PairSet, batch_index: np.ndarray, cfg: ExperimentConfig, device, pad_id: int):
+    """Forward/backward every micro-batch of one optimizer step; returns detached scores and stats.
+
+    The loss groups micro_batch_size pairs (the adaptive T is one per group, as in verl); a group may run as
+    several forwards of forward_micro_batch_size pairs, with the same loss and gradients. Nothing here waits
+    for the device: token counts come from the host, losses stay tensors.
+    """
+    micro = cfg.train.micro_batch_size
+    forward = cfg.train.forward_micro_batch_size or micro
+    teacher, student, losses, temps, tokens = [], [], [], [], 0
+    for start in range(0, len(batch_index), micro):
+        chunks = _forward_chunks(batch_index[start:start + micro], forward)
+        group_temperature = None
+        if len(chunks) > 1 and cfg.loss.adaptive_temperature:
+            group_temperature = _group_temperature(model, pairs, chunks, cfg, device, pad_id)
+        for index in chunks:
+            t_scores, s_scores, n_tokens = score_pairs(model, pairs, index, pad_id, cfg.score, device)
+            loss, temperature = bradley_terry_loss(t_scores, s_scores, cfg.loss, group_temperature)
+            (loss * len(index) / len(batch_index)).backward()  # accumulation: mean over the step's pairs
+            teacher.append(t_scores.detach())
+            student.append(s_scores.detach())
+            losses.append(loss.detach() * len(index))
+            temps.append(temperature.detach() * len(index))
+            tokens += n_tokens
     n = len(batch_index)
     return (torch.cat(teacher), torch.cat(student), torch.stack(losses).sum() / n,
             torch.stack(temps).sum() / n, tokens)
@@ -134,8 +172,7 @@ def train_critic(model: torch.nn.Module, pairs: PairSet, cfg: ExperimentConfig, 
     n_steps = total_steps(len(pairs), cfg)
     optimizer, scheduler = _build_optimizer(model, cfg, n_steps)
     params = [p for p in model.parameters() if p.requires_grad]
-    rng = np.random.default_rng(cfg.train.seed)
-    lengths = pairs.pair_lengths()
+    batches = step_batches(pairs, cfg, np.random.default_rng(cfg.train.seed))
     outcome, first_epoch_correct, first_epoch_pairs = TrainOutcome(), 0.0, 0
 
     def run_eval(step: int) -> None:
@@ -151,29 +188,27 @@ def train_critic(model: torch.nn.Module, pairs: PairSet, cfg: ExperimentConfig, 
         run_eval(0)
     bar = tqdm(total=n_steps, desc="steps", leave=False, disable=not progress, dynamic_ncols=True)
     try:
-        for epoch in range(cfg.train.epochs):
-            for batch_index in length_grouped_batches(lengths, cfg.train.batch_size, rng):
-                if step >= n_steps:
-                    break
-                step_start = time.perf_counter()
-                metrics, tokens = optimizer_step(model, params, optimizer, scheduler, pairs, batch_index, cfg,
-                                                 device, pad_id, step + 1)
-                step += 1
-                if epoch == 0:
-                    first_epoch_correct += metrics["critic/d_acc"] * len(batch_index)
-                    first_epoch_pairs += len(batch_index)
-                elapsed = time.perf_counter() - step_start
-                metrics.update({"perf/pairs_per_s": len(batch_index) / elapsed, "perf/tokens_per_s": tokens / elapsed})
-                reporter.log_train(step, metrics)
-                bar.update(1)
-                bar.set_postfix(d_acc=f"{metrics['critic/d_acc']:.2f}", loss=f"{metrics['critic/loss']:.3f}")
-                if step % cfg.eval.every_steps == 0 and step < n_steps:
-                    run_eval(step)
+        for batch_index, fresh in batches:
+            step_start = time.perf_counter()
+            metrics, tokens = optimizer_step(model, params, optimizer, scheduler, pairs, batch_index, cfg,
+                                             device, pad_id, step + 1)
+            step += 1
+            if fresh:  # scored before any update on these pairs: unbiased on the training distribution
+                first_epoch_correct += metrics["critic/d_acc"] * len(batch_index)
+                first_epoch_pairs += len(batch_index)
+            elapsed = time.perf_counter() - step_start
+            metrics.update({"perf/pairs_per_s": len(batch_index) / elapsed, "perf/tokens_per_s": tokens / elapsed})
+            reporter.log_train(step, metrics)
+            bar.update(1)
+            bar.set_postfix(d_acc=f"{metrics['critic/d_acc']:.2f}", loss=f"{metrics['critic/loss']:.3f}")
+            if step % cfg.eval.every_steps == 0 and step < n_steps:
+                run_eval(step)
     except RuntimeError as exc:  # torch.OutOfMemoryError (GPU) or a failed CPU allocation
         if not isinstance(exc, torch.OutOfMemoryError) and "can't allocate memory" not in str(exc):
             raise
-        raise TrialOutOfMemory(f"out of memory at step {step + 1} with micro_batch_size="
-                               f"{cfg.train.micro_batch_size}: {exc}") from exc
+        forward = cfg.train.forward_micro_batch_size or cfg.train.micro_batch_size
+        raise TrialOutOfMemory(f"out of memory at step {step + 1} with forwards of {forward} pairs "
+                               f"(train.micro_batch_size={cfg.train.micro_batch_size}): {exc}") from exc
     finally:
         bar.close()
     outcome.steps = step

@@ -256,8 +256,8 @@ def one_done_one_running(trials) -> bool:
 
 def test_out_of_memory_retries_with_half_micro_batch_then_fails_with_reason(tmp_path, monkeypatch,
                                                                            tiny_cache_dir):
-    # A simulated device that fits 3 pairs: micro-batch 4 -> OOM -> retried with 2 (fits);
-    # micro-batch 8 -> OOM -> 4 -> OOM again -> FAIL; the sweep goes on to the next trial.
+    # A simulated device that fits 3 pairs: micro-batch 4 -> OOM -> retried with forwards of 2 (fits);
+    # micro-batch 8 -> OOM -> forwards of 4 -> OOM again -> FAIL; the sweep goes on to the next trial.
     space = {"train.micro_batch_size": {"type": "categorical", "choices": [2, 4, 8]}}
     spec = study_mod.load_sweep_spec(str(scaleout_spec(tmp_path, tiny_cache_dir, study_name="oom", n_trials=2,
                                                        search_space=space, baseline={})))
@@ -271,9 +271,9 @@ def test_out_of_memory_retries_with_half_micro_batch_then_fails_with_reason(tmp_
     retried, failed, plain = study.trials
     assert retried.state.name == "COMPLETE" and retried.user_attrs["oom_retry"] is True
     retried_run = tracker.client.get_run(retried.user_attrs["mlflow_run_id"])
-    assert retried_run.data.tags["sweep.oom_retry"] == "micro_batch_size 4 -> 2"
+    assert retried_run.data.tags["sweep.oom_retry"] == "forward_micro_batch_size 4 -> 2 (loss micro_batch_size 4 kept)"
     assert failed.state.name == "FAIL"
-    assert "out of memory (after retry with micro_batch_size=4)" in failed.user_attrs["fail_reason"]
+    assert "out of memory (after retry with forwards of 4 pairs)" in failed.user_attrs["fail_reason"]
     assert "SWEEP_SIMULATE_DEVICE_PAIRS" in failed.user_attrs["fail_reason"]
     assert tracker.client.get_run(failed.user_attrs["mlflow_run_id"]).info.status == "FAILED"
     assert plain.state.name == "COMPLETE" and "oom_retry" not in plain.user_attrs

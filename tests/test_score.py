@@ -164,3 +164,59 @@ def test_last_token_of_a_truncated_response_is_never_read(tiny_critic, layout):
     before_last_differs = hand_pair_set([([40, 41, 42], [50, 51, 52, 53], [50, 51, 99, 53], False, False)])
     teacher, student = score(tiny_critic.model, before_last_differs, [0], ScoreConfig(layout=layout), pad_id)
     assert abs(teacher[0] - student[0]) > 1e-4
+
+
+# --- score.eos_rule: which EOS values exclude_eos drops ---------------------------------------------------------
+# pair 0: the student said only EOS; pair 1: the teacher's text holds an EOS id inside (tokenized special text).
+# final (default, this tool's rule): drop the final EOS's value only; an EOS-only response keeps its one value.
+# token (the users' verl mask `response_mask & (responses != eos)`): drop every EOS id's value; EOS-only -> empty.
+EOS_PAIRS = [([10, 11, 12], [20, 21, EOS], [EOS], True, True),
+             ([13, 14], [22, EOS, 23, EOS], [24, EOS], True, True)]
+
+
+@pytest.mark.parametrize("rule, teacher, student", [
+    # padded rows: 10 11 12 20 21 EOS | 13 14 22 EOS 23 EOS | 10 11 12 EOS | 13 14 24 EOS (value at p scores p+1)
+    ("final", [[2, 3], [1, 2, 3]], [[2], [1]]),
+    ("token", [[2, 3], [1, 3]], [[], [1]]),
+])
+def test_eos_rules_on_padded_rows(rule, teacher, student):
+    pairs = hand_pair_set(EOS_PAIRS)
+    pairs.eos_id = EOS
+    batch = collate_pairs(pairs, np.array([0, 1]), pad_id=0, score_cfg=ScoreConfig(eos_rule=rule))
+    assert positions(batch.mask) == teacher + student
+
+
+@pytest.mark.parametrize("rule, teacher, student", [
+    # one packed row: 10 11 12 20 21 EOS EOS | 13 14 22 EOS 23 EOS 24 EOS (positions 0-6 | 7-14); a student's
+    # first token is scored at its prompt's last position (2 and 8)
+    ("final", [[2, 3], [8, 9, 10]], [[2], [8]]),
+    ("token", [[2, 3], [8, 10]], [[], [8]]),
+])
+def test_eos_rules_on_a_packed_row(rule, teacher, student):
+    from critic.score import collate_packed
+    pairs = hand_pair_set(EOS_PAIRS)
+    pairs.eos_id = EOS
+    batch = collate_packed(pairs, np.array([0, 1]), pad_id=0, score_cfg=ScoreConfig(eos_rule=rule))
+    assert positions(batch.teacher_mask) == teacher and positions(batch.student_mask) == student
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "last"])
+def test_eos_only_response_scores_zero_under_the_token_rule_in_both_layouts(tiny_critic, reduction):
+    eos, pad_id = tiny_critic.tokenizer.eos_token_id, tiny_critic.tokenizer.pad_token_id
+    pairs = hand_pair_set([([40, 41, 42], [50, 51, eos], [eos], True, True),
+                           ([43, 44], [52, eos, 53, eos], [54, eos], True, True)])
+    pairs.eos_id = eos
+    by_layout = [score(tiny_critic.model, pairs, [0, 1], ScoreConfig(eos_rule="token", reduction=reduction,
+                                                                     layout=layout), pad_id) for layout in LAYOUTS]
+    assert by_layout[0][1][0] == by_layout[1][1][0] == 0.0
+    np.testing.assert_allclose(np.concatenate(by_layout[0]), np.concatenate(by_layout[1]), atol=1e-5)
+    final = score(tiny_critic.model, pairs, [0, 1], ScoreConfig(reduction=reduction), pad_id)
+    assert final[1][0] != 0.0  # the default rule scores it by the value at the last prompt token
+
+
+def test_token_rule_needs_exclude_eos_and_the_pairs_eos_id():
+    from critic.config import SpecError, build_config
+    with pytest.raises(SpecError, match=r"eos_rule: token drops EOS values, which needs score.exclude_eos: true"):
+        build_config({"score": {"eos_rule": "token", "exclude_eos": False}})
+    with pytest.raises(ValueError, match=r"eos_rule: token needs the pairs' EOS id"):
+        collate_pairs(hand_pair_set(EOS_PAIRS), np.array([0]), pad_id=0, score_cfg=ScoreConfig(eos_rule="token"))

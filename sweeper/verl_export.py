@@ -1,0 +1,187 @@
+"""A trial as Hydra overrides for the users' verl run: verl's key names for a verl version, verl's units.
+
+Only keys that exist in that version's `ppo_trainer` config are written bare (checked by composing verl's
+own config in tests/test_verl_export.py); keys verl does not define (this tool's temperature and bounds,
+mapped in `export.verl_keys`) are written `+key=value`. A swept value that verl cannot express is not
+written: a note says why, in the file and on stderr. Units: see critic/verl_units.py.
+"""
+
+from __future__ import annotations
+
+import shlex
+from dataclasses import dataclass, field
+from typing import Any
+
+import optuna
+
+from critic.config import ExperimentConfig, SpecError, apply_overrides, build_config, flatten
+from critic.verl_units import verl_steps
+from sweeper.study import SweepSpec
+
+DEFAULT_VERSION = "0.9"  # the current verl release (0.9.1 on PyPI)
+
+
+@dataclass(frozen=True)
+class VerlVersion:
+    """The keys that differ between verl releases (from each release's trainer/config)."""
+    scheduler_key: str
+    warmup_key: str  # "+..." where the yaml lacks the key but the worker reads it
+    clip_keys: dict[str, str]  # worker -> its gradient-clip key; the first worker is verl's default
+    cosine_pins: tuple[tuple[str, str], ...] = ()  # keys that make verl's cosine the one swept here
+    betas_key: str = "critic.optim.betas"
+
+
+_LEGACY_ONLY = VerlVersion("critic.optim.warmup_style", "+critic.optim.lr_warmup_steps", {"legacy": "critic.grad_clip"},
+                           betas_key="+critic.optim.betas")
+_BOTH = VerlVersion("critic.optim.lr_scheduler_type", "critic.optim.lr_warmup_steps",
+                    {"legacy": "critic.grad_clip", "engine": "critic.optim.clip_grad"},
+                    (("critic.optim.min_lr_ratio", "0.0"), ("critic.optim.num_cycles", "0.5")))
+_ENGINE_ONLY = VerlVersion("critic.optim.lr_scheduler_type", "critic.optim.lr_warmup_steps",
+                           {"engine": "critic.optim.clip_grad"},
+                           _BOTH.cosine_pins + (("critic.optim.zero_indexed_step", "true"),))
+# 0.4/0.5: only the legacy FSDP worker (critic.grad_clip), scheduler key warmup_style, no lr_warmup_steps in the
+# yaml (the worker reads it with .get); 0.6/0.7: both workers, trainer.use_legacy_worker_impl: auto = legacy;
+# 0.8/0.9: the engine worker only (critic.optim.clip_grad; critic.grad_clip is still in the yaml, read by nobody).
+# zero_indexed_step (pinned from 0.8) first appears in 0.7.1, so 0.7 leaves it at its default (true).
+VERSIONS = {"0.4": _LEGACY_ONLY, "0.5": _LEGACY_ONLY, "0.6": _BOTH, "0.7": _BOTH, "0.8": _ENGINE_ONLY,
+            "0.9": _ENGINE_ONLY}
+VERL_DEFAULT_BETAS = (0.9, 0.999)
+
+
+def resolve_version(version: str | None, worker: str | None) -> tuple[str, VerlVersion, str]:
+    """'0.9.1' -> ('0.9', its keys, the worker); raises SpecError naming the supported choices."""
+    short = ".".join((version or DEFAULT_VERSION).split(".")[:2])
+    if short not in VERSIONS:
+        raise SpecError(f"--verl-version {version}: supported are {', '.join(VERSIONS)} (X.Y or X.Y.Z)")
+    keys = VERSIONS[short]
+    worker = worker or next(iter(keys.clip_keys))
+    if worker not in keys.clip_keys:
+        raise SpecError(f"--verl-worker {worker}: verl {short} has the {' and '.join(keys.clip_keys)} critic worker "
+                        f"only; choose {' or '.join(keys.clip_keys)}")
+    return short, keys, worker
+
+
+@dataclass
+class VerlExport:
+    version: str
+    worker: str
+    entries: list[tuple[str, str, str]] = field(default_factory=list)  # (key, key=value shell-quoted, why)
+    notes: list[str] = field(default_factory=list)
+
+    def add(self, key: str, value: Any, why: str = "") -> None:
+        text = f"{key}={hydra_value(value)}"
+        self.entries.append((key, shlex.quote(text) if any(c in text for c in "[] ,'\"") else text, why))
+
+    @property
+    def overrides(self) -> list[str]:
+        return [text for _, text, _ in self.entries]
+
+    def text(self) -> str:
+        lines = [f"# Hydra overrides for verl {self.version} ({self.worker} critic worker), in verl's units: append",
+                 "# them to your command (python3 -m verl.trainer.main_ppo ...). Conversions: critic/verl_units.py."]
+        lines += [f"# {key}: {why}" for key, _, why in self.entries if why]
+        lines += [f"# NOTE: {note}" for note in self.notes]
+        return "\n".join(lines) + "\n" + " \\\n".join(self.overrides) + "\n"
+
+
+def hydra_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(hydra_value(v) for v in value) + "]"
+    return "null" if value is None else str(value)
+
+
+def parse_overrides(text: str) -> list[str]:
+    """The override list a shell would pass for an exported file (comments and line continuations removed)."""
+    code = "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#"))
+    return shlex.split(code.replace("\\\n", " "))
+
+
+def _length(cfg: ExperimentConfig) -> str:
+    t = cfg.train
+    return f"{t.max_steps} optimizer steps" if t.max_steps else f"{t.epochs} epoch(s)"
+
+
+def _warmup(out: VerlExport, keys: VerlVersion, cfg: ExperimentConfig) -> None:
+    """trainer.critic_warmup and the lr warmup, or notes saying why they have no verl value."""
+    if cfg.verl.in_use():
+        steps = verl_steps(cfg.verl)
+        out.add("trainer.critic_warmup", cfg.verl.critic_warmup,
+                f"the policy first updates after {steps.warmup_iterations} critic-only iterations, here "
+                f"{steps.max_steps} optimizer steps of {steps.batch_size} pairs")
+        out.add(keys.warmup_key, cfg.verl.lr_warmup_steps, "scheduler steps = iterations")
+        out.add("critic.optim.lr_warmup_steps_ratio", 0.0, "a 0 above must not fall back to a ratio")
+        return
+    t = cfg.train
+    out.notes.append(f"trainer.critic_warmup not written: this trial is {_length(cfg)} of {t.batch_size} pairs per "
+                     f"step, and verl counts the warmup in iterations; describe the trial with a verl: section "
+                     f"to convert it")
+    if t.warmup_steps == 0:
+        out.add(keys.warmup_key, 0)
+        out.add("critic.optim.lr_warmup_steps_ratio", 0.0, "a 0 above must not fall back to a ratio")
+    else:
+        out.notes.append(f"lr warmup not written: train.warmup_steps={t.warmup_steps} optimizer steps, but verl "
+                         f"steps its scheduler once per iteration; use verl.lr_warmup_steps (iterations)")
+
+
+def _schedule(out: VerlExport, keys: VerlVersion, cfg: ExperimentConfig) -> None:
+    scheduler = cfg.train.scheduler
+    if scheduler == "constant" or (scheduler == "cosine" and cfg.verl.in_use()):
+        out.add(keys.scheduler_key, scheduler)
+    if scheduler == "cosine" and cfg.verl.in_use():
+        for key, value in keys.cosine_pins:
+            out.add(key, value)
+        out.notes.append(f"the cosine was swept over verl.total_training_steps={cfg.verl.total_training_steps} "
+                         f"iterations; verl takes its horizon from trainer.total_training_steps or the data size x "
+                         f"trainer.total_epochs: check that your run has that many")
+    elif scheduler == "linear":
+        out.notes.append("train.scheduler=linear not written: verl's critic has constant and cosine only")
+    elif scheduler != "constant":
+        out.notes.append(f"train.scheduler={scheduler} not written: this trial decayed over its own {_length(cfg)}, "
+                         f"verl decays over the whole RL run; describe the trial with a verl: section "
+                         f"(verl.total_training_steps) to sweep verl's cosine")
+
+
+def _batches(out: VerlExport, cfg: ExperimentConfig, swept: set[str]) -> None:
+    """The micro-batch when it is part of the loss, and any swept verl batch key."""
+    loss_micro = cfg.loss.adaptive_temperature or {"train.micro_batch_size", "verl.ppo_micro_batch_size_per_gpu"} & swept
+    if loss_micro:
+        out.add("critic.ppo_micro_batch_size_per_gpu", cfg.train.micro_batch_size,
+                "the adaptive T is computed per micro-batch: part of the loss")
+        out.add("critic.use_dynamic_bsz", False, "token-based micro-batches would regroup the T")
+    verl_keys = {"verl.ppo_epochs": "critic.ppo_epochs", "verl.ppo_mini_batch_size": "critic.ppo_mini_batch_size",
+                 "verl.train_batch_size": "data.train_batch_size", "verl.rollout_n": "actor_rollout_ref.rollout.n"}
+    for ours, theirs in verl_keys.items():
+        if ours in swept:
+            out.add(theirs, getattr(cfg.verl, ours.split(".")[1]), "swept")
+    if {"verl.train_batch_size", "verl.rollout_n"} & swept:
+        out.notes.append("data.train_batch_size / actor_rollout_ref.rollout.n were swept: they set the whole RL run's "
+                         "batch, not only the critic's")
+    if not cfg.verl.in_use():
+        out.notes.append(f"the lr was tuned at {cfg.train.batch_size} pairs per optimizer step; verl's critic takes "
+                         f"critic.ppo_mini_batch_size x rollout.n pairs per step")
+
+
+def verl_export(spec: SweepSpec, trial: optuna.trial.FrozenTrial, version: str | None = None,
+                worker: str | None = None) -> VerlExport:
+    """The trial's overrides and notes for verl `version` (default: the current release)."""
+    short, keys, worker = resolve_version(version, worker)
+    cfg = build_config(apply_overrides(spec.raw, trial.params), f"trial {trial.number}")
+    swept = set(trial.params)
+    out = VerlExport(short, worker)
+    t = cfg.train
+    out.add("critic.optim.lr", t.lr)
+    out.add("critic.optim.weight_decay", t.weight_decay)
+    if tuple(t.betas) != VERL_DEFAULT_BETAS or not keys.betas_key.startswith("+"):
+        out.add(keys.betas_key, list(t.betas))
+    _warmup(out, keys, cfg)
+    _schedule(out, keys, cfg)
+    out.add(keys.clip_keys[worker], t.grad_clip)
+    _batches(out, cfg, swept)
+    flat = flatten(cfg)
+    for ours, theirs in cfg.export.verl_keys.items():
+        if ours not in flat:
+            raise SpecError(f"export.verl_keys: {ours!r} is not a config key (e.g. loss.temperature)")
+        out.add(theirs if theirs.startswith("+") else "+" + theirs, flat[ours])
+    return out
