@@ -12,171 +12,16 @@ import math
 import re
 import types
 import typing
-from dataclasses import dataclass, field, fields
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-
-class SpecError(ValueError):
-    """A user-fixable problem with an experiment spec or its overrides."""
-
-
-@dataclass(frozen=True)
-class DataConfig:
-    train_path: str = "demo:train"  # parquet file, or demo:<name> for the embedded demo data
-    prompt_key: str = "content"
-    teacher_key: str = "teacher_response"
-    student_key: str = "student_response"
-    val_fraction: float = 0.1
-    split_seed: int = 0
-    eval_sets: dict[str, str] = field(default_factory=dict)  # name -> parquet path
-    max_prompt_length: int = 256  # keeps the end of the prompt
-    max_response_length: int = 256  # keeps the start of the response
-    cache_dir: str = "mlruns/cache"
-    fold: int | None = None  # cross-validation: hold this fold of the training split out (as eval set "fold")
-    n_folds: int = 5  # folds are assigned by a seeded hash of the prompt, like the val split
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    path: str | None = None  # local Hugging Face checkpoint directory
-    preset: str | None = "tiny"  # built locally when path is not set
-    init_seed: int = 0  # seeds the value head (and the whole tiny preset)
-    gradient_checkpointing: bool = False
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    torch_threads: int = 0  # 0 = leave torch's default
-
-
-@dataclass(frozen=True)
-class ScoreConfig:
-    reduction: str = "mean"  # mean | last | sum over response-token values
-    exclude_eos: bool = True
-    # packed: one row per pair, prompt | teacher | student, the prompt computed once (fastest);
-    # padded: a teacher row and a student row per pair (two copies of the prompt). Same scores to ~1e-6.
-    layout: str = "packed"
-    # final: exclude_eos drops a final EOS's value only; token: every EOS id's, the users' verl mask
-    # `response_mask & (responses != eos_id)` (an EOS-only response then scores 0). See docs/spec.md.
-    eos_rule: str = "final"
-
-
-@dataclass(frozen=True)
-class LossConfig:
-    temperature: float = 1.0
-    adaptive_temperature: bool = False
-    t_a: float = 0.5  # T = clamp(t_a + t_b * |mean(s_t - s_s)|, t_min, t_max)
-    t_b: float = 0.5
-    t_min: float = 0.3
-    t_max: float = 2.0
-    center_coef: float = 0.0
-    margin: float = 0.0
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    lr: float = 3e-6
-    weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.999)
-    grad_clip: float = 1.0
-    scheduler: str = "constant"  # constant | linear | cosine
-    warmup_steps: int = 0
-    epochs: int = 1
-    batch_size: int = 32  # pairs per optimizer step
-    micro_batch_size: int = 8  # pairs per forward and per adaptive T (verl: ppo_micro_batch_size_per_gpu)
-    # Pairs per forward when smaller than micro_batch_size (null = the same): saves memory and keeps the loss,
-    # the adaptive T still comes from micro_batch_size pairs. The out-of-memory retry halves it.
-    forward_micro_batch_size: int | None = None
-    max_steps: int | None = None
-    seed: int = 0
-    save_checkpoint: bool = False
-
-
-@dataclass(frozen=True)
-class VerlConfig:
-    """The users' verl run in verl's units; when set, it gives train's batch sizes, steps and lr schedule
-    (critic/verl_units.py). Left at its defaults, train.* alone describes the trial."""
-    train_batch_size: int | None = None  # data.train_batch_size: prompts per PPO iteration
-    rollout_n: int = 1  # actor_rollout_ref.rollout.n: responses (pairs) per prompt
-    ppo_mini_batch_size: int | None = None  # critic.ppo_mini_batch_size: prompts per optimizer step
-    ppo_epochs: int = 1  # critic.ppo_epochs: passes over each iteration's batch
-    ppo_micro_batch_size_per_gpu: int | None = None  # critic.ppo_micro_batch_size_per_gpu: pairs per forward
-    n_gpus: int = 1  # trainer.nnodes x trainer.n_gpus_per_node: only checks that verl's per-GPU split is whole
-    critic_warmup: int | None = None  # trainer.critic_warmup: iterations before the actor's first update
-    lr_warmup_steps: int = 0  # critic.optim.lr_warmup_steps: verl scheduler steps, one per iteration
-    total_training_steps: int | None = None  # the whole RL run's iterations: the horizon of verl's cosine
-
-    def in_use(self) -> bool:
-        return self != VerlConfig()
-
-
-@dataclass(frozen=True)
-class EvalConfig:
-    every_steps: int = 20
-    before_train: bool = False
-    batch_size: int = 64  # pairs per inference forward
-
-
-@dataclass(frozen=True)
-class ConfirmConfig:
-    """After the search: re-run the top_k finalists and the baseline with `seeds` new seeds each."""
-    top_k: int = 2  # 0 = no confirmation stage
-    seeds: int = 3  # seed indices 1..seeds (the search ran seed index 0): train.seed and model.init_seed + index
-    n_resamples: int = 1000  # bootstrap resamples of the held-out pairs
-
-
-@dataclass(frozen=True)
-class SweepConfig:
-    study_name: str = "critic-warmup"
-    n_trials: int = 12
-    objective: str | list[str] = "val/d_acc"
-    direction: str | list[str] = "maximize"
-    sampler: str = "tpe"
-    pruner: str = "hyperband"
-    seed: int = 0
-    search_space: dict[str, Any] = field(default_factory=dict)
-    baseline: dict[str, Any] = field(default_factory=dict)
-    save_best_checkpoint: bool = False
-    max_failures: int = 0  # 0 = no bound
-    heartbeat_interval: int = 60
-    grace_period: int = 600
-    confirm: ConfirmConfig = field(default_factory=ConfirmConfig)
-
-
-@dataclass(frozen=True)
-class ExportConfig:
-    verl_keys: dict[str, str] = field(default_factory=dict)  # our key -> verl Hydra key
-
-
-@dataclass(frozen=True)
-class StudentConfig:
-    model: str | None = None  # local causal LM directory
-    endpoint: str | None = None  # OpenAI-compatible server
-    model_name: str | None = None
-    api_key_env: str = "OPENAI_API_KEY"
-    regenerate: bool = False
-    max_new_tokens: int = 256
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int = 0
-    batch_size: int = 8
-    concurrency: int = 4
-    timeout_s: float = 60.0
-    max_retries: int = 3
-
-
-@dataclass(frozen=True)
-class ExperimentConfig:
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    score: ScoreConfig = field(default_factory=ScoreConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    verl: VerlConfig = field(default_factory=VerlConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    sweep: SweepConfig = field(default_factory=SweepConfig)
-    export: ExportConfig = field(default_factory=ExportConfig)
-    student: StudentConfig = field(default_factory=StudentConfig)
+from critic.sections import (  # noqa: F401  (re-exported: the spec's types live in critic.sections)
+    SpecError, DataConfig, ModelConfig, ScoreConfig, LossConfig, TrainConfig, VerlConfig,
+    EvalConfig, ConfirmConfig, SweepConfig, ExportConfig, StudentConfig, ExperimentConfig)
+from critic.verl_units import apply_verl
 
 
 SECTIONS: dict[str, type] = {f.name: f.type for f in fields(ExperimentConfig)}
@@ -339,7 +184,6 @@ def build_config(raw: dict[str, Any], source: str = "<spec>") -> ExperimentConfi
             raise SpecError(f"{source}: unknown section '{name}'. Valid sections: {', '.join(SECTIONS)}")
     cfg = ExperimentConfig(**{name: _build_section(name, raw.get(name), source) for name in SECTIONS})
     if cfg.verl.in_use():
-        from critic.verl_units import apply_verl  # imported here: critic.verl_units imports this module
         cfg = apply_verl(cfg, raw.get("train") or {}, source)
     _check_values(cfg, source)
     return cfg

@@ -32,7 +32,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from critic.config import ExperimentConfig, SpecError, VerlConfig
+from critic.sections import ExperimentConfig, SpecError, VerlConfig
 
 REQUIRED = ("train_batch_size", "ppo_mini_batch_size", "ppo_micro_batch_size_per_gpu", "critic_warmup")
 DERIVED = ("batch_size", "micro_batch_size", "max_steps", "warmup_steps", "epochs")  # train.* the section sets

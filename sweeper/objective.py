@@ -2,7 +2,7 @@
 
 Outcomes: COMPLETE with a finite value; PRUNED by the pruner or by a
 non-finite loss (reason recorded); FAIL with its reason (OOM after one retry
-with half the micro-batch, a non-finite objective, an infeasible sampled
+with forwards of half the pairs and the same loss, a non-finite objective, an infeasible sampled
 combination, any other engine error) while the sweep goes on. A spec or data
 error (SpecError) stops the whole sweep at once.
 """
@@ -139,7 +139,7 @@ class Objective:
         run_id = self.tracker.child_run(self.parent_run_id, trial.number, tags, run_name=name)
         trial.set_user_attr("mlflow_run_id", run_id)
         trial.set_user_attr("config", mask(json.dumps(flatten(cfg), default=str)))
-        params = flatten(cfg, ("data", "model", "score", "loss", "train", "eval", "student"))
+        params = flatten(cfg, ("data", "model", "score", "loss", "train", "verl", "eval", "student"))
         self.tracker.log_params(run_id, {**params, **{f"sampled/{k}": v for k, v in sampled.items()}})
         return run_id
 
