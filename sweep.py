@@ -19,7 +19,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from sweeper.cli import add_commands
+    from sweeper.commands import add_commands
     parser = argparse.ArgumentParser(prog="sweep.py", description="Hyperparameter sweeps of the critic warmup.")
     add_commands(parser.add_subparsers(dest="command", required=True))
     return parser

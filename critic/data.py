@@ -16,12 +16,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from critic.config import DataConfig, SpecError, StudentConfig
+from critic.config import DataConfig, StudentConfig
 from critic.demo import demo_path
-
-
-class DataError(SpecError):
-    """A data file that cannot be used as given; the message says what to change."""
+from critic.files import file_digest
+from critic.prompts import prompt_messages, prompt_text
+from critic.sections import DataError
+from critic.student import student_responses
 
 
 @dataclass
@@ -62,29 +62,6 @@ def resolve_path(path: str, cache_dir: str) -> Path:
     if not resolved.is_file():
         raise DataError(f"data file not found: {resolved}")
     return resolved
-
-
-def file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
-
-
-def prompt_text(value) -> str:
-    """A plain string prompt, or the text of a verl-style chat list."""
-    if isinstance(value, str):
-        return value
-    if isinstance(value, (list, tuple, np.ndarray)) and all(isinstance(m, dict) for m in value):
-        return "\n".join(str(m.get("content", "")) for m in value)
-    raise DataError(f"prompt must be a string or a list of {{role, content}} messages, got {type(value).__name__}")
-
-
-def prompt_messages(value) -> list[dict]:
-    if isinstance(value, str):
-        return [{"role": "user", "content": value}]
-    return [{"role": str(m.get("role", "user")), "content": str(m.get("content", ""))} for m in value]
 
 
 def read_pairs(path: Path, cfg: DataConfig, keep_empty_student: bool = False) -> tuple[pd.DataFrame, dict[str, float]]:
@@ -216,12 +193,11 @@ def load_pair_set(path_spec: str, cfg: DataConfig, tokenizer, tokenizer_id: str,
     """Read, check and tokenize one file; cached in memory and on disk by file digest + tokenizer + options.
 
     With `student` configured, a file without the student column (or any file, with student.regenerate)
-    is read with responses generated once by the frozen actor (see critic/student.py).
+    is read with responses generated once by the frozen actor (see critic/student/).
     """
     path = resolve_path(path_spec, cfg.cache_dir)
     generated = None
     if student is not None:
-        from critic.student import student_responses  # imported here: critic.student imports this module
         generated = student_responses(path, cfg, student)
         path = generated.path if generated else path
     digest = file_digest(path)

@@ -1,4 +1,4 @@
-"""The spec's sections: one frozen dataclass per YAML section, and the error every loader raises.
+"""The spec's sections: one frozen dataclass per YAML section, and the errors every loader raises.
 
 Pure data, no validation (critic/config.py loads and checks them), so that modules which derive
 one section from another (critic/verl_units.py) can use the types without importing the loader.
@@ -12,6 +12,10 @@ from typing import Any
 
 class SpecError(ValueError):
     """A user-fixable problem with an experiment spec or its overrides."""
+
+
+class DataError(SpecError):
+    """A data file that cannot be used as given; the message says what to change."""
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,7 @@
 The story: load the checkpoint -> load the training split, the val split and every named file exactly as
 training did -> score each with the engine (critic.evaluate.score_set / metrics_from_scores) -> measure
 lengths, ties, token distributions and score levels -> optionally train K fold critics -> judge each
-proposed cause (critic.diagnose_verdicts) -> write a Markdown report with figures (critic.diagnose_report).
+proposed cause (diagnose.verdicts) -> write a Markdown report with figures (diagnose.report).
 """
 
 from __future__ import annotations
@@ -20,12 +20,12 @@ import torch
 from critic.checkpoint import Histories, load_checkpoint
 from critic.config import ExperimentConfig, SpecError, apply_overrides, build_config, to_dict
 from critic.data import PairSet, load_pair_set, load_trial_data, resolve_path
-from critic.diagnose_stats import (fold_summary, identical_responses, length_buckets, progressive_d_acc,
-                                   score_levels, text_stats, token_divergence)
-from critic.diagnose_verdicts import LINEAGE_COLUMN, HealthCheck, Verdict, gap_bridge, judge, training_health
 from critic.evaluate import metrics_from_scores, score_set
 from critic.model import select_device, tokenizer_digest
 from critic.trial import run_trial
+from diagnose.stats import (fold_summary, identical_responses, length_buckets, progressive_d_acc, score_levels,
+                            text_stats, token_divergence)
+from diagnose.verdicts import LINEAGE_COLUMN, HealthCheck, Verdict, gap_bridge, judge, training_health
 
 RESERVED_NAMES = ("train", "val", "fold", "critic", "perf", "sweep")
 SUBSAMPLE_SEED = 0

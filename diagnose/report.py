@@ -12,9 +12,9 @@ matplotlib.use("Agg")  # no display on training nodes
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from critic.diagnose import Diagnosis, fold_spread  # noqa: E402
-from critic.diagnose_stats import LENGTH_MATCH_TOLERANCE, binomial_se, series  # noqa: E402
-from critic.diagnose_verdicts import MIN_GAP, NOISE_Z  # noqa: E402
+from diagnose.diagnosis import Diagnosis, fold_spread  # noqa: E402
+from diagnose.stats import LENGTH_MATCH_TOLERANCE, binomial_se, series  # noqa: E402
+from diagnose.verdicts import MIN_GAP, NOISE_Z  # noqa: E402
 
 FIGURES = "figures"
 METRIC_ROWS = ["n_pairs", "d_acc", "d_acc_ties_correct", "tie_rate", "identical_rate", "auc", "teacher_score_mean",

@@ -1,6 +1,6 @@
 """Measurements behind `diagnose`: pure functions of per-pair scores, token ids and training curves.
 
-Nothing here judges; critic.diagnose_verdicts turns these numbers into verdicts with its thresholds.
+Nothing here judges; diagnose.verdicts turns these numbers into verdicts with its thresholds.
 Scores always come from critic.evaluate.score_set (the engine's one scoring path).
 """
 

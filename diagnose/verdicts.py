@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from critic.diagnose_stats import binomial_se, late_trend, window_mean
+from diagnose.stats import binomial_se, late_trend, window_mean
 
 # --- verdict thresholds -------------------------------------------------------------------------
 MIN_GAP = 0.05  # a d_acc difference under 5 points is never called a cause

@@ -19,15 +19,14 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from critic.config import ExperimentConfig, SpecError
-from sweeper.study import SweepSpec
+from sweeper.study import CONFIRM_SUFFIX, FINISHED, SweepSpec
 from sweeper.stores import make_storage
 
-SUFFIX = ".confirm"
 STAGE_ATTRS = ("stage", "confirm_config", "config_trial", "seed_index")  # kept when a dead worker's trial is re-queued
 
 
 def confirm_study_name(search_study: str) -> str:
-    return search_study + SUFFIX
+    return search_study + CONFIRM_SUFFIX
 
 
 def seed_overrides(cfg: ExperimentConfig, seed_index: int) -> dict[str, int]:
@@ -106,7 +105,7 @@ class ConfirmPlan:
     @staticmethod
     def _settled(trial: FrozenTrial) -> bool:
         """Done for good: a value, a prune (diverged), or a failure with a reason other than an interrupt."""
-        if trial.state in (TrialState.COMPLETE, TrialState.PRUNED):
+        if trial.state in FINISHED:
             return True
         return trial.state == TrialState.FAIL and trial.user_attrs.get("fail_reason") not in (None, "interrupted")
 

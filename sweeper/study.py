@@ -23,7 +23,8 @@ from sweeper.space import SpaceEntry, check_effective, check_in_space, parse_spa
 from sweeper.stores import StorageLock, make_storage, mask
 from sweeper.tracking import Tracker, git_commit
 
-FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)  # a trial that needs no rerun
+CONFIRM_SUFFIX = ".confirm"  # <search study><suffix> holds its confirmation runs
 _EVAL_METRICS = set(pair_metrics([1.0], [0.0], [1], [1]))
 _TRAIN_METRICS = {"train/progressive_d_acc", "train/gap_progressive_minus_val"}
 
@@ -192,3 +193,18 @@ def state_counts(study: optuna.Study) -> dict[str, int]:
     for trial in study.get_trials(deepcopy=False):
         counts[trial.state.name] += 1
     return counts
+
+
+def load_study(storage_url: str, study_name: str | None = None) -> optuna.Study:
+    """Load a study by name; without a name, the only search study in the storage (its confirmation belongs to it)."""
+    storage = make_storage(storage_url)
+    names = [s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)]
+    name = study_name
+    if name is None:
+        searches = [n for n in names if not n.endswith(CONFIRM_SUFFIX)]
+        if len(searches) != 1:
+            raise SpecError(f"pass --study NAME; the storage holds {names or 'no studies'}")
+        name = searches[0]
+    if name not in names:
+        raise SpecError(f"study {name!r} not found in {mask(storage_url)}; existing: {names or 'none'}")
+    return optuna.load_study(study_name=name, storage=storage)

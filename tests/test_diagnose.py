@@ -25,14 +25,14 @@ from critic.checkpoint import load_checkpoint, save_checkpoint, save_trial_check
 from critic.config import SpecError, apply_overrides, build_config
 from critic.data import load_trial_data, split_by_prompt, split_fold
 from critic.demo import make_demo_frame
-from critic.diagnose import diagnose, parse_data_args
-from critic.diagnose_stats import length_buckets, progressive_d_acc
-from critic.diagnose_verdicts import DOES_NOT_HOLD, HOLDS, NOT_MEASURABLE, WARN, judge, training_health
 from critic.evaluate import score_set
 from critic.model import tokenizer_digest
 from critic.reporting import RecordingReporter
 from critic.trial import run_trial
-from sweeper.diagnose_cmd import add_diagnose_command, resolve_checkpoint
+from diagnose.diagnosis import diagnose, parse_data_args
+from diagnose.stats import length_buckets, progressive_d_acc
+from diagnose.verdicts import DOES_NOT_HOLD, HOLDS, NOT_MEASURABLE, WARN, judge, training_health
+from sweeper.commands.diagnose import add_parser as add_diagnose_command, resolve_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 COLUMNS = ["content", "teacher_response", "student_response"]
@@ -155,7 +155,7 @@ def test_demo_gap_is_shift_and_ties_not_overfitting(demo_checkpoint, tmp_path, c
 
 
 def test_overfitting_case_is_attributed_to_overfitting(cache_dir, tmp_path, capsys):
-    from sweeper.single import train_once
+    from sweeper.commands.train import train_once
 
     spec_file = tmp_path / "overfit.yaml"
     spec_file.write_text(yaml.safe_dump(overfit_spec(tmp_path, cache_dir)))
@@ -380,7 +380,7 @@ def test_cli_end_to_end_in_a_subprocess(demo_checkpoint, tmp_path):
 
 
 def test_student_identity_from_generation_lineage_or_the_lineage_column(tmp_path):
-    from critic.diagnose import student_identity
+    from diagnose.diagnosis import student_identity
     from critic.data import PairSet
 
     cfg = build_config({"data": {"cache_dir": str(tmp_path)}})

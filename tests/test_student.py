@@ -16,13 +16,13 @@ import torch
 from transformers import AutoTokenizer, GenerationConfig, Qwen2Config, Qwen2ForCausalLM
 
 from critic import data as data_mod
-from critic import student as student_mod
-from critic import student_sources
+from critic.student import endpoint as student_endpoint
+from critic.student import responses as student_mod
 from critic.config import DataConfig, SpecError, StudentConfig
 from critic.data import DataError, load_pair_set, read_pairs
 from critic.student import GENERATION_COUNTS, StudentGenerationError, student_responses
 from critic.trial import prepare, run_trial
-from sweeper.generate_cmd import add_generate_command
+from sweeper.commands.generate import add_parser as add_generate_command
 from tests.helpers import tiny_config, write_pairs
 
 API_KEY = "sk-test-do-not-print-4242"
@@ -234,7 +234,7 @@ class FakeChatServer:
 def endpoint_env(monkeypatch):
     monkeypatch.setenv("TEST_STUDENT_KEY", API_KEY)
     monkeypatch.setenv("no_proxy", "*")  # the fake server is local, whatever proxy the machine sets
-    monkeypatch.setattr(student_sources, "BACKOFF_S", 0.01)
+    monkeypatch.setattr(student_endpoint, "BACKOFF_S", 0.01)
     servers = []
     yield lambda script: servers.append(FakeChatServer(script)) or servers[-1]
     for server in servers:

@@ -1,15 +1,12 @@
-"""The two ways to get frozen-student responses: a local causal LM, or an OpenAI-compatible server.
+"""Student responses from an OpenAI-compatible server, `student.concurrency` requests at a time.
 
-Both take {row: chat messages} and call `on_batch(rows, texts, finish_reasons)` from
-the calling thread as responses arrive; `critic.student` owns caching and resuming.
-A finish reason is "stop" (the actor ended with EOS) or "length" (cut at max_new_tokens).
-The API key is read from the environment at request time and never printed: every
+Takes {row: chat messages} and calls `on_batch(rows, texts, finish_reasons)` from the calling
+thread as responses arrive; `critic.student.responses` owns caching and resuming. The API key is read from the environment at request time and never printed: every
 error text that leaves this module has it scrubbed.
 """
 
 from __future__ import annotations
 
-import gc
 import json
 import os
 import re
@@ -17,21 +14,15 @@ import threading
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from pathlib import Path
 from typing import Callable
 
-from critic.config import SpecError, StudentConfig
-from critic.data import prompt_text
+from critic.config import StudentConfig
+from critic.student.base import OnBatch, StudentGenerationError
 
-OnBatch = Callable[[list[int], list[str], list[str]], None]
 RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}  # worth another try; any other 4xx is final
 BACKOFF_S = 1.0  # wait before the first retry, doubled for each next one (capped at 30 s)
 _SECRET_QUERY = re.compile(r"(?i)([?&][^=&]*(?:key|token|secret|sig|password)[^=&]*=)[^&#]*")
 _USERINFO = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.\-]*://[^:/@]*):[^@/]*@")
-
-
-class StudentGenerationError(SpecError):
-    """Generation stopped before every response was made; what was made is kept and a rerun resumes."""
 
 
 class _Skipped(Exception):
@@ -41,62 +32,6 @@ class _Skipped(Exception):
 def masked_url(url: str) -> str:
     """The URL with any password and secret-looking query values replaced by ***."""
     return _SECRET_QUERY.sub(r"\1***", _USERINFO.sub(r"\1:***@", url))
-
-
-def generate_with_model(student: StudentConfig, messages: dict[int, list[dict]], on_batch: OnBatch,
-                        counts: dict[str, int]) -> None:
-    """Batched `generate` of a local causal LM (left padding, chat template when it has one), GPU when present."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
-
-    path = Path(student.model).expanduser()
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    tokenizer.padding_side = "left"  # new tokens are appended on the right: every prompt must end there
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
-    eos = model.generation_config.eos_token_id
-    eos_ids = set(eos if isinstance(eos, list) else [eos if eos is not None else tokenizer.eos_token_id])
-    # Only the spec's parameters decide the responses: the checkpoint's own sampling defaults
-    # (top_k, repetition_penalty, ...) would otherwise apply silently. Its EOS ids are kept.
-    model.generation_config = GenerationConfig(eos_token_id=sorted(eos_ids), pad_token_id=tokenizer.pad_token_id)
-    sampling = student.temperature > 0
-    generation = GenerationConfig(
-        max_new_tokens=student.max_new_tokens, do_sample=sampling, eos_token_id=sorted(eos_ids),
-        pad_token_id=tokenizer.pad_token_id,
-        **(dict(temperature=student.temperature, top_p=student.top_p, top_k=0) if sampling else {}))
-
-    def render(chat: list[dict]) -> list[int]:
-        if tokenizer.chat_template:
-            text = tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
-            return tokenizer(text, add_special_tokens=False)["input_ids"]
-        return tokenizer(prompt_text(chat) + "\n")["input_ids"]  # same plain layout the critic reads
-
-    encoded = {row: render(chat) for row, chat in messages.items()}
-    # Longest first (an out-of-memory shows at once), ties by row: the same batches on a resumed run.
-    order = sorted(encoded, key=lambda row: (-len(encoded[row]), row))
-    devices = [device] if device.type == "cuda" else []
-    try:
-        for start in range(0, len(order), student.batch_size):
-            rows = order[start:start + student.batch_size]
-            batch = tokenizer.pad({"input_ids": [encoded[r] for r in rows]}, return_tensors="pt").to(device)
-            with torch.random.fork_rng(devices=devices), torch.inference_mode():
-                torch.manual_seed(student.seed + rows[0])  # per batch: resuming reproduces the same samples
-                output = model.generate(**batch, generation_config=generation)  # (B, prompt + new)
-            counts["batches"] += 1
-            texts, reasons = [], []
-            for new_ids in output[:, batch["input_ids"].shape[1]:].tolist():
-                stop = next((k for k, token in enumerate(new_ids) if token in eos_ids), None)
-                texts.append(tokenizer.decode(new_ids[:stop], skip_special_tokens=True))
-                reasons.append("length" if stop is None else "stop")
-            on_batch(rows, texts, reasons)
-    finally:
-        del model  # the critic trains next: give the device memory back
-        if device.type == "cuda":
-            gc.collect()
-            torch.cuda.empty_cache()
 
 
 def chat_url(endpoint: str) -> str:

@@ -12,25 +12,23 @@ A file lock makes concurrent workers wait for one generation instead of repeatin
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
-import os
-import threading
-import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from critic.config import DataConfig, SpecError, StudentConfig
-from critic.data import DataError, file_digest, prompt_messages, prompt_text
-from critic.student_sources import (StudentGenerationError, generate_with_endpoint, generate_with_model,
-                                    masked_url)
+from critic.files import exclusive, file_digest
+from critic.prompts import prompt_messages, prompt_text
+from critic.sections import DataError
+from critic.student.base import StudentGenerationError
+from critic.student.cache import ResponseStore, actor_digest, write_with_student
+from critic.student.endpoint import generate_with_endpoint, masked_url
+from critic.student.local import generate_with_model
 
 CACHE_VERSION = 1  # bump when the generation or cache layout changes: every key changes with it
 # Counts of real generation work in this process (tests read them): model.generate calls,
@@ -118,7 +116,8 @@ def _cached_or_generated(path: Path, data_cfg: DataConfig, student: StudentConfi
     if out.exists():
         return StudentResponses(out, lineage)
     folder.mkdir(parents=True, exist_ok=True)
-    with _exclusive(folder / ".lock"):
+    waiting = f"[student] another process is generating these responses; waiting for it ({folder / '.lock'})"
+    with exclusive(folder / ".lock", waiting):
         if out.exists():  # another worker finished it while this one waited
             return StudentResponses(out, lineage)
         store = ResponseStore(folder, chunk_rows)
@@ -128,11 +127,11 @@ def _cached_or_generated(path: Path, data_cfg: DataConfig, student: StudentConfi
         store.compact()
         (folder / "lineage.json").write_text(json.dumps({**lineage, "prompts_digest": prompts_digest,
                                                          "rows": len(rows)}, indent=1))
-        _write_with_student(path, data_cfg.student_key, store.done, out)
+        write_with_student(path, data_cfg.student_key, store.done, out)
     return StudentResponses(out, lineage)
 
 
-def _generate(todo: list[int], messages: dict[int, list[dict]], student: StudentConfig, store: "ResponseStore",
+def _generate(todo: list[int], messages: dict[int, list[dict]], student: StudentConfig, store: ResponseStore,
               total: int, progress: bool | None, on_progress: ProgressHook | None) -> None:
     """Generate the rows `todo` into `store`; a failure keeps what was made and says how to resume."""
     source = student_source(student)
@@ -165,89 +164,6 @@ def _generate(todo: list[int], messages: dict[int, list[dict]], student: Student
           f"max_new_tokens={student.max_new_tokens})")
 
 
-class ResponseStore:
-    """Responses of one cache key: parquet parts (row, response, finish_reason) appended by atomic renames."""
-
-    def __init__(self, folder: Path, chunk_rows: int, flush_seconds: float = 60.0) -> None:
-        self.folder, self.chunk_rows, self.flush_seconds = folder, chunk_rows, flush_seconds
-        self.done: dict[int, tuple[str, str]] = {}  # row -> (response, finish_reason)
-        for part in self._parts():
-            table = pq.read_table(part).to_pydict()
-            self.done.update(zip(table["row"], zip(table["response"], table["finish_reason"])))
-        self._pending: list[int] = []
-        self._last_flush = time.monotonic()
-
-    def _parts(self) -> list[Path]:
-        return sorted(self.folder.glob("part-*.parquet"))
-
-    def add(self, rows: list[int], texts: list[str], reasons: list[str]) -> None:
-        for row, text, reason in zip(rows, texts, reasons):
-            self.done[row] = (text, reason)
-        self._pending.extend(rows)
-        if len(self._pending) >= self.chunk_rows or time.monotonic() - self._last_flush >= self.flush_seconds:
-            self.flush()
-
-    def _write(self, rows: list[int], name: str) -> None:
-        table = pa.table({"row": pa.array(rows, pa.int64()),
-                          "response": pa.array([self.done[r][0] for r in rows], pa.string()),
-                          "finish_reason": pa.array([self.done[r][1] for r in rows], pa.string())})
-        tmp = self.folder / f".{name}.tmp{os.getpid()}"
-        pq.write_table(table, tmp)
-        tmp.replace(self.folder / name)  # atomic: a reader never sees half a part
-
-    def _next_name(self) -> str:
-        parts = self._parts()
-        return f"part-{int(parts[-1].stem.split('-')[1]) + 1 if parts else 0:06d}.parquet"
-
-    def flush(self) -> None:
-        if self._pending:
-            self._write(self._pending, self._next_name())
-            self._pending = []
-        self._last_flush = time.monotonic()
-
-    def compact(self) -> None:
-        """Merge every part into one, written before the others are removed (a crash leaves duplicates only)."""
-        self.flush()
-        parts = self._parts()
-        if len(parts) > 1:
-            self._write(sorted(self.done), self._next_name())
-            for part in parts:
-                part.unlink()
-
-
-def _write_with_student(source: Path, student_key: str, done: dict[int, tuple[str, str]], out: Path) -> None:
-    """The source table with the student column (null where the prompt is null) and its finish reasons."""
-    table = pq.read_table(source)
-    reason_key = f"{student_key}_finish_reason"
-    for name in (student_key, reason_key):  # regenerate: the generated column replaces the file's own
-        if name in table.column_names:
-            table = table.drop_columns([name])
-    table = table.append_column(student_key, pa.array([done.get(i, (None, None))[0] for i in range(len(table))],
-                                                      pa.string()))
-    table = table.append_column(reason_key, pa.array([done.get(i, (None, None))[1] for i in range(len(table))],
-                                                     pa.string()))
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    pq.write_table(table, tmp)
-    tmp.replace(out)
-
-
-@contextmanager
-def _exclusive(lock_path: Path) -> Iterator[None]:
-    """Hold an exclusive file lock; a second process waits here (and says so) until the first is done."""
-    with open(lock_path, "a") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            print(f"[student] another process is generating these responses; waiting for it ({lock_path})")
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-_DIGEST_LOCK = threading.Lock()
-
 
 def _actor_identity(student: StudentConfig, root: Path) -> str:
     """'<resolved dir>@<digest of its files>' for a local model, '<endpoint>#<model_name>' for a server."""
@@ -258,27 +174,3 @@ def _actor_identity(student: StudentConfig, root: Path) -> str:
         raise SpecError(f"student.model {str(path)!r} is not a directory; point it at a local checkpoint of the "
                         f"actor (config, weights and tokenizer files)")
     return f"{path}@{actor_digest(path, root / 'actor_digests.json')}"
-
-
-def actor_digest(path: Path, memo_file: Path) -> str:
-    """sha256 of every file in a model directory (weights, config, tokenizer), memoised by size and mtime."""
-    files = sorted(p for p in path.rglob("*") if p.is_file()
-                   and not any(part.startswith(".") for part in p.relative_to(path).parts))
-    signature = [[str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns] for p in files]
-    with _DIGEST_LOCK:
-        memo = json.loads(memo_file.read_text()) if memo_file.exists() else {}
-        entry = memo.get(str(path))
-        if entry and entry["files"] == signature:
-            return entry["digest"]
-        h = hashlib.sha256()
-        for p in files:
-            h.update(f"{p.relative_to(path)}\x00{p.stat().st_size}\x00".encode())
-            with open(p, "rb") as fh:
-                for chunk in iter(lambda: fh.read(1 << 22), b""):
-                    h.update(chunk)
-        memo[str(path)] = {"files": signature, "digest": h.hexdigest()[:16]}
-        memo_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = memo_file.with_name(f".{memo_file.name}.tmp{os.getpid()}")
-        tmp.write_text(json.dumps(memo))
-        tmp.replace(memo_file)
-        return memo[str(path)]["digest"]

@@ -1,0 +1,50 @@
+"""`sweep.py confirm`: re-run the top finalists and the baseline with new seeds; paired verdict."""
+
+from __future__ import annotations
+
+import argparse
+
+from sweeper.commands.common import (add_store_args, guarded, handle_signals, load_study, print_confirmation,
+                                     stored_spec, urls)
+
+
+def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser("confirm", help="re-run the top finalists and the baseline with new seeds; paired verdict")
+    add_store_args(p)
+    p.add_argument("--top-k", type=int, help="finalists to confirm (default: the spec's sweep.confirm.top_k)")
+    p.add_argument("--seeds", type=int, help="new seeds per config (default: the spec's sweep.confirm.seeds)")
+    p.add_argument("--trials", type=lambda text: [int(x) for x in text.split(",")], metavar="N,M",
+                   help="confirm these trial numbers instead of the top-k")
+    p.add_argument("--workers", type=int, default=1, help="worker processes on this machine")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=main)
+    return p
+
+
+def main(args: argparse.Namespace) -> int:
+    from critic.config import SpecError
+    from sweeper.confirm_stage import run_confirmation
+    from sweeper.tracking import Tracker
+
+    study = load_study(args)
+    if "confirm_of" in study.user_attrs:
+        raise SpecError(f"{study.study_name!r} is a confirmation study; pass the search study "
+                        f"--study {study.user_attrs['confirm_of']}")
+    spec = stored_spec(study)
+    storage, tracking = urls(args)
+    tracker = Tracker(tracking, study.study_name)
+    parent_id = study.user_attrs["mlflow_parent_run_id"]
+    tracker.client.update_run(parent_id, status="RUNNING")
+    confirm = spec.cfg.sweep.confirm
+    top_k = confirm.top_k if args.top_k is None else args.top_k
+    seeds = confirm.seeds if args.seeds is None else args.seeds
+    if seeds < 2 or (top_k < 1 and not args.trials):
+        raise SpecError(f"confirm needs --seeds >= 2 and --top-k >= 1 (or --trials); got seeds={seeds}, top_k={top_k}")
+    handle_signals(args.workers)
+    code, result = guarded(lambda: run_confirmation(study, spec, storage, tracker, parent_id, top_k, seeds,
+                                                    args.trials, args.workers, not args.no_progress),
+                           study, tracker, parent_id)
+    if code:
+        return code
+    print_confirmation(result)
+    return 0

@@ -1,0 +1,84 @@
+"""`sweep.py run`: run (or resume) a sweep, then confirm its finalists against the baseline."""
+
+from __future__ import annotations
+
+import argparse
+
+from sweeper.commands.common import (add_spec_args, add_store_args, guarded, handle_signals, print_confirmation,
+                                     print_warnings, urls)
+
+
+def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser("run", help="run (or resume) a sweep until n_trials trials are finished")
+    add_spec_args(p)
+    add_store_args(p)
+    p.add_argument("--n-trials", type=int, help="override sweep.n_trials")
+    p.add_argument("--new-study", action="store_true", help="start a fresh study when the stored one differs")
+    p.add_argument("--workers", type=int, default=1, help="worker processes on this machine sharing the study")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=main)
+    return p
+
+
+def main(args: argparse.Namespace) -> int:
+    from sweeper.confirm_stage import run_confirmation
+    from sweeper.runner import finish_parent, run_trials
+    from sweeper.stores import mask
+    from sweeper.study import init_study, load_sweep_spec
+    from sweeper.workers import CloseAndRetry, launch_workers
+
+    overrides = list(args.overrides) + ([f"sweep.n_trials={args.n_trials}"] if args.n_trials else [])
+    spec = load_sweep_spec(args.spec, overrides)  # every spec error stops here, before any trial
+    print_warnings(spec.warnings)
+    storage, tracking = urls(args)
+    study, tracker, parent_id = init_study(spec, storage, tracking, args.study, args.new_study,
+                                           CloseAndRetry(tracking))
+    print(f"[sweep] study {study.study_name!r} in {mask(storage)}\n[sweep] MLflow runs page: {tracker.ui_link()} "
+          f"(after `python sweep.py ui`)")
+    handle_signals(args.workers)
+    confirm = spec.cfg.sweep.confirm
+    confirming = confirm.top_k > 0 and bool(spec.cfg.sweep.baseline)
+
+    def stages() -> dict | None:
+        if args.workers > 1:
+            launch_workers(study, spec, storage, tracking, args.workers, progress=not args.no_progress)
+        else:
+            run_trials(study, spec, tracker, parent_id, spec.cfg.sweep.n_trials, progress=not args.no_progress)
+        finish_parent(study, tracker, parent_id)
+        if not confirming:
+            return None
+        return run_confirmation(study, spec, storage, tracker, parent_id, confirm.top_k, confirm.seeds,
+                                workers=args.workers, progress=not args.no_progress)
+
+    code, result = guarded(stages, study, tracker, parent_id)
+    if code:
+        return code
+    print(summary_table(study, spec))
+    if result is not None:
+        print_confirmation(result)
+    elif not spec.cfg.sweep.baseline:
+        print("\n[sweep] no confirmation: set sweep.baseline (your current setting) to test finalists against it")
+    print(f"\nOpen the UI: python sweep.py ui   then {tracker.ui_link()}")
+    return 0
+
+
+def summary_table(study, spec) -> str:
+    """Best trial vs the baseline on every tracked metric, plus their params."""
+    import json
+    import math
+
+    from sweeper.runner import best_trials
+    best = best_trials(study)
+    baseline = [t for t in study.get_trials(deepcopy=False) if t.user_attrs.get("baseline")]
+    columns = [("best", best[0] if best else None), ("baseline", baseline[0] if baseline else None)]
+    metrics = {name: json.loads(t.user_attrs.get("metrics", "{}")) if t else {} for name, t in columns}
+    keys = sorted(set().union(*[m.keys() for m in metrics.values()]))
+    lines = [f"{'':<34}{'best':>14}{'baseline':>14}"]
+    lines.append(f"{'trial':<34}" + "".join(f"{(t.number if t else '-'):>14}" for _, t in columns))
+    lines.append(f"{'state':<34}" + "".join(f"{(t.state.name if t else '-'):>14}" for _, t in columns))
+    for key in keys:
+        lines.append(f"{key:<34}" + "".join(f"{metrics[n].get(key, math.nan):>14.4f}" for n, _ in columns))
+    for key in [e.key for e in spec.entries]:
+        cells = [str(t.params.get(key, "-")) if t else "-" for _, t in columns]
+        lines.append(f"{key:<34}" + "".join(f"{c[:13]:>14}" for c in cells))
+    return "\n".join(lines)
