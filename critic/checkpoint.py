@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +24,7 @@ from pathlib import Path
 import yaml
 
 from critic.config import ExperimentConfig, SpecError, build_config, to_dict
+from critic.files import atomic_write
 from critic.model import tokenizer_digest
 
 CONFIG_FILE = "experiment.yaml"
@@ -73,18 +72,19 @@ def save_checkpoint(directory: str | Path, model, tokenizer, cfg: ExperimentConf
         raise FileExistsError(f"checkpoint directory {directory.resolve()} already exists and is not empty; "
                               f"choose a new directory")
     directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = directory.with_name(f".{directory.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    (tmp / CONFIG_FILE).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     history = {"train": _history_to_json(train_history), "eval": _history_to_json(eval_history),
                "final_metrics": {k: _plain(v) for k, v in (final_metrics or {}).items()},
                "data_digests": dict(data_digests or {}), "tokenizer_digest": tokenizer_digest(tokenizer)}
-    (tmp / HISTORY_FILE).write_text(json.dumps(history, allow_nan=False))
-    if directory.exists():
-        directory.rmdir()  # empty, checked above
-    tmp.replace(directory)
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / CONFIG_FILE).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        (tmp / HISTORY_FILE).write_text(json.dumps(history, allow_nan=False))
+        if directory.exists():
+            directory.rmdir()  # empty, checked above
+
+    atomic_write(directory, write)
     return directory
 
 

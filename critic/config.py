@@ -19,17 +19,28 @@ from typing import Any
 import yaml
 
 from critic.sections import (  # noqa: F401  (re-exported: the spec's types live in critic.sections)
-    SpecError, DataConfig, ModelConfig, ScoreConfig, LossConfig, TrainConfig, VerlConfig,
-    EvalConfig, ConfirmConfig, SweepConfig, ExportConfig, StudentConfig, ExperimentConfig)
+    ConfirmConfig,
+    DataConfig,
+    EvalConfig,
+    ExperimentConfig,
+    ExportConfig,
+    LossConfig,
+    ModelConfig,
+    ScoreConfig,
+    SpecError,
+    StudentConfig,
+    SweepConfig,
+    TrainConfig,
+    VerlConfig,
+)
 from critic.verl_units import apply_verl
-
 
 SECTIONS: dict[str, type] = {f.name: f.type for f in fields(ExperimentConfig)}
 _SECTION_TYPES = typing.get_type_hints(ExperimentConfig)
 _NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
 
 
-def _coerce(value: Any, hint: Any, where: str) -> Any:
+def coerce(value: Any, hint: Any, where: str) -> Any:
     """Check `value` against a type hint; convert where YAML is loose (int -> float, list -> tuple)."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
@@ -38,12 +49,14 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         errors = []
         for arg in (a for a in args if a is not type(None)):
             try:
-                return _coerce(value, arg, where)
+                return coerce(value, arg, where)
             except SpecError as exc:
                 errors.append(str(exc))
         raise SpecError(errors[0])
     if hint is Any:
         return value
+    if origin is typing.Literal:  # the type here; which values are allowed is checked with the section's rules
+        return coerce(value, type(args[0]), where)
     if dataclasses.is_dataclass(hint):  # a nested block such as sweep.confirm
         if not isinstance(value, dict):
             raise SpecError(f"{where} must be a mapping, got {value!r}")
@@ -51,7 +64,7 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         unknown = sorted(set(value) - set(hints))
         if unknown:
             raise SpecError(f"{where}: unknown key(s) {unknown}. Valid keys: {', '.join(sorted(hints))}")
-        return hint(**{k: _coerce(v, hints[k], f"{where}.{k}") for k, v in value.items()})
+        return hint(**{k: coerce(v, hints[k], f"{where}.{k}") for k, v in value.items()})
     if hint is bool:
         if isinstance(value, bool):
             return value
@@ -73,15 +86,15 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
     if origin is tuple:
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise SpecError(f"{where} must be a list of {len(args)} values, got {value!r}")
-        return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+        return tuple(coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
     if origin is list:
         if not isinstance(value, list):
             raise SpecError(f"{where} must be a list, got {value!r}")
-        return [_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
+        return [coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
             raise SpecError(f"{where} must be a mapping, got {value!r}")
-        return {_coerce(k, args[0], where): _coerce(v, args[1], f"{where}.{k}") for k, v in value.items()}
+        return {coerce(k, args[0], where): coerce(v, args[1], f"{where}.{k}") for k, v in value.items()}
     raise AssertionError(f"unsupported type hint {hint!r} at {where}")
 
 
@@ -96,13 +109,28 @@ def _build_section(name: str, raw: Any, source: str) -> Any:
     for key in raw:
         if key not in hints:
             raise SpecError(f"{source}: unknown key '{name}.{key}'. Valid keys in '{name}': {', '.join(valid)}")
-    values = {key: _coerce(value, hints[key], f"{source}: {name}.{key}") for key, value in raw.items()}
+    values = {key: coerce(value, hints[key], f"{source}: {name}.{key}") for key, value in raw.items()}
     return cls(**values)
 
 
 def _require(condition: bool, message: str) -> None:
     if not condition:
         raise SpecError(message)
+
+
+def allowed_values(section_type: type, name: str) -> tuple[str, ...]:
+    """The values a Literal-typed field of a spec section may take, in their documented order."""
+    return typing.get_args(typing.get_type_hints(section_type)[name])
+
+
+def one_of(values: tuple[str, ...]) -> str:
+    """('a', 'b') -> 'a or b'; ('a', 'b', 'c') -> 'one of a, b, c'."""
+    return " or ".join(values) if len(values) == 2 else f"one of {', '.join(values)}"
+
+
+def _require_choice(section: Any, name: str, where: str) -> None:
+    allowed, value = allowed_values(type(section), name), getattr(section, name)
+    _require(value in allowed, f"{where}.{name} must be {one_of(allowed)}; got {value!r}")
 
 
 def _check_values(cfg: ExperimentConfig, source: str) -> None:
@@ -113,10 +141,9 @@ def _check_values(cfg: ExperimentConfig, source: str) -> None:
     _require(d.max_response_length > 1, f"{p}data.max_response_length must be > 1, got {d.max_response_length}")
     _require(m.path is not None or m.preset == "tiny",
              f"{p}set model.path to a local checkpoint directory, or model.preset: tiny")
-    _require(s.reduction in ("mean", "last", "sum"),
-             f"{p}score.reduction must be one of mean, last, sum; got {s.reduction!r}")
-    _require(s.layout in ("packed", "padded"), f"{p}score.layout must be packed or padded; got {s.layout!r}")
-    _require(s.eos_rule in ("final", "token"), f"{p}score.eos_rule must be final or token; got {s.eos_rule!r}")
+    _require_choice(s, "reduction", f"{p}score")
+    _require_choice(s, "layout", f"{p}score")
+    _require_choice(s, "eos_rule", f"{p}score")
     _require(s.eos_rule == "final" or s.exclude_eos,
              f"{p}score.eos_rule: token drops EOS values, which needs score.exclude_eos: true; set it, or "
              f"score.eos_rule: final")
@@ -128,8 +155,7 @@ def _check_values(cfg: ExperimentConfig, source: str) -> None:
     _require(t.weight_decay >= 0, f"{p}train.weight_decay must be >= 0, got {t.weight_decay}")
     _require(all(0 <= b < 1 for b in t.betas), f"{p}train.betas must be in [0, 1), got {list(t.betas)}")
     _require(t.grad_clip > 0, f"{p}train.grad_clip must be > 0, got {t.grad_clip}")
-    _require(t.scheduler in ("constant", "linear", "cosine"),
-             f"{p}train.scheduler must be one of constant, linear, cosine; got {t.scheduler!r}")
+    _require_choice(t, "scheduler", f"{p}train")
     _require(t.warmup_steps >= 0, f"{p}train.warmup_steps must be >= 0, got {t.warmup_steps}")
     _require(t.epochs >= 1, f"{p}train.epochs must be >= 1, got {t.epochs}")
     _require(t.batch_size >= 1 and t.micro_batch_size >= 1,
@@ -141,10 +167,12 @@ def _check_values(cfg: ExperimentConfig, source: str) -> None:
     _require(e.every_steps >= 1, f"{p}eval.every_steps must be >= 1, got {e.every_steps}")
     _require(e.batch_size >= 1, f"{p}eval.batch_size must be >= 1, got {e.batch_size}")
     _require(sw.n_trials >= 1, f"{p}sweep.n_trials must be >= 1, got {sw.n_trials}")
-    _require(sw.confirm.top_k >= 0, f"{p}sweep.confirm.top_k must be >= 0 (0 = no confirmation), got {sw.confirm.top_k}")
+    _require(sw.confirm.top_k >= 0,
+             f"{p}sweep.confirm.top_k must be >= 0 (0 = no confirmation), got {sw.confirm.top_k}")
     _require(sw.confirm.seeds >= 2, f"{p}sweep.confirm.seeds must be >= 2: one seed cannot show seed-to-seed "
              f"variation; got {sw.confirm.seeds}")
-    _require(sw.confirm.n_resamples >= 100, f"{p}sweep.confirm.n_resamples must be >= 100, got {sw.confirm.n_resamples}")
+    _require(sw.confirm.n_resamples >= 100,
+             f"{p}sweep.confirm.n_resamples must be >= 100, got {sw.confirm.n_resamples}")
     for name in d.eval_sets:
         _require(name not in ("val", "train", "critic", "perf", "sweep"),
                  f"{p}data.eval_sets name '{name}' is reserved; rename it")

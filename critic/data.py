@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import pandas as pd
 
 from critic.config import DataConfig, StudentConfig
 from critic.demo import demo_path
-from critic.files import file_digest
+from critic.files import atomic_write, atomic_write_text, file_digest
 from critic.prompts import prompt_messages, prompt_text
 from critic.sections import DataError
 from critic.student import student_responses
@@ -168,12 +167,8 @@ def _save(pairs: PairSet, path: Path) -> None:
                           "teacher_ends_eos": pairs.teacher_ends_eos, "student_ends_eos": pairs.student_ends_eos})
     frame.attrs = {}
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")  # per process: concurrent workers never share a temp file
-    frame.to_parquet(tmp, index=False)
-    tmp_stats = path.with_name(f"{path.stem}.tmp{os.getpid()}.json")
-    tmp_stats.write_text(json.dumps(pairs.stats))
-    tmp_stats.replace(path.with_suffix(".json"))  # stats first: a reader that sees the parquet finds them
-    tmp.replace(path)
+    atomic_write_text(path.with_suffix(".json"), json.dumps(pairs.stats))  # first: a reader of the parquet finds them
+    atomic_write(path, lambda tmp: frame.to_parquet(tmp, index=False))
 
 
 def _load(path: Path, name: str, digest: str) -> PairSet:

@@ -12,11 +12,12 @@ Columns use the users' names: content, teacher_response, student_response.
 
 from __future__ import annotations
 
-import os
 import random
 from pathlib import Path
 
 import pandas as pd
+
+from critic.files import atomic_write
 
 DEMO_SETS = {"train": 3000, "shifted": 400}
 DEMO_VERSION = 2  # bump when the generator changes: the file name changes with it
@@ -71,9 +72,7 @@ def demo_path(name: str, cache_dir: str | Path) -> Path:
     path = Path(cache_dir) / "demo" / f"{name}-v{DEMO_VERSION}.parquet"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")  # per process: workers never share a temp file
-        make_demo_frame(name).to_parquet(tmp, index=False)
-        tmp.replace(path)  # atomic: concurrent workers never see half a file
+        atomic_write(path, lambda tmp: make_demo_frame(name).to_parquet(tmp, index=False))
     return path
 
 

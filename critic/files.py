@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
@@ -12,13 +13,15 @@ from filelock import FileLock, Timeout
 
 
 def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
-    """Call `write(tmp)` on a temp file beside `path`, then rename it over `path`.
+    """Call `write(tmp)` on a temp file (or folder) beside `path`, then rename it to `path`.
 
     A reader sees the old file or the whole new one, never half of it; the temp name is per process, so
-    concurrent workers never share one.
+    concurrent workers never share one. A folder can only replace a missing or empty one.
     """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    if tmp.is_dir():  # left by a crashed process of the same id
+        shutil.rmtree(tmp)
     write(tmp)
     tmp.replace(path)
 

@@ -11,15 +11,20 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import (AutoConfig, AutoModelForTokenClassification, AutoTokenizer, PreTrainedTokenizerFast,
-                          Qwen2Config)
+from transformers import (
+    AutoConfig,
+    AutoModelForTokenClassification,
+    AutoTokenizer,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+)
 
 from critic.config import ModelConfig, SpecError
+from critic.files import atomic_write
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
@@ -55,10 +60,8 @@ def build_tiny_tokenizer(cache_dir: str | Path) -> PreTrainedTokenizerFast:
         tokenizer.train_from_iterator(demo_corpus(), trainer)
         fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|im_end|>",
                                        pad_token="<|endoftext|>", chat_template=CHAT_TEMPLATE)
-        tmp = out.with_name(f"tiny_tokenizer.tmp{os.getpid()}")
-        fast.save_pretrained(tmp)
         try:
-            tmp.replace(out)
+            atomic_write(out, fast.save_pretrained)
         except OSError:  # another process won the race; its copy is identical
             pass
     return AutoTokenizer.from_pretrained(out)

@@ -179,8 +179,12 @@ def pair_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tens
 
 
 PAIR_ATTENTION = "critic_pair_sdpa"
-AttentionInterface.register(PAIR_ATTENTION, pair_attention)
-AttentionMaskInterface.register(PAIR_ATTENTION, sdpa_mask)  # padded inputs get SDPA's masks, as under "sdpa"
+
+
+def register_pair_attention() -> None:
+    """Make `pair_attention` known to transformers as PAIR_ATTENTION (idempotent)."""
+    AttentionInterface.register(PAIR_ATTENTION, pair_attention)
+    AttentionMaskInterface.register(PAIR_ATTENTION, sdpa_mask)  # padded inputs get SDPA's masks, as under "sdpa"
 
 
 def enable_pair_attention(model: torch.nn.Module) -> None:
@@ -193,6 +197,7 @@ def enable_pair_attention(model: torch.nn.Module) -> None:
         raise SpecError(f"score.layout: packed needs a critic with full SDPA attention (this one has "
                         f"attn_implementation={config._attn_implementation!r}, layers {sorted(layer_types)}); "
                         f"set score.layout: padded")
+    register_pair_attention()
     model.set_attn_implementation(PAIR_ATTENTION)
 
 

@@ -7,7 +7,15 @@ one section from another (critic/verl_units.py) can use the types without import
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
+
+# The allowed values of the fields below: the validator (critic/config.py) reads them from here.
+Reduction = Literal["mean", "last", "sum"]
+ScoreLayout = Literal["packed", "padded"]
+EosRule = Literal["final", "token"]
+Scheduler = Literal["constant", "linear", "cosine"]
+Sampler = Literal["tpe", "random", "gp", "cmaes", "nsga2"]
+Pruner = Literal["hyperband", "median", "none"]
 
 
 class SpecError(ValueError):
@@ -46,14 +54,14 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class ScoreConfig:
-    reduction: str = "mean"  # mean | last | sum over response-token values
+    reduction: Reduction = "mean"  # over response-token values
     exclude_eos: bool = True
     # packed: one row per pair, prompt | teacher | student, the prompt computed once (fastest);
     # padded: a teacher row and a student row per pair (two copies of the prompt). Same scores to ~1e-6.
-    layout: str = "packed"
+    layout: ScoreLayout = "packed"
     # final: exclude_eos drops a final EOS's value only; token: every EOS id's, the users' verl mask
     # `response_mask & (responses != eos_id)` (an EOS-only response then scores 0). See docs/spec.md.
-    eos_rule: str = "final"
+    eos_rule: EosRule = "final"
 
 
 @dataclass(frozen=True)
@@ -74,7 +82,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
     grad_clip: float = 1.0
-    scheduler: str = "constant"  # constant | linear | cosine
+    scheduler: Scheduler = "constant"
     warmup_steps: int = 0
     epochs: int = 1
     batch_size: int = 32  # pairs per optimizer step
@@ -126,8 +134,8 @@ class SweepConfig:
     n_trials: int = 12
     objective: str | list[str] = "val/d_acc"
     direction: str | list[str] = "maximize"
-    sampler: str = "tpe"
-    pruner: str = "hyperband"
+    sampler: Sampler = "tpe"  # nsga2 for multi-objective studies only
+    pruner: Pruner = "hyperband"
     seed: int = 0
     search_space: dict[str, Any] = field(default_factory=dict)
     baseline: dict[str, Any] = field(default_factory=dict)

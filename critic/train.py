@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -32,12 +31,6 @@ class NonFiniteError(FloatingPointError):
 
 class TrialOutOfMemory(RuntimeError):
     """The device ran out of memory; the sweep may retry with a smaller micro-batch."""
-
-
-def _simulated_device_pairs() -> int | None:
-    """Test/ops knob: SWEEP_SIMULATE_DEVICE_PAIRS=N makes a micro-batch of more than N pairs raise a real OOM."""
-    value = os.environ.get("SWEEP_SIMULATE_DEVICE_PAIRS", "")
-    return int(value) if value else None
 
 
 def length_grouped_batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generator) -> list[np.ndarray]:
@@ -89,15 +82,9 @@ class TrainOutcome:
     eval_seconds: float = 0.0
 
 
-def _forward_chunks(group: np.ndarray, size: int) -> list[np.ndarray]:
-    """A micro-batch cut into forwards of at most `size` pairs; a simulated device refuses larger ones."""
-    device_pairs = _simulated_device_pairs()
-    chunks = [group[start:start + size] for start in range(0, len(group), size)]
-    for index in chunks:
-        if device_pairs is not None and len(index) > device_pairs:
-            raise torch.OutOfMemoryError(f"simulated: a micro-batch of {len(index)} pairs does not fit a device "
-                                         f"of {device_pairs} pairs (SWEEP_SIMULATE_DEVICE_PAIRS)")
-    return chunks
+def forward_chunks(group: np.ndarray, size: int) -> list[np.ndarray]:
+    """A micro-batch cut into forwards of at most `size` pairs (a forward that does not fit raises an OOM)."""
+    return [group[start:start + size] for start in range(0, len(group), size)]
 
 
 def _group_temperature(model, pairs: PairSet, chunks: list[np.ndarray], cfg: ExperimentConfig, device,
@@ -120,7 +107,7 @@ def _train_step(model, pairs: PairSet, batch_index: np.ndarray, cfg: ExperimentC
     forward = cfg.train.forward_micro_batch_size or micro
     teacher, student, losses, temps, tokens = [], [], [], [], 0
     for start in range(0, len(batch_index), micro):
-        chunks = _forward_chunks(batch_index[start:start + micro], forward)
+        chunks = forward_chunks(batch_index[start:start + micro], forward)
         group_temperature = None
         if len(chunks) > 1 and cfg.loss.adaptive_temperature:
             group_temperature = _group_temperature(model, pairs, chunks, cfg, device, pad_id)

@@ -17,7 +17,7 @@ import torch
 from critic.config import ExperimentConfig
 from critic.data import TrialData, load_trial_data
 from critic.evaluate import Evaluator
-from critic.model import load_base_critic, fresh_critic, select_device, tokenizer_digest
+from critic.model import fresh_critic, load_base_critic, select_device, tokenizer_digest
 from critic.reporting import NullReporter, Reporter
 from critic.train import train_critic
 

@@ -23,8 +23,15 @@ from critic.data import PairSet, load_pair_set, load_trial_data, resolve_path
 from critic.evaluate import metrics_from_scores, score_set
 from critic.model import select_device, tokenizer_digest
 from critic.trial import run_trial
-from diagnose.stats import (fold_summary, identical_responses, length_buckets, progressive_d_acc, score_levels,
-                            text_stats, token_divergence)
+from diagnose.stats import (
+    fold_summary,
+    identical_responses,
+    length_buckets,
+    progressive_d_acc,
+    score_levels,
+    text_stats,
+    token_divergence,
+)
 from diagnose.verdicts import LINEAGE_COLUMN, HealthCheck, Verdict, gap_bridge, judge, training_health
 
 RESERVED_NAMES = ("train", "val", "fold", "critic", "perf", "sweep")

@@ -1,4 +1,4 @@
-"""The `diagnose` report: Markdown tables (report.md), PNG figures (Agg) and diagnosis.json in one folder."""
+"""The `diagnose` report: Markdown tables (report.md), PNG figures and diagnosis.json in one folder."""
 
 from __future__ import annotations
 
@@ -6,15 +6,12 @@ import json
 import math
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+from matplotlib.figure import Figure  # the object API: no pyplot state, no display backend on training nodes
 
-matplotlib.use("Agg")  # no display on training nodes
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from diagnose.diagnosis import Diagnosis, fold_spread  # noqa: E402
-from diagnose.stats import LENGTH_MATCH_TOLERANCE, binomial_se, series  # noqa: E402
-from diagnose.verdicts import MIN_GAP, NOISE_Z  # noqa: E402
+from diagnose.diagnosis import Diagnosis, fold_spread
+from diagnose.stats import LENGTH_MATCH_TOLERANCE, binomial_se, series
+from diagnose.verdicts import MIN_GAP, NOISE_Z
 
 FIGURES = "figures"
 METRIC_ROWS = ["n_pairs", "d_acc", "d_acc_ties_correct", "tie_rate", "identical_rate", "auc", "teacher_score_mean",
@@ -191,14 +188,14 @@ def plot_figures(d: Diagnosis, folder: Path) -> None:
                        ("score_vs_length", _plot_score_vs_length)):
         fig = plot(d)
         fig.savefig(folder / f"{name}.png", dpi=110)
-        plt.close(fig)
     if d.histories.train:
         _plot_training(d, folder / "training.png")
 
 
 def _plot_d_acc(d: Diagnosis):
     names = list(d.sets)
-    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(names)), 4), constrained_layout=True)
+    fig = Figure(figsize=(max(6, 1.6 * len(names)), 4), layout="constrained")
+    ax = fig.subplots()
     x = np.arange(len(names))
     for offset, key, label in ((-0.27, "d_acc", "strict (>)"), (0, "d_acc_ties_correct", "ties correct (>=)"),
                                (0.27, "length_baseline_acc", "length-only baseline")):
@@ -212,7 +209,8 @@ def _plot_d_acc(d: Diagnosis):
 
 
 def _plot_scores(d: Diagnosis):
-    fig, axes = plt.subplots(1, len(d.sets), figsize=(3.4 * len(d.sets), 3), constrained_layout=True, squeeze=False)
+    fig = Figure(figsize=(3.4 * len(d.sets), 3), layout="constrained")
+    axes = fig.subplots(1, len(d.sets), squeeze=False)
     for ax, (name, result) in zip(axes[0], d.sets.items()):
         s = result.scores
         _hist_pair(ax, s["teacher_score"].to_numpy(), s["student_score"].to_numpy(), f"{name}: scores")
@@ -220,7 +218,8 @@ def _plot_scores(d: Diagnosis):
 
 
 def _plot_lengths(d: Diagnosis):
-    fig, axes = plt.subplots(2, len(d.sets), figsize=(3.4 * len(d.sets), 5.5), constrained_layout=True, squeeze=False)
+    fig = Figure(figsize=(3.4 * len(d.sets), 5.5), layout="constrained")
+    axes = fig.subplots(2, len(d.sets), squeeze=False)
     for col, (name, result) in enumerate(d.sets.items()):
         pairs = result.pairs
         axes[0, col].hist([len(p) for p in pairs.prompt_ids], bins=30, color="tab:green")
@@ -231,7 +230,8 @@ def _plot_lengths(d: Diagnosis):
 
 
 def _plot_score_vs_length(d: Diagnosis):
-    fig, axes = plt.subplots(1, len(d.sets), figsize=(3.4 * len(d.sets), 3), constrained_layout=True, squeeze=False)
+    fig = Figure(figsize=(3.4 * len(d.sets), 3), layout="constrained")
+    axes = fig.subplots(1, len(d.sets), squeeze=False)
     for ax, (name, result) in zip(axes[0], d.sets.items()):
         s = result.scores
         ax.scatter(s["teacher_length"], s["teacher_score"], s=4, alpha=0.4, label="teacher")
@@ -244,7 +244,8 @@ def _plot_score_vs_length(d: Diagnosis):
 
 def _plot_training(d: Diagnosis, path: Path) -> None:
     train, evals = d.histories.train, d.histories.eval
-    fig, axes = plt.subplots(2, 2, figsize=(11, 7), constrained_layout=True)
+    fig = Figure(figsize=(11, 7), layout="constrained")
+    axes = fig.subplots(2, 2)
     panels = [(axes[0, 0], "d_acc", "critic/d_acc"), (axes[0, 1], "grad_norm", "critic/grad_norm"),
               (axes[1, 0], "score_diff", "critic/score_diff"), (axes[1, 1], "length_ratio", "critic/length_ratio")]
     for ax, title, key in panels:
@@ -261,7 +262,6 @@ def _plot_training(d: Diagnosis, path: Path) -> None:
     for ax in axes.flat:
         ax.legend(fontsize=7)
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def to_json(d: Diagnosis) -> dict:

@@ -19,8 +19,8 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from critic.config import ExperimentConfig, SpecError
-from sweeper.study import CONFIRM_SUFFIX, FINISHED, SweepSpec
 from sweeper.stores import make_storage
+from sweeper.study import CONFIRM_SUFFIX, FINISHED, SweepSpec
 
 STAGE_ATTRS = ("stage", "confirm_config", "config_trial", "seed_index")  # kept when a dead worker's trial is re-queued
 
@@ -120,7 +120,8 @@ class ConfirmPlan:
         for item in self.items:
             if (item.config, item.seed) not in busy:
                 study.enqueue_trial(item.params, user_attrs={
-                    "stage": "confirm", "confirm_config": item.config, "config_trial": item.trial, "seed_index": item.seed,
+                    "stage": "confirm", "confirm_config": item.config, "config_trial": item.trial,
+                    "seed_index": item.seed,
                     "baseline": item.config == "baseline"})
 
 

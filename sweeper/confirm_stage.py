@@ -20,8 +20,15 @@ from optuna.trial import TrialState
 
 from critic.metrics import PAIR_METRICS, pair_metric
 from sweeper import figures
-from sweeper.confirm import (ConfirmPlan, choose_finalists, load_params, make_plan, open_confirm_study,
-                             params_text, plan_summary)
+from sweeper.confirm import (
+    ConfirmPlan,
+    choose_finalists,
+    load_params,
+    make_plan,
+    open_confirm_study,
+    params_text,
+    plan_summary,
+)
 from sweeper.objective import objectives
 from sweeper.runner import run_trials
 from sweeper.stats import ConfigScores, compare, detectable_difference
@@ -167,11 +174,12 @@ def run_confirmation(search: optuna.Study, spec: SweepSpec, storage_url: str, tr
     print(f"[confirm] {plan_summary(items)}; study {confirm.study_name!r}")
     if workers > 1:
         from sweeper.workers import launch_workers
-        with StorageLock.of(confirm):
+        with StorageLock(storage_url):
             plan.refill(confirm)  # before the workers look
         launch_workers(confirm, spec, storage_url, tracker.tracking_uri, workers, progress, plan=plan)
     else:
-        run_trials(confirm, spec, tracker, parent_id, plan.n_trials, progress=progress, plan=plan)
+        run_trials(confirm, spec, tracker, parent_id, plan.n_trials, progress=progress, plan=plan,
+                   storage_url=storage_url)
     direction = "maximize" if search.directions[0] == optuna.study.StudyDirection.MAXIMIZE else "minimize"
     result = analyse(confirm, objectives(spec.cfg)[0], direction, tracker, spec.cfg.sweep.confirm.n_resamples)
     store(result, search, confirm, tracker, parent_id)

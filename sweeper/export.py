@@ -9,10 +9,10 @@ from typing import Any
 import optuna
 import yaml
 
-from critic.config import SpecError, apply_overrides, build_config, to_dict
+from critic.config import SpecError, to_dict
 from sweeper.confirm import stored_confirmation
 from sweeper.runner import best_trials
-from sweeper.study import SweepSpec
+from sweeper.study import SweepSpec, config_for
 from sweeper.verl_export import verl_export
 
 
@@ -62,9 +62,7 @@ def _baseline_trial(result: dict) -> int:
 
 def trial_spec(spec: SweepSpec, trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
     """The complete spec of a trial: base spec + its params, without the sweep section's search."""
-    raw = apply_overrides(spec.raw, trial.params)
-    cfg = build_config(raw, f"trial {trial.number}")
-    out = to_dict(cfg)
+    out = to_dict(config_for(spec, trial.params, f"trial {trial.number}"))
     out.pop("sweep", None)
     return out
 

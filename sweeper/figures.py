@@ -4,11 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")  # no display on training nodes
-import matplotlib.pyplot as plt  # noqa: E402
-import pandas as pd  # noqa: E402
+import pandas as pd
+from matplotlib.figure import Figure  # the object API: no pyplot state, no display backend on training nodes
 
 
 def _series(history: list[tuple[int, dict[str, float]]], key: str) -> tuple[list[int], list[float]]:
@@ -18,7 +15,8 @@ def _series(history: list[tuple[int, dict[str, float]]], key: str) -> tuple[list
 
 def training_progress(train_history, eval_history, eval_sets: list[str], path: Path) -> Path:
     """d_acc (with the 0.5 line), score_diff (with 0), teacher vs student mean score, grad_norm."""
-    fig, axes = plt.subplots(2, 2, figsize=(11, 7), constrained_layout=True)
+    fig = Figure(figsize=(11, 7), layout="constrained")
+    axes = fig.subplots(2, 2)
     ax = axes[0, 0]
     ax.plot(*_series(train_history, "critic/d_acc"), label="train (batch, before update)", alpha=0.6)
     for name in eval_sets:
@@ -42,14 +40,14 @@ def training_progress(train_history, eval_history, eval_sets: list[str], path: P
     ax.plot(*_series(train_history, "critic/grad_norm"))
     ax.set(title="grad_norm (before clipping)", xlabel="step", yscale="log")
     fig.savefig(path, dpi=90)
-    plt.close(fig)
     return path
 
 
 def score_histograms(pair_scores: pd.DataFrame, path: Path) -> Path:
     """Teacher vs student held-out score distributions, one panel per set."""
     sets = list(dict.fromkeys(pair_scores["set"]))
-    fig, axes = plt.subplots(1, len(sets), figsize=(5 * len(sets), 3.5), squeeze=False, constrained_layout=True)
+    fig = Figure(figsize=(5 * len(sets), 3.5), layout="constrained")
+    axes = fig.subplots(1, len(sets), squeeze=False)
     for ax, name in zip(axes[0], sets):
         part = pair_scores[pair_scores["set"] == name]
         ax.hist(part["teacher_score"], bins=40, alpha=0.6, label="teacher")
@@ -57,17 +55,18 @@ def score_histograms(pair_scores: pd.DataFrame, path: Path) -> Path:
         ax.set(title=f"{name}: held-out scores", xlabel="score")
         ax.legend(fontsize=8)
     fig.savefig(path, dpi=90)
-    plt.close(fig)
     return path
 
 
 def confirmation_intervals(table: pd.DataFrame, metric: str, path: Path) -> Path:
     """Each finalist's difference to the baseline with its 95% interval, and the zero line."""
     rows = table[table["config"] != "baseline"].reset_index(drop=True)
-    fig, ax = plt.subplots(figsize=(7, 1.2 + 0.6 * max(len(rows), 1)), constrained_layout=True)
+    fig = Figure(figsize=(7, 1.2 + 0.6 * max(len(rows), 1)), layout="constrained")
+    ax = fig.subplots()
     colours = {"better": "tab:green", "worse": "tab:red", "no difference": "tab:grey", "unstable": "tab:orange"}
     for i, row in rows.iterrows():
-        ax.errorbar(row["diff_mean"], i, xerr=[[row["diff_mean"] - row["diff_low"]], [row["diff_high"] - row["diff_mean"]]],
+        error = [[row["diff_mean"] - row["diff_low"]], [row["diff_high"] - row["diff_mean"]]]
+        ax.errorbar(row["diff_mean"], i, xerr=error,
                     fmt="o", capsize=4, color=colours.get(row["verdict"], "black"), label=row["verdict"])
     ax.axvline(0.0, color="black", linewidth=1)
     ax.set_yticks(range(len(rows)), [f"trial {t}" for t in rows["trial"]])
@@ -78,5 +77,4 @@ def confirmation_intervals(table: pd.DataFrame, metric: str, path: Path) -> Path
     if unique:
         ax.legend(unique.values(), unique.keys(), fontsize=8)
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path

@@ -234,5 +234,6 @@ def release_memory() -> None:
 
 def _metric(key: str, value: float, step: int):
     from mlflow.entities import Metric
+
     from sweeper.tracking import now_ms
     return Metric(key, float(value), now_ms(), step)

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from sweeper.objective import Objective, TrialFailure, save_checkpoint_dir
 from sweeper.signals import raise_if_stop_requested
 from sweeper.stores import StorageLock
-from sweeper.study import FINISHED, SweepSpec, state_counts
+from sweeper.study import SweepSpec, config_for, finished_count, state_counts
 from sweeper.tracking import Tracker, now_ms
 
 
@@ -91,15 +91,19 @@ class SearchPlan:
         self.n_trials = n_trials
 
     def finished(self, study: optuna.Study, counts: dict[str, int]) -> int:
-        return counts["COMPLETE"] + counts["PRUNED"]
+        return finished_count(counts)
 
     def refill(self, study: optuna.Study) -> None:
         pass
 
 
 def run_trials(study: optuna.Study, spec: SweepSpec, tracker: Tracker, parent_id: str, n_trials: int,
-               progress: bool = True, poll_s: float = 5.0, plan=None) -> None:
-    """Run trials in this process until the plan (default: n_trials finished search trials) is done."""
+               progress: bool = True, poll_s: float = 5.0, plan=None, storage_url: str | None = None) -> None:
+    """Run trials in this process until the plan (default: n_trials finished search trials) is done.
+
+    `storage_url`: the study's storage, locked while a trial is claimed so that workers never overshoot
+    n_trials; without it (one process) nothing is locked.
+    """
     plan = plan or SearchPlan(n_trials)
     objective = Objective(spec.raw, spec.cfg, spec.entries, tracker, parent_id,
                           {"sweep.study": study.study_name, "sweep.sampler": spec.cfg.sweep.sampler},
@@ -110,7 +114,7 @@ def run_trials(study: optuna.Study, spec: SweepSpec, tracker: Tracker, parent_id
     try:
         while True:
             raise_if_stop_requested()
-            with StorageLock.of(study) as claim:  # count, then ask, as one step: workers never overshoot
+            with StorageLock(storage_url) as claim:  # count, then ask, as one step: workers never overshoot
                 plan.refill(study)
                 counts = state_counts(study)
                 finished = plan.finished(study, counts)
@@ -159,17 +163,11 @@ def _maybe_save_best(study, objective: Objective, spec: SweepSpec, tracker: Trac
     last = study.trials[-1]
     best = best_trials(study)
     if last.state == TrialState.COMPLETE and best and best[0].number == last.number:
-        from critic.config import build_config
-        cfg = build_config(json.loads(json.dumps(_trial_spec(spec, last.params))), "best trial")
+        cfg = config_for(spec, last.params, "best trial")
         with tempfile.TemporaryDirectory() as tmp:
             folder = save_checkpoint_dir(result, cfg, Path(tmp) / "best_checkpoint")
             tracker.log_dir(parent_id, folder, "best_checkpoint")
         tracker.set_tags(parent_id, {"best.checkpoint_trial": last.number})
-
-
-def _trial_spec(spec: SweepSpec, params: dict) -> dict:
-    from critic.config import apply_overrides
-    return apply_overrides(spec.raw, params)
 
 
 def finish_parent(study: optuna.Study, tracker: Tracker, parent_id: str) -> None:
@@ -188,7 +186,7 @@ def finish_parent(study: optuna.Study, tracker: Tracker, parent_id: str) -> None
         for name, plot in plots.items():
             try:
                 figure = plot(study) if len(study.directions) == 1 else plot(study, target=lambda t: t.values[0])
-            except (ValueError, RuntimeError, TypeError, ZeroDivisionError) as exc:  # e.g. importances need 2+ complete trials
+            except (ValueError, RuntimeError, TypeError, ZeroDivisionError) as exc:  # importances: 2+ trials
                 tracker.set_tags(parent_id, {f"plot.{name}": f"skipped: {exc}"[:500]})
                 continue
             path = Path(tmp) / f"{name}.html"

@@ -17,7 +17,7 @@ from typing import Any
 import optuna
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 
-from critic.config import ExperimentConfig, SpecError
+from critic.config import ExperimentConfig, SpecError, coerce
 
 _ENTRY_KEYS = {"float": {"low", "high", "log", "step"}, "int": {"low", "high", "log", "step"},
                "categorical": {"choices"}}
@@ -39,7 +39,8 @@ def _field_hint(key: str) -> Any:
         raise SpecError(f"sweep.search_space: key {key!r}: section must be one of {', '.join(TUNABLE_SECTIONS)}")
     hints = typing.get_type_hints(typing.get_type_hints(ExperimentConfig)[section])
     if name not in hints:
-        raise SpecError(f"sweep.search_space: unknown key {key!r}. Valid keys in '{section}': {', '.join(sorted(hints))}")
+        raise SpecError(f"sweep.search_space: unknown key {key!r}. Valid keys in '{section}': "
+                        f"{', '.join(sorted(hints))}")
     return hints[name]
 
 
@@ -80,8 +81,7 @@ def to_distribution(key: str, entry: Any) -> BaseDistribution:
 
 def _check_value_type(key: str, value: Any) -> None:
     """A value the field cannot take (e.g. a string for train.lr) is a load-time error."""
-    from critic.config import _coerce  # the spec's own type rules
-    _coerce(value, _field_hint(key), f"sweep.search_space.{key}")
+    coerce(value, _field_hint(key), f"sweep.search_space.{key}")  # the spec's own type rules
 
 
 def parse_space(raw: dict[str, Any]) -> list[SpaceEntry]:
@@ -96,7 +96,8 @@ def parse_space(raw: dict[str, Any]) -> list[SpaceEntry]:
             _check_value_type(key, value)
         when = entry.get("when") or {}
         if not isinstance(when, dict):
-            raise SpecError(f"sweep.search_space.{key}: 'when' must be a mapping like {{loss.adaptive_temperature: true}}")
+            raise SpecError(f"sweep.search_space.{key}: 'when' must be a mapping like "
+                            f"{{loss.adaptive_temperature: true}}")
         for cond_key in when:
             _field_hint(cond_key)
         entries.append(SpaceEntry(key, distribution, tuple(when.items())))
@@ -113,11 +114,33 @@ def suggest(trial: optuna.Trial, entries: list[SpaceEntry], base_flat: dict[str,
     for entry in entries:
         if not condition_holds(entry, resolved):
             continue
-        value = trial._suggest(entry.key, entry.distribution)  # public suggest_* re-derive the same distribution
-        if isinstance(entry.distribution, IntDistribution):
-            value = int(value)
+        value = _suggest_one(trial, entry.key, entry.distribution)
         resolved[entry.key] = sampled[entry.key] = value
     return sampled
+
+
+def _suggest_one(trial: optuna.Trial, key: str, dist: BaseDistribution) -> Any:
+    if isinstance(dist, FloatDistribution):
+        return trial.suggest_float(key, dist.low, dist.high, step=dist.step, log=dist.log)
+    if isinstance(dist, IntDistribution):
+        return trial.suggest_int(key, dist.low, dist.high, step=dist.step, log=dist.log)
+    return trial.suggest_categorical(key, dist.choices)
+
+
+def contains(dist: BaseDistribution, value: Any) -> bool:
+    """Whether the distribution can propose `value`: one of its choices, or a number within bounds and on its step."""
+    if isinstance(dist, CategoricalDistribution):
+        return value in dist.choices
+    try:
+        number = float(value)  # YAML 1.1 reads 1e-4 as a string; the spec loader accepts it as a number too
+    except (TypeError, ValueError):
+        return False
+    if not dist.low <= number <= dist.high:
+        return False
+    if dist.step is None:
+        return True
+    steps = (number - dist.low) / dist.step
+    return abs(steps - round(steps)) < 1e-8
 
 
 def check_in_space(entries: list[SpaceEntry], values: dict[str, Any], what: str) -> None:
@@ -128,11 +151,7 @@ def check_in_space(entries: list[SpaceEntry], values: dict[str, Any], what: str)
             raise SpecError(f"{what}: key {key!r} is not in sweep.search_space; set it in the base spec instead "
                             f"(search-space keys: {', '.join(by_key) or 'none'})")
         dist = by_key[key].distribution
-        try:
-            inside = dist._contains(dist.to_internal_repr(value))
-        except (ValueError, TypeError):
-            inside = False
-        if not inside:
+        if not contains(dist, value):
             raise SpecError(f"{what}: {key}={value!r} lies outside its search-space distribution {dist}")
 
 

@@ -1,4 +1,4 @@
-"""Where studies and runs live: Optuna storage URLs, the MLflow store, a cross-process lock, password masking.
+"""Where studies and runs live: Optuna storage URLs, the MLflow store, a cross-process lock (masking: critic.redact).
 
 Embedded default: Optuna in `mlruns/optuna.db` and MLflow's SQLite store in
 `mlruns/mlflow.db` with artifacts under `mlruns/artifacts`. Several workers
@@ -9,26 +9,20 @@ trials).
 
 from __future__ import annotations
 
-import fcntl
 import importlib.util
 import os
-import re
 from pathlib import Path
 from urllib.parse import quote, urlsplit
 
 import optuna
 import sqlalchemy
+from filelock import FileLock
 from sqlalchemy.pool import NullPool
 
 from critic.config import SpecError
+from critic.redact import mask, without_password  # noqa: F401  (re-exported: the sweeper masks through stores)
 
 DEFAULT_ROOT = Path("mlruns")
-_PASSWORD_IN_URL = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.\-]*://)(?P<user>[^:/@\s]*):(?P<pw>[^@/\s]*)@")
-
-
-def mask(text: str) -> str:
-    """Replace any password in URLs inside `text` with ***."""
-    return _PASSWORD_IN_URL.sub(lambda m: f"{m['scheme']}{m['user']}:***@", str(text))
 
 
 def default_storage(root: Path = DEFAULT_ROOT) -> str:
@@ -85,7 +79,7 @@ def make_storage(url: str, heartbeat_interval: int | None = None, grace_period: 
 class StorageLock:
     """A lock shared by every process that uses one storage, so they take turns where Optuna alone would race.
 
-    SQLite: flock on `<database>.lock` beside the file (SQLite is for workers of one machine anyway).
+    SQLite: a file lock (flock) on `<database>.lock` beside the file (SQLite is for workers of one machine anyway).
     PostgreSQL: a session advisory lock held on a connection of its own. A holder that dies releases it
     (the kernel closes the file, the server drops the connection). Other storages: no lock. Re-entrant
     within a process; `release()` may be called early, and again at exit.
@@ -104,11 +98,6 @@ class StorageLock:
         elif parsed.get_backend_name() == "postgresql":
             self.key, self.url = f"postgresql:{parsed.render_as_string(hide_password=True)}", parsed
 
-    @classmethod
-    def of(cls, study: optuna.Study) -> "StorageLock":
-        storage = getattr(study._storage, "_backend", study._storage)  # optuna wraps an RDBStorage in a cache
-        return cls(getattr(storage, "url", None))
-
     def __enter__(self) -> "StorageLock":
         if self.key is None or self.acquired:
             return self
@@ -126,9 +115,9 @@ class StorageLock:
         if not Path(self.key).parent.is_dir():
             raise SpecError(f"the folder of the SQLite storage, {Path(self.key).parent}, does not exist; create it "
                             "or pass another --storage")
-        handle = os.open(self.key, os.O_RDWR | os.O_CREAT, 0o644)
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        return handle
+        lock = FileLock(self.key)
+        lock.acquire()
+        return lock
 
     def release(self) -> None:
         if not self.acquired:
@@ -139,8 +128,8 @@ class StorageLock:
         if entry[1] > 0:
             return
         del self._held[self.key]
-        if isinstance(entry[0], int):
-            os.close(entry[0])  # closing the descriptor drops the flock
+        if isinstance(entry[0], FileLock):
+            entry[0].release()
         else:
             engine = entry[0].engine
             entry[0].close()  # closing the connection drops its advisory lock
@@ -162,10 +151,3 @@ def credentials_from_env(url: str) -> str:
     return url
 
 
-def without_password(url: str) -> tuple[str, str | None]:
-    """(url without its password, the password): hand the password to a child process by environment, not argv."""
-    match = _PASSWORD_IN_URL.match(url)
-    if not match or not match["pw"]:
-        return url, None
-    from urllib.parse import unquote
-    return f"{match['scheme']}{match['user']}@" + url[match.end():], unquote(match["pw"])

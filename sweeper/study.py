@@ -10,25 +10,32 @@ from __future__ import annotations
 import json
 import re
 import time
-import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
 import optuna
 from optuna.trial import TrialState
 
-from critic.config import ExperimentConfig, SpecError, apply_overrides, build_config, flatten, read_spec
-from critic.metrics import pair_metrics
+from critic.config import (
+    ExperimentConfig,
+    SpecError,
+    SweepConfig,
+    allowed_values,
+    apply_overrides,
+    build_config,
+    flatten,
+    read_spec,
+)
+from critic.metrics import PAIR_METRICS
 from sweeper.space import SpaceEntry, check_effective, check_in_space, parse_space, space_signature
 from sweeper.stores import StorageLock, make_storage, mask
 from sweeper.tracking import Tracker, git_commit
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)  # a trial that needs no rerun
+MULTI_OBJECTIVE_SAMPLERS = ("nsga2", "gp", "random")  # of sweep.sampler's values, those for several objectives
 CONFIRM_SUFFIX = ".confirm"  # <search study><suffix> holds its confirmation runs
-_EVAL_METRICS = set(pair_metrics([1.0], [0.0], [1], [1]))
+_EVAL_METRICS = set(PAIR_METRICS)  # what pair_metrics reports for every set
 _TRAIN_METRICS = {"train/progressive_d_acc", "train/gap_progressive_minus_val"}
-
-warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
 
 @dataclass
@@ -56,12 +63,15 @@ def _check_objectives(cfg: ExperimentConfig, source: str) -> None:
         if direction not in ("maximize", "minimize"):
             raise SpecError(f"{source}: sweep.direction must be maximize or minimize, got {direction!r}")
     multi = len(names) > 1
-    samplers = ("nsga2", "gp", "random") if multi else ("tpe", "random", "gp", "cmaes")
+    samplers = MULTI_OBJECTIVE_SAMPLERS if multi else \
+        tuple(s for s in allowed_values(SweepConfig, "sampler") if s != "nsga2")  # NSGA-II needs several objectives
     if cfg.sweep.sampler not in samplers:
         raise SpecError(f"{source}: sweep.sampler {cfg.sweep.sampler!r} is not available for a "
                         f"{'multi' if multi else 'single'}-objective study; choose one of {', '.join(samplers)}")
-    if cfg.sweep.pruner not in ("hyperband", "median", "none"):
-        raise SpecError(f"{source}: sweep.pruner must be hyperband, median or none; got {cfg.sweep.pruner!r}")
+    pruners = allowed_values(SweepConfig, "pruner")
+    if cfg.sweep.pruner not in pruners:
+        raise SpecError(f"{source}: sweep.pruner must be {', '.join(pruners[:-1])} or {pruners[-1]}; "
+                        f"got {cfg.sweep.pruner!r}")
     if not re.fullmatch(r"[A-Za-z0-9_.\-]+", cfg.sweep.study_name):
         raise SpecError(f"{source}: sweep.study_name may use letters, digits, '-', '_' and '.', got "
                         f"{cfg.sweep.study_name!r}")
@@ -86,6 +96,16 @@ def load_sweep_spec(path: str, overrides: list[str] | None = None, raw: dict | N
             build_config(apply_overrides(raw, {entry.key: value}), f"{source} (search_space {entry.key}={value})")
     build_config(apply_overrides(raw, cfg.sweep.baseline), f"{source} (sweep.baseline)")
     return SweepSpec(raw, cfg, entries, source, warnings_)
+
+
+def config_for(spec: SweepSpec, params: dict[str, Any], source: str) -> ExperimentConfig:
+    """The config of one trial: the spec with the trial's params applied (export, verl export, best checkpoint)."""
+    return build_config(apply_overrides(spec.raw, params), source)
+
+
+def finished_count(counts: dict[str, int]) -> int:
+    """Trials that count towards n_trials, from `state_counts`: COMPLETE or PRUNED (a FAIL is retried)."""
+    return sum(counts[state.name] for state in FINISHED)
 
 
 def fingerprint(spec: SweepSpec) -> dict[str, Any]:
@@ -148,7 +168,8 @@ def _init_study(spec: SweepSpec, storage_url: str, tracking_uri: str, study_name
                 raise SpecError(
                     f"study {name!r} already exists with a different objective, direction or search space "
                     f"(stored: objective={old['objective']}, direction={old['direction']}). Resuming it would mix "
-                    f"incomparable trials. Pass --new-study to start a fresh study, or --study NAME to pick another name.")
+                    f"incomparable trials. Pass --new-study to start a fresh study, or --study NAME to pick another "
+                    f"name.")
         if new_study:
             name = f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
             print(f"[sweep] starting a new study {name!r}")
@@ -184,7 +205,8 @@ def attach(storage_url: str, study_name: str, tracking_uri: str, worker_index: i
     confirming = "confirm_of" in attrs  # every confirmation trial is enqueued; none may be pruned
     study = optuna.load_study(study_name=study_name, storage=storage, sampler=make_sampler(spec, worker_index),
                               pruner=optuna.pruners.NopPruner() if confirming else make_pruner(spec))
-    tracker = Tracker(tracking_uri, attrs.get("confirm_of", study_name))  # confirmation runs join the search's experiment
+    # confirmation runs join the search's experiment
+    tracker = Tracker(tracking_uri, attrs.get("confirm_of", study_name))
     return study, spec, tracker, attrs["mlflow_parent_run_id"]
 
 

@@ -18,10 +18,12 @@ from typing import Any
 import mlflow
 import pandas as pd
 from mlflow import MlflowClient
-from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
 
 from critic.reporting import Reporter
 from sweeper.stores import artifact_root, mask
+
+DATASET_FIELDS = ("name", "digest", "source_type", "source", "schema", "profile")  # of Dataset.to_dict()
 
 MAX_BATCH = 1000  # MLflow's limit of metrics per log_batch
 MAX_PARAM_LENGTH = 6000
@@ -61,7 +63,8 @@ class Tracker:
 
     def find_parent(self, study_name: str) -> str | None:
         runs = self.client.search_runs([self.experiment_id],
-                                       filter_string=f"tags.`sweep.role` = 'parent' and tags.`sweep.study` = '{study_name}'",
+                                       filter_string=f"tags.`sweep.role` = 'parent' and "
+                                                     f"tags.`sweep.study` = '{study_name}'",
                                        max_results=1)
         return runs[0].info.run_id if runs else None
 
@@ -101,8 +104,9 @@ class Tracker:
         """frames: name -> (sample frame, source path, digest), logged as dataset inputs."""
         inputs = []
         for name, (frame, source, digest) in frames.items():
-            dataset = mlflow.data.from_pandas(frame, source=mask(source), name=name, digest=digest)
-            inputs.append(DatasetInput(dataset._to_mlflow_entity(),
+            fields = mlflow.data.from_pandas(frame, source=mask(source), name=name, digest=digest).to_dict()
+            entity = Dataset(**{key: fields.get(key) for key in DATASET_FIELDS})
+            inputs.append(DatasetInput(entity,
                                        tags=[InputTag("mlflow.data.context", "train" if name == "train" else "eval")]))
         if inputs:
             self.client.log_inputs(run_id, datasets=inputs)

@@ -14,9 +14,9 @@ from typing import Any
 
 import optuna
 
-from critic.config import ExperimentConfig, SpecError, apply_overrides, build_config, flatten
+from critic.config import ExperimentConfig, SpecError, flatten
 from critic.verl_units import verl_steps
-from sweeper.study import SweepSpec
+from sweeper.study import SweepSpec, config_for
 
 DEFAULT_VERSION = "0.9"  # the current verl release (0.9.1 on PyPI)
 
@@ -145,7 +145,8 @@ def _schedule(out: VerlExport, keys: VerlVersion, cfg: ExperimentConfig) -> None
 
 def _batches(out: VerlExport, cfg: ExperimentConfig, swept: set[str]) -> None:
     """The micro-batch when it is part of the loss, and any swept verl batch key."""
-    loss_micro = cfg.loss.adaptive_temperature or {"train.micro_batch_size", "verl.ppo_micro_batch_size_per_gpu"} & swept
+    micro_keys = {"train.micro_batch_size", "verl.ppo_micro_batch_size_per_gpu"}
+    loss_micro = cfg.loss.adaptive_temperature or micro_keys & swept
     if loss_micro:
         out.add("critic.ppo_micro_batch_size_per_gpu", cfg.train.micro_batch_size,
                 "the adaptive T is computed per micro-batch: part of the loss")
@@ -167,7 +168,7 @@ def verl_export(spec: SweepSpec, trial: optuna.trial.FrozenTrial, version: str |
                 worker: str | None = None) -> VerlExport:
     """The trial's overrides and notes for verl `version` (default: the current release)."""
     short, keys, worker = resolve_version(version, worker)
-    cfg = build_config(apply_overrides(spec.raw, trial.params), f"trial {trial.number}")
+    cfg = config_for(spec, trial.params, f"trial {trial.number}")
     swept = set(trial.params)
     out = VerlExport(short, worker)
     t = cfg.train

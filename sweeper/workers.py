@@ -23,13 +23,14 @@ from mlflow import MlflowClient
 from tqdm.auto import tqdm
 
 from sweeper import study as study_mod
+from sweeper.confirm import STAGE_ATTRS, ConfirmPlan
 from sweeper.runner import SweepStopped, best_trials, run_trials
 from sweeper.signals import stop_on_signals
-from sweeper.confirm import STAGE_ATTRS, ConfirmPlan
 from sweeper.stores import without_password
 
 ROOT = Path(__file__).resolve().parents[1]
-_KEEP_ON_RETRY = ("baseline", *STAGE_ATTRS)  # user attrs a re-queued trial inherits; the rest belong to the dead attempt
+# user attrs a re-queued trial inherits; the rest belong to the dead attempt
+_KEEP_ON_RETRY = ("baseline", *STAGE_ATTRS)
 
 
 class CloseAndRetry:
@@ -69,7 +70,8 @@ def run_worker(storage_url: str, study_name: str, tracking_uri: str, worker_inde
     tracker.client.update_run(parent_id, status="RUNNING")
     plan = ConfirmPlan.of(study) if "confirm_plan" in study.user_attrs else None  # a `<study>.confirm` study
     try:
-        run_trials(study, spec, tracker, parent_id, spec.cfg.sweep.n_trials, progress=progress, plan=plan)
+        run_trials(study, spec, tracker, parent_id, spec.cfg.sweep.n_trials, progress=progress, plan=plan,
+                   storage_url=storage_url)
     except KeyboardInterrupt:
         print(f"[worker {worker_index}] interrupted; its trial was closed", file=sys.stderr)
         return 130
@@ -142,7 +144,7 @@ def _watch_until(study: optuna.Study, n_trials: int, done, progress: bool, plan=
 
 def _refresh(bar, study: optuna.Study, plan=None) -> None:
     counts = study_mod.state_counts(study)
-    bar.n = plan.finished(study, counts) if plan else counts["COMPLETE"] + counts["PRUNED"]
+    bar.n = plan.finished(study, counts) if plan else study_mod.finished_count(counts)
     best = best_trials(study)
     bar.set_postfix_str((f"best={best[0].values[0]:.4f} " if best else "") +
                         f"running={counts['RUNNING']} fail={counts['FAIL']} waiting={counts['WAITING']}")
@@ -161,5 +163,4 @@ def watch(study: optuna.Study) -> int:
 
 
 def _finished(study: optuna.Study) -> int:
-    counts = study_mod.state_counts(study)
-    return counts["COMPLETE"] + counts["PRUNED"]
+    return study_mod.finished_count(study_mod.state_counts(study))

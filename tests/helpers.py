@@ -53,3 +53,20 @@ def hand_pair_set(pairs: list[tuple[list[int], list[int], list[int], bool, bool]
 def without_perf(log: list[tuple[int, dict[str, float]]]) -> list[tuple[int, dict[str, float]]]:
     """A reporter's log minus wall-clock throughput, which differs between identical runs."""
     return [(step, {k: v for k, v in metrics.items() if not k.startswith("perf/")}) for step, metrics in log]
+
+
+def simulate_device(monkeypatch, device_pairs: int) -> None:
+    """A device that fits `device_pairs` pairs per forward: a training forward of more raises a real torch OOM."""
+    import torch
+
+    from critic import train
+    split = train.forward_chunks
+
+    def chunks(group: np.ndarray, size: int) -> list[np.ndarray]:
+        for index in split(group, size):
+            if len(index) > device_pairs:
+                raise torch.OutOfMemoryError(f"simulated: a micro-batch of {len(index)} pairs does not fit a device "
+                                             f"of {device_pairs} pairs")
+        return split(group, size)
+
+    monkeypatch.setattr(train, "forward_chunks", chunks)

@@ -8,8 +8,17 @@ from pathlib import Path
 
 import pytest
 
-from critic.config import (ExperimentConfig, SpecError, TrainConfig, build_config, flatten, load_config,
-                           parse_override, read_spec, to_dict)
+from critic.config import (
+    ExperimentConfig,
+    SpecError,
+    TrainConfig,
+    build_config,
+    flatten,
+    load_config,
+    parse_override,
+    read_spec,
+    to_dict,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 

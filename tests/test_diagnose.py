@@ -32,7 +32,8 @@ from critic.trial import run_trial
 from diagnose.diagnosis import diagnose, parse_data_args
 from diagnose.stats import length_buckets, progressive_d_acc
 from diagnose.verdicts import DOES_NOT_HOLD, HOLDS, NOT_MEASURABLE, WARN, judge, training_health
-from sweeper.commands.diagnose import add_parser as add_diagnose_command, resolve_checkpoint
+from sweeper.commands.diagnose import add_parser as add_diagnose_command
+from sweeper.commands.diagnose import resolve_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 COLUMNS = ["content", "teacher_response", "student_response"]
@@ -361,7 +362,8 @@ def test_data_arguments_are_checked(items, match):
 def test_resolve_checkpoint(argv, match, tmp_path):
     parser = argparse.ArgumentParser()
     add_diagnose_command(parser.add_subparsers(dest="command"))
-    store = ["--storage", f"sqlite:///{tmp_path / 'optuna.db'}", "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]
+    store = ["--storage", f"sqlite:///{tmp_path / 'optuna.db'}",
+             "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]
     with pytest.raises(SpecError, match=match):
         resolve_checkpoint(parser.parse_args(["diagnose", *argv, *store]))
 
@@ -380,8 +382,8 @@ def test_cli_end_to_end_in_a_subprocess(demo_checkpoint, tmp_path):
 
 
 def test_student_identity_from_generation_lineage_or_the_lineage_column(tmp_path):
-    from diagnose.diagnosis import student_identity
     from critic.data import PairSet
+    from diagnose.diagnosis import student_identity
 
     cfg = build_config({"data": {"cache_dir": str(tmp_path)}})
     plain = random_pairs(tmp_path / "plain.parquet", 3, "plain", lambda rng: 4)

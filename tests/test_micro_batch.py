@@ -12,9 +12,10 @@ from critic.data import tokenize_pairs
 from critic.demo import make_demo_frame
 from critic.model import fresh_critic
 from critic.train import _train_step
-from sweep_helpers import tiny_sweep_spec
 from sweeper import study as study_mod
 from sweeper.runner import run_trials
+from tests.helpers import simulate_device
+from tests.sweep_helpers import tiny_sweep_spec
 
 CPU = torch.device("cpu")
 TOLERANCE = 1e-5  # loss, T and every gradient, relative to the largest gradient entry (float32 sums reordered)
@@ -63,9 +64,7 @@ def mlflow_curves(tmp_path, tiny_cache_dir, device_pairs: str | None, monkeypatc
     study, tracker, parent_id = study_mod.init_study(spec, f"sqlite:///{tmp_path / 'o.db'}",
                                                      f"sqlite:///{tmp_path / 'm.db'}")
     if device_pairs:
-        monkeypatch.setenv("SWEEP_SIMULATE_DEVICE_PAIRS", device_pairs)
-    else:
-        monkeypatch.delenv("SWEEP_SIMULATE_DEVICE_PAIRS", raising=False)
+        simulate_device(monkeypatch, int(device_pairs))
     run_trials(study, spec, tracker, parent_id, 1, progress=False)
     trial = study.trials[0]
     assert trial.state == optuna.trial.TrialState.COMPLETE

@@ -11,7 +11,14 @@ import torch
 from transformers import AutoModelForTokenClassification, Qwen2Config
 
 from critic.config import ExperimentConfig, LossConfig, ScoreConfig, SpecError, TrainConfig, build_config
-from critic.score import PAIR_ATTENTION, collate_packed, collate_pairs, score_batch, sequence_scores
+from critic.score import (
+    PAIR_ATTENTION,
+    collate_packed,
+    collate_pairs,
+    register_pair_attention,
+    score_batch,
+    sequence_scores,
+)
 from critic.train import _train_step
 from tests.helpers import hand_pair_set
 
@@ -122,6 +129,7 @@ def test_student_never_sees_the_teacher_tokens(critic):
 
 def test_pair_attention_is_plain_sdpa_for_padded_batches():
     model, switched = build_critic(), build_critic()
+    register_pair_attention()
     switched.set_attn_implementation(PAIR_ATTENTION)
     pairs, cfg = random_pairs(4, seed=4), ScoreConfig(layout="padded")
     for want, got in zip(scores(model, pairs, np.arange(4), cfg), scores(switched, pairs, np.arange(4), cfg)):

@@ -1,7 +1,7 @@
 """Many workers on one study, with real servers: PostgreSQL, an MLflow tracking server, SQLite files, signals.
 
 Nothing is mocked: workers are `sweep.py` processes, a dead worker is a SIGKILL,
-an out-of-memory error is a real torch.OutOfMemoryError (SWEEP_SIMULATE_DEVICE_PAIRS).
+an out-of-memory error is a real torch.OutOfMemoryError (tests.helpers.simulate_device).
 Heartbeats are 1 s with a 4 s grace period so dead trials are reaped quickly.
 """
 
@@ -21,11 +21,12 @@ from mlflow import MlflowClient
 
 import sweep
 from critic.config import SpecError
-from pg import PASSWORD, MlflowServer, PostgresServer, dump_postgres, postgres_bin
-from sweep_helpers import ROOT, cli, tiny_sweep_spec
 from sweeper import study as study_mod
 from sweeper.runner import leaderboard, run_trials
 from sweeper.stores import credentials_from_env, mask, without_password
+from tests.helpers import simulate_device
+from tests.pg import PASSWORD, MlflowServer, PostgresServer, dump_postgres, postgres_bin
+from tests.sweep_helpers import ROOT, cli, tiny_sweep_spec
 
 FAST_HEARTBEAT = {"heartbeat_interval": 1, "grace_period": 4}
 
@@ -265,7 +266,7 @@ def test_out_of_memory_retries_with_half_micro_batch_then_fails_with_reason(tmp_
     study, tracker, parent_id = study_mod.init_study(spec, storage, tracking)
     for micro_batch in (4, 8, 2):
         study.enqueue_trial({"train.micro_batch_size": micro_batch})
-    monkeypatch.setenv("SWEEP_SIMULATE_DEVICE_PAIRS", "3")
+    simulate_device(monkeypatch, 3)
     run_trials(study, spec, tracker, parent_id, 2, progress=False)
 
     retried, failed, plain = study.trials
@@ -274,7 +275,7 @@ def test_out_of_memory_retries_with_half_micro_batch_then_fails_with_reason(tmp_
     assert retried_run.data.tags["sweep.oom_retry"] == "forward_micro_batch_size 4 -> 2 (loss micro_batch_size 4 kept)"
     assert failed.state.name == "FAIL"
     assert "out of memory (after retry with forwards of 4 pairs)" in failed.user_attrs["fail_reason"]
-    assert "SWEEP_SIMULATE_DEVICE_PAIRS" in failed.user_attrs["fail_reason"]
+    assert "simulated: a micro-batch of 4 pairs does not fit a device of 3 pairs" in failed.user_attrs["fail_reason"]
     assert tracker.client.get_run(failed.user_attrs["mlflow_run_id"]).info.status == "FAILED"
     assert plain.state.name == "COMPLETE" and "oom_retry" not in plain.user_attrs
 

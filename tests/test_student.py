@@ -7,20 +7,22 @@ import json
 import threading
 import time
 import traceback
+import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
-from transformers import AutoTokenizer, GenerationConfig, Qwen2Config, Qwen2ForCausalLM
+from transformers import AutoTokenizer, GenerationConfig, GenerationMixin, Qwen2Config, Qwen2ForCausalLM
 
 from critic import data as data_mod
-from critic.student import endpoint as student_endpoint
-from critic.student import responses as student_mod
 from critic.config import DataConfig, SpecError, StudentConfig
 from critic.data import DataError, load_pair_set, read_pairs
-from critic.student import GENERATION_COUNTS, StudentGenerationError, student_responses
+from critic.student import StudentGenerationError, student_responses
+from critic.student import endpoint as student_endpoint
+from critic.student import responses as student_mod
+from critic.student.cache import ResponseStore
 from critic.trial import prepare, run_trial
 from sweeper.commands.generate import add_parser as add_generate_command
 from tests.helpers import tiny_config, write_pairs
@@ -78,6 +80,34 @@ def prompts_only(path, prompts=PROMPTS):
     return write_pairs(path, pd.DataFrame({"content": prompts, "teacher_response": [f"T: {p}" for p in prompts]}))
 
 
+# Real generation work in this process: model.generate calls, HTTP request attempts (retries included),
+# responses stored in the cache. Counted by wrapping those three calls for every test of this file.
+GENERATION_COUNTS = {"batches": 0, "requests": 0, "responses": 0}
+
+
+@pytest.fixture(autouse=True)
+def count_generation(monkeypatch):
+    generate, urlopen, add = GenerationMixin.generate, urllib.request.urlopen, ResponseStore.add
+    lock = threading.Lock()  # requests come from the client's thread pool
+
+    def counting_generate(self, *args, **kwargs):
+        GENERATION_COUNTS["batches"] += 1
+        return generate(self, *args, **kwargs)
+
+    def counting_urlopen(*args, **kwargs):
+        with lock:
+            GENERATION_COUNTS["requests"] += 1
+        return urlopen(*args, **kwargs)
+
+    def counting_add(self, rows, texts, reasons):
+        GENERATION_COUNTS["responses"] += len(rows)
+        return add(self, rows, texts, reasons)
+
+    monkeypatch.setattr(GenerationMixin, "generate", counting_generate)
+    monkeypatch.setattr(urllib.request, "urlopen", counting_urlopen)
+    monkeypatch.setattr(ResponseStore, "add", counting_add)
+
+
 def counts():
     return dict(GENERATION_COUNTS)
 
@@ -89,7 +119,8 @@ def generated_since(before: dict[str, int]) -> dict[str, int]:
 # --- spec rules -----------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("student, match", [
-    ({"model": "/m", "endpoint": "http://x/v1", "model_name": "m"}, r"student\.model .* or student\.endpoint .* not both"),
+    ({"model": "/m", "endpoint": "http://x/v1", "model_name": "m"},
+     r"student\.model .* or student\.endpoint .* not both"),
     ({"endpoint": "http://x/v1"}, r"student\.endpoint needs student\.model_name"),
     ({"endpoint": "x:8000", "model_name": "m"}, r"student\.endpoint must be an http:// or https:// URL"),
     ({"regenerate": True}, r"student\.regenerate: true needs student\.model or student\.endpoint"),

@@ -6,8 +6,7 @@
 """
 
 from critic.student.base import StudentGenerationError
-from critic.student.responses import (GENERATION_COUNTS, StudentResponses, needs_generation, student_responses,
-                                      student_source)
+from critic.student.responses import StudentResponses, needs_generation, student_responses, student_source
 
-__all__ = ["GENERATION_COUNTS", "StudentGenerationError", "StudentResponses", "needs_generation",
+__all__ = ["StudentGenerationError", "StudentResponses", "needs_generation",
            "student_responses", "student_source"]

@@ -1,37 +1,30 @@
 """Student responses from an OpenAI-compatible server, `student.concurrency` requests at a time.
 
 Takes {row: chat messages} and calls `on_batch(rows, texts, finish_reasons)` from the calling
-thread as responses arrive; `critic.student.responses` owns caching and resuming. The API key is read from the environment at request time and never printed: every
-error text that leaves this module has it scrubbed.
+thread as responses arrive; `critic.student.responses` owns caching and resuming. The API key
+is read from the environment at request time and never printed: every error text that leaves
+this module has it scrubbed.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import threading
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from typing import Callable
 
 from critic.config import StudentConfig
+from critic.redact import mask
 from critic.student.base import OnBatch, StudentGenerationError
 
 RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}  # worth another try; any other 4xx is final
 BACKOFF_S = 1.0  # wait before the first retry, doubled for each next one (capped at 30 s)
-_SECRET_QUERY = re.compile(r"(?i)([?&][^=&]*(?:key|token|secret|sig|password)[^=&]*=)[^&#]*")
-_USERINFO = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.\-]*://[^:/@]*):[^@/]*@")
 
 
 class _Skipped(Exception):
     """A request not (re)tried because the run is stopping; not a failure of its own."""
-
-
-def masked_url(url: str) -> str:
-    """The URL with any password and secret-looking query values replaced by ***."""
-    return _SECRET_QUERY.sub(r"\1***", _USERINFO.sub(r"\1:***@", url))
 
 
 def chat_url(endpoint: str) -> str:
@@ -40,22 +33,16 @@ def chat_url(endpoint: str) -> str:
     return endpoint if endpoint.endswith("/chat/completions") else f"{endpoint}/chat/completions"
 
 
-def generate_with_endpoint(student: StudentConfig, messages: dict[int, list[dict]], on_batch: OnBatch,
-                           counts: dict[str, int]) -> None:
+def generate_with_endpoint(student: StudentConfig, messages: dict[int, list[dict]], on_batch: OnBatch) -> None:
     """Chat completions from an OpenAI-compatible server, `student.concurrency` requests at a time."""
     url = chat_url(student.endpoint)
     api_key = os.environ.get(student.api_key_env) or None
     stop = threading.Event()  # set when the run ends early: no request starts or retries after it
-    count_lock = threading.Lock()
-
-    def count_request() -> None:
-        with count_lock:
-            counts["requests"] += 1
 
     def one(row: int) -> tuple[int, str, str]:
         body = {"model": student.model_name, "messages": messages[row], "max_tokens": student.max_new_tokens,
                 "temperature": student.temperature, "top_p": student.top_p, "seed": student.seed + row}
-        return (row, *_post_with_retries(url, body, api_key, student, stop, count_request))
+        return (row, *_post_with_retries(url, body, api_key, student, stop))
 
     pool = ThreadPoolExecutor(max_workers=student.concurrency, thread_name_prefix="student-request")
     futures = [pool.submit(one, row) for row in messages]
@@ -84,7 +71,7 @@ def generate_with_endpoint(student: StudentConfig, messages: dict[int, list[dict
 
 
 def _post_with_retries(url: str, body: dict, api_key: str | None, student: StudentConfig,
-                       stop: threading.Event, count_request: Callable[[], None]) -> tuple[str, str]:
+                       stop: threading.Event) -> tuple[str, str]:
     """(text, finish_reason) of one chat completion; retries timeouts, resets and 5xx/429 with backoff."""
     data = json.dumps(body).encode()
     headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {api_key}"} if api_key else {})}
@@ -92,7 +79,6 @@ def _post_with_retries(url: str, body: dict, api_key: str | None, student: Stude
     for attempt in range(student.max_retries + 1):
         if stop.is_set() or (attempt and stop.wait(min(BACKOFF_S * 2 ** (attempt - 1), 30.0))):
             raise _Skipped()
-        count_request()
         attempts += 1
         try:
             request = urllib.request.Request(url, data=data, headers=headers, method="POST")
@@ -108,7 +94,7 @@ def _post_with_retries(url: str, body: dict, api_key: str | None, student: Stude
         except (ValueError, LookupError, TypeError, AttributeError) as exc:
             problem = f"unexpected reply ({type(exc).__name__}: {exc})"
     stop.set()  # a final failure: no other request starts
-    message = (f"request to {masked_url(url)} (model {student.model_name!r}) failed after {attempts} attempt(s), "
+    message = (f"request to {mask(url)} (model {student.model_name!r}) failed after {attempts} attempt(s), "
                f"timeout {student.timeout_s:g} s: {problem}")
     raise StudentGenerationError(message.replace(api_key, "***") if api_key else message)
 

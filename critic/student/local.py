@@ -14,8 +14,7 @@ from critic.prompts import prompt_text
 from critic.student.base import OnBatch
 
 
-def generate_with_model(student: StudentConfig, messages: dict[int, list[dict]], on_batch: OnBatch,
-                        counts: dict[str, int]) -> None:
+def generate_with_model(student: StudentConfig, messages: dict[int, list[dict]], on_batch: OnBatch) -> None:
     """Batched `generate` of a local causal LM (left padding, chat template when it has one), GPU when present."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
@@ -56,7 +55,6 @@ def generate_with_model(student: StudentConfig, messages: dict[int, list[dict]],
             with torch.random.fork_rng(devices=devices), torch.inference_mode():
                 torch.manual_seed(student.seed + rows[0])  # per batch: resuming reproduces the same samples
                 output = model.generate(**batch, generation_config=generation)  # (B, prompt + new)
-            counts["batches"] += 1
             texts, reasons = [], []
             for new_ids in output[:, batch["input_ids"].shape[1]:].tolist():
                 stop = next((k for k, token in enumerate(new_ids) if token in eos_ids), None)

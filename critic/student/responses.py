@@ -24,16 +24,14 @@ from tqdm.auto import tqdm
 from critic.config import DataConfig, SpecError, StudentConfig
 from critic.files import exclusive, file_digest
 from critic.prompts import prompt_messages, prompt_text
+from critic.redact import mask
 from critic.sections import DataError
 from critic.student.base import StudentGenerationError
 from critic.student.cache import ResponseStore, actor_digest, write_with_student
-from critic.student.endpoint import generate_with_endpoint, masked_url
+from critic.student.endpoint import generate_with_endpoint
 from critic.student.local import generate_with_model
 
 CACHE_VERSION = 1  # bump when the generation or cache layout changes: every key changes with it
-# Counts of real generation work in this process (tests read them): model.generate calls,
-# HTTP request attempts (retries included), and responses produced.
-GENERATION_COUNTS = {"batches": 0, "requests": 0, "responses": 0}
 ProgressHook = Callable[[int, int], None]  # (responses done, responses in total)
 
 
@@ -135,14 +133,13 @@ def _generate(todo: list[int], messages: dict[int, list[dict]], student: Student
               total: int, progress: bool | None, on_progress: ProgressHook | None) -> None:
     """Generate the rows `todo` into `store`; a failure keeps what was made and says how to resume."""
     source = student_source(student)
-    where = student.model if source == "model" else f"{masked_url(student.endpoint)} ({student.model_name})"
+    where = student.model if source == "model" else f"{mask(student.endpoint)} ({student.model_name})"
     print(f"[student] generating {len(todo)} of {total} responses with {where}"
           + (f" ({total - len(todo)} already cached)" if len(todo) < total else ""))
     bar = tqdm(total=total, initial=total - len(todo), unit="resp", desc="student responses", dynamic_ncols=True,
                disable=None if progress is None else not progress)
 
     def on_batch(rows: list[int], texts: list[str], reasons: list[str]) -> None:
-        GENERATION_COUNTS["responses"] += len(rows)
         store.add(rows, texts, reasons)
         bar.update(len(rows))
         if on_progress is not None:
@@ -150,7 +147,7 @@ def _generate(todo: list[int], messages: dict[int, list[dict]], student: Student
 
     generate = generate_with_model if source == "model" else generate_with_endpoint
     try:
-        generate(student, {i: messages[i] for i in todo}, on_batch, GENERATION_COUNTS)
+        generate(student, {i: messages[i] for i in todo}, on_batch)
     except StudentGenerationError as exc:
         store.flush()
         raise StudentGenerationError(f"{exc}. {len(store.done)} of {total} responses are saved in {store.folder}; "
@@ -168,7 +165,7 @@ def _generate(todo: list[int], messages: dict[int, list[dict]], student: Student
 def _actor_identity(student: StudentConfig, root: Path) -> str:
     """'<resolved dir>@<digest of its files>' for a local model, '<endpoint>#<model_name>' for a server."""
     if student.endpoint:
-        return f"{masked_url(student.endpoint)}#{student.model_name}"
+        return f"{mask(student.endpoint)}#{student.model_name}"
     path = Path(student.model).expanduser().resolve()
     if not path.is_dir():
         raise SpecError(f"student.model {str(path)!r} is not a directory; point it at a local checkpoint of the "

@@ -7,6 +7,15 @@ import argparse
 import sys
 
 
+def quiet_libraries() -> None:
+    """Optuna's per-trial INFO lines and its experimental-feature warnings off: the sweep prints its own progress."""
+    import warnings
+
+    import optuna
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+
+
 def add_spec_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("spec", help="experiment spec YAML, e.g. experiments/demo.yaml")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",

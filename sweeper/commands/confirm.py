@@ -4,8 +4,15 @@ from __future__ import annotations
 
 import argparse
 
-from sweeper.commands.common import (add_store_args, guarded, handle_signals, load_study, print_confirmation,
-                                     stored_spec, urls)
+from sweeper.commands.common import (
+    add_store_args,
+    guarded,
+    handle_signals,
+    load_study,
+    print_confirmation,
+    stored_spec,
+    urls,
+)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:

@@ -17,7 +17,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> int:
-    from sweeper.stores import mask
+    from sweeper.stores import mask, without_password
     from sweeper.study import init_study, load_sweep_spec
 
     spec = load_sweep_spec(args.spec, args.overrides)
@@ -26,12 +26,7 @@ def main(args: argparse.Namespace) -> int:
     study, tracker, parent_id = init_study(spec, storage, tracking, args.study, args.new_study)
     tracker.end(parent_id, "FINISHED")  # workers set it RUNNING again while they work
     print(f"[sweep] initialised study {study.study_name!r} in {mask(storage)}; join it from any machine with:\n"
-          f"  python sweep.py worker --study {study.study_name} --storage '{_without_password(storage)}' "
-          f"--tracking-uri '{_without_password(tracking)}'\n"
+          f"  python sweep.py worker --study {study.study_name} --storage '{without_password(storage)[0]}' "
+          f"--tracking-uri '{without_password(tracking)[0]}'\n"
           f"(put the database password in $SWEEP_DB_PASSWORD; it is never printed)")
     return 0
-
-
-def _without_password(url: str) -> str:
-    from sweeper.stores import mask
-    return mask(url).replace(":***@", "@")

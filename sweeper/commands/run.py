@@ -4,8 +4,15 @@ from __future__ import annotations
 
 import argparse
 
-from sweeper.commands.common import (add_spec_args, add_store_args, guarded, handle_signals, print_confirmation,
-                                     print_warnings, urls)
+from sweeper.commands.common import (
+    add_spec_args,
+    add_store_args,
+    guarded,
+    handle_signals,
+    print_confirmation,
+    print_warnings,
+    urls,
+)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -43,7 +50,8 @@ def main(args: argparse.Namespace) -> int:
         if args.workers > 1:
             launch_workers(study, spec, storage, tracking, args.workers, progress=not args.no_progress)
         else:
-            run_trials(study, spec, tracker, parent_id, spec.cfg.sweep.n_trials, progress=not args.no_progress)
+            run_trials(study, spec, tracker, parent_id, spec.cfg.sweep.n_trials, progress=not args.no_progress,
+                       storage_url=storage)
         finish_parent(study, tracker, parent_id)
         if not confirming:
             return None

@@ -54,7 +54,8 @@ def train_once(spec: str, overrides: list[str], as_json: bool = False) -> int:
         return 0
     sets = ["val", *cfg.data.eval_sets]
     print(format_table(result.metrics, sets))
-    print(f"\nprogressive train d_acc (first epoch, before each update): {result.metrics['train/progressive_d_acc']:.4f}"
+    progressive = result.metrics["train/progressive_d_acc"]
+    print(f"\nprogressive train d_acc (first epoch, before each update): {progressive:.4f}"
           f"   steps: {result.metrics['train/steps']:.0f}   time: {result.timings['total_s']:.1f}s")
     if checkpoint:
         print(f"checkpoint: {checkpoint}")
