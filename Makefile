@@ -1,4 +1,4 @@
-# Two commands on a fresh machine: `make sweep` (demo sweep) and `make test`.
+# Two commands on a fresh machine: `make sweep` (demo sweep) and `make test`; `make lint` and `make smoke` for quick checks.
 PY := .venv/bin/python
 PIP := .venv/bin/pip
 SPEC ?= experiments/demo.yaml
@@ -6,16 +6,18 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install sweep train test bench bench-scale ui export clean
+.PHONY: install sweep train test lint smoke bench bench-scale ui export clean
 
 install: .venv/.installed .venv/.verl-extra
 
 # torch first, pinned to the CPU build that satisfies requirements.txt's range without pulling CUDA wheels.
-.venv/.installed: requirements.txt
+# Then the project itself, editable (pyproject.toml; its dependencies are requirements.txt, installed just before).
+.venv/.installed: requirements.txt pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
 	$(PIP) install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q "torch==2.13.0"
 	$(PIP) install -q -r requirements.txt
+	$(PIP) install -q --no-deps --no-build-isolation -e .
 	touch $@
 
 # Test-only extra (requirements-verl.txt, --no-deps: verl pins an older transformers). Where it cannot be
@@ -33,12 +35,19 @@ train: install
 test: install
 	$(PY) -m pytest -q -rs tests
 
+lint: install
+	$(PY) -m ruff check .
+
+# One tiny trial end to end (tiny preset, demo data, 6 steps): under a minute on a laptop CPU.
+smoke: install
+	$(PY) sweep.py train experiments/demo.yaml --set train.max_steps=6 --set eval.every_steps=3 --json
+
 bench: install
 	$(PY) benchmarks/bench_trainer.py
 	$(PY) benchmarks/bench_sweep.py
 
 bench-scale: install
-	$(PY) benchmarks/bench_scale.py
+	$(PY) -m benchmarks.bench_scale
 
 ui: install
 	$(PY) sweep.py ui

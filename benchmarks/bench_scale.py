@@ -34,7 +34,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 import numpy as np  # noqa: E402
 import optuna  # noqa: E402
@@ -124,9 +123,9 @@ def bookkeeping(name: str, storage: str, tracking: str, spec_path: Path, n_trial
     if not figures:
         objective_mod.figures.training_progress = objective_mod.figures.score_histograms = _empty_figure
     try:
-        run_trials(study, spec, tracker, parent_id, 1, progress=False)  # warm-up: connections, imports
+        run_trials(study, spec, tracker, parent_id, 1, progress=False, storage_url=storage)  # warm-up: connections
         started = time.perf_counter()
-        run_trials(study, spec, tracker, parent_id, 1 + n_trials, progress=False)
+        run_trials(study, spec, tracker, parent_id, 1 + n_trials, progress=False, storage_url=storage)
         elapsed = time.perf_counter() - started
     finally:
         objective_mod.run_trial, objective_mod.figures.training_progress, objective_mod.figures.score_histograms = saved
@@ -136,7 +135,7 @@ def bookkeeping(name: str, storage: str, tracking: str, spec_path: Path, n_trial
 def store_pairs(folder: Path, with_postgres: bool):
     """(name, Optuna storage, MLflow tracking URI) per store combination; PostgreSQL servers started here."""
     yield "sqlite+sqlite", f"sqlite:///{folder / 'optuna.db'}", f"sqlite:///{folder / 'mlflow.db'}"
-    from pg import MlflowServer, PostgresServer, postgres_bin
+    from tests.pg import MlflowServer, PostgresServer, postgres_bin
     bin_dir = postgres_bin() if with_postgres else None
     if bin_dir is None:
         print("[bench] PostgreSQL rows skipped: no server binaries (initdb, pg_ctl)" if with_postgres else

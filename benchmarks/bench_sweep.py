@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 import optuna  # noqa: E402
 from mlflow import MlflowClient  # noqa: E402
@@ -31,7 +29,7 @@ def run_variant(spec_path: str, pruner: str, n_trials: int, folder: Path) -> dic
     storage, tracking = f"sqlite:///{folder / 'optuna.db'}", f"sqlite:///{folder / 'mlflow.db'}"
     study, tracker, parent_id = study_mod.init_study(spec, storage, tracking)
     started = time.perf_counter()
-    run_trials(study, spec, tracker, parent_id, n_trials, progress=False)
+    run_trials(study, spec, tracker, parent_id, n_trials, progress=False, storage_url=storage)
     wall = time.perf_counter() - started
     client = MlflowClient(tracking)
     steps, overheads = 0, []

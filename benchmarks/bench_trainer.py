@@ -40,19 +40,18 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 import transformers  # noqa: E402
 from transformers import AutoModelForTokenClassification, Qwen2Config  # noqa: E402
+from trl_contender import Trl, trl_available  # noqa: E402
 
 from critic.config import ExperimentConfig, LossConfig, ScoreConfig, TrainConfig  # noqa: E402
 from critic.data import PairSet  # noqa: E402
 from critic.score import collate, score_batch  # noqa: E402
 from critic.train import _build_optimizer, optimizer_step  # noqa: E402
-from trl_contender import Trl, trl_available  # noqa: E402
 
 PAD_ID, EOS_ID, FIRST_TEXT_ID = 0, 2, 3
 MODEL_SHAPES = {

@@ -13,6 +13,7 @@ from transformers import AutoModelForSequenceClassification
 from critic.config import ExperimentConfig
 from critic.data import PairSet
 
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

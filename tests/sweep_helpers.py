@@ -11,7 +11,7 @@ from typing import Any
 
 import yaml
 
-from helpers import demo_pairs
+from tests.helpers import demo_pairs
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -9,14 +9,13 @@ import sys
 import time
 
 import optuna
-import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
 from critic.config import SpecError
-from sweep_helpers import ROOT, cli, store_args, tiny_sweep_spec
 from sweeper.confirm import ConfirmPlan
 from sweeper.space import check_effective, parse_space
+from tests.sweep_helpers import ROOT, cli, store_args, tiny_sweep_spec
 
 LEARNS, FROZEN = 3.0e-3, 1.0e-9  # the second rate is so small that nothing moves
 

@@ -73,7 +73,7 @@ def test_interval_covers_the_true_difference_at_the_nominal_rate():
     (both sources are of similar size), and fails.
     """
     rng = np.random.default_rng(123)
-    covered, rejected = 0, 0
+    covered = 0
     for _ in range(200):
         configs = synthetic(rng, {"baseline": 0.0, "finalist": 0.3})
         _, (row,) = compare("score_diff", "maximize", configs["baseline"], [configs["finalist"]], SEEDS,

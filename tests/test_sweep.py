@@ -14,11 +14,11 @@ from mlflow import MlflowClient
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
 from critic.config import SpecError
-from sweep_helpers import ROOT, cli, sqlite_dump, store_args, tiny_sweep_spec
 from sweeper import study as study_mod
 from sweeper.runner import run_trials
 from sweeper.space import parse_space, suggest, to_distribution
 from sweeper.verl_export import parse_overrides
+from tests.sweep_helpers import ROOT, cli, sqlite_dump, store_args, tiny_sweep_spec
 
 
 @pytest.mark.parametrize("entry,expected", [
@@ -76,7 +76,8 @@ def test_end_to_end_sweep_export_and_reproduce(tmp_path):
     assert "#/experiments/" in run.stdout and "baseline" in run.stdout
 
     study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
-    finished = [t for t in study.trials if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)]
+    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    finished = [t for t in study.trials if t.state in states]
     assert len(finished) == 3
     assert study.trials[0].user_attrs.get("baseline") is True and study.trials[0].params["train.lr"] == 3e-4
 

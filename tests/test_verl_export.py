@@ -96,7 +96,8 @@ def test_zero_lr_warmup_is_written_with_a_zero_ratio_so_verl_does_not_fall_back_
 
 @pytest.mark.parametrize("version, worker, clip_key", [
     ("0.9", None, "critic.optim.clip_grad"), ("0.8.0", None, "critic.optim.clip_grad"),
-    ("0.7", None, "critic.grad_clip"), ("0.7", "engine", "critic.optim.clip_grad"), ("0.6", "legacy", "critic.grad_clip"),
+    ("0.7", None, "critic.grad_clip"), ("0.7", "engine", "critic.optim.clip_grad"),
+    ("0.6", "legacy", "critic.grad_clip"),
     ("0.5", None, "critic.grad_clip"), ("0.4.1", None, "critic.grad_clip"),
 ])
 def test_clip_key_is_the_one_the_chosen_worker_reads(version, worker, clip_key):

@@ -57,7 +57,8 @@ def import_verl(name: str) -> types.ModuleType:
 def compose(config_dir: Path, overrides: list[str]):
     """verl's `ppo_trainer` config composed by Hydra with `overrides`, as `python -m verl.trainer.main_ppo` does."""
     try:
-        from hydra import compose as hydra_compose, initialize_config_dir
+        from hydra import compose as hydra_compose
+        from hydra import initialize_config_dir
     except ImportError:
         reason = "hydra-core is not installed: pip install --no-deps -r requirements-verl.txt"
         print(f"SKIP: {reason}")
