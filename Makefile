@@ -17,7 +17,7 @@ install: .venv/.installed .venv/.verl-extra
 	$(PIP) install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q "torch==2.13.0"
 	$(PIP) install -q -r requirements.txt
-	$(PIP) install -q --no-deps --no-build-isolation -e .
+	$(PIP) install -q --no-deps -e .
 	touch $@
 
 # Test-only extra (requirements-verl.txt, --no-deps: verl pins an older transformers). Where it cannot be
