@@ -49,3 +49,15 @@ class FanoutReporter(Reporter):
     def log_eval(self, step: int, metrics: dict[str, float]) -> None:
         for reporter in self.reporters:
             reporter.log_eval(step, metrics)
+
+
+def series(history, key: str):
+    """(steps, values) of one metric in a [(step, {metric: value}), ...] history, as float arrays; NaNs dropped."""
+    import math
+
+    import numpy as np
+    points = [(step, metrics[key]) for step, metrics in history if key in metrics and math.isfinite(metrics[key])]
+    if not points:
+        return np.zeros(0), np.zeros(0)
+    steps, values = zip(*points)
+    return np.asarray(steps, dtype=float), np.asarray(values, dtype=float)

@@ -16,6 +16,7 @@ EosRule = Literal["final", "token"]
 Scheduler = Literal["constant", "linear", "cosine"]
 Sampler = Literal["tpe", "random", "gp", "cmaes", "nsga2"]
 Pruner = Literal["hyperband", "median", "none"]
+ExportFormat = Literal["yaml", "json", "verl"]  # `sweep.py export --format`
 
 
 class SpecError(ValueError):

@@ -96,7 +96,7 @@ def _group_temperature(model, pairs: PairSet, chunks: list[np.ndarray], cfg: Exp
     return bt_temperature(diff, cfg.loss)
 
 
-def _train_step(model, pairs: PairSet, batch_index: np.ndarray, cfg: ExperimentConfig, device, pad_id: int):
+def train_step(model, pairs: PairSet, batch_index: np.ndarray, cfg: ExperimentConfig, device, pad_id: int):
     """Forward/backward every micro-batch of one optimizer step; returns detached scores and stats.
 
     The loss groups micro_batch_size pairs (the adaptive T is one per group, as in verl); a group may run as
@@ -133,7 +133,7 @@ def optimizer_step(model, params, optimizer, scheduler, pairs: PairSet, batch_in
     raises NonFiniteError, before updating, on a NaN/inf loss or gradient norm.
     """
     lr = scheduler.get_last_lr()[0]
-    teacher, student, loss, temperature, tokens = _train_step(model, pairs, batch_index, cfg, device, pad_id)
+    teacher, student, loss, temperature, tokens = train_step(model, pairs, batch_index, cfg, device, pad_id)
     grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)  # norm before clipping
     loss_value, grad_value = float(loss), float(grad_norm)  # one sync per step
     if not math.isfinite(loss_value):

@@ -10,8 +10,9 @@ import numpy as np
 from matplotlib.figure import Figure  # the object API: no pyplot state, no display backend on training nodes
 
 from diagnose.diagnosis import Diagnosis, fold_spread
-from diagnose.stats import LENGTH_MATCH_TOLERANCE, binomial_se, series
+from diagnose.stats import LENGTH_MATCH_TOLERANCE, binomial_se
 from diagnose.verdicts import MIN_GAP, NOISE_Z
+from sweeper.figures import training_progress  # the sweep's training figure, one for both
 
 FIGURES = "figures"
 METRIC_ROWS = ["n_pairs", "d_acc", "d_acc_ties_correct", "tie_rate", "identical_rate", "auc", "teacher_score_mean",
@@ -189,7 +190,7 @@ def plot_figures(d: Diagnosis, folder: Path) -> None:
         fig = plot(d)
         fig.savefig(folder / f"{name}.png", dpi=110)
     if d.histories.train:
-        _plot_training(d, folder / "training.png")
+        training_progress(d.histories.train, d.histories.eval, ["val", *d.others], folder / "training.png", dpi=110)
 
 
 def _plot_d_acc(d: Diagnosis):
@@ -240,28 +241,6 @@ def _plot_score_vs_length(d: Diagnosis):
         ax.set_xlabel("response tokens", fontsize=8)
         ax.legend(fontsize=7)
     return fig
-
-
-def _plot_training(d: Diagnosis, path: Path) -> None:
-    train, evals = d.histories.train, d.histories.eval
-    fig = Figure(figsize=(11, 7), layout="constrained")
-    axes = fig.subplots(2, 2)
-    panels = [(axes[0, 0], "d_acc", "critic/d_acc"), (axes[0, 1], "grad_norm", "critic/grad_norm"),
-              (axes[1, 0], "score_diff", "critic/score_diff"), (axes[1, 1], "length_ratio", "critic/length_ratio")]
-    for ax, title, key in panels:
-        ax.plot(*series(train, key), alpha=0.6, label="train batch (before update)")
-        ax.set(title=title, xlabel="step")
-    for name in ("val", *d.others):
-        for ax, metric in ((axes[0, 0], "d_acc"), (axes[1, 0], "score_diff")):
-            steps, values = series(evals, f"{name}/{metric}")
-            if len(steps):
-                ax.plot(steps, values, marker="o", label=name)
-    axes[0, 0].axhline(0.5, color="grey", linestyle="--", linewidth=1)
-    axes[0, 1].set_yscale("log")
-    axes[1, 1].axhspan(0.9, 1.1, color="green", alpha=0.1)
-    for ax in axes.flat:
-        ax.legend(fontsize=7)
-    fig.savefig(path, dpi=110)
 
 
 def to_json(d: Diagnosis) -> dict:

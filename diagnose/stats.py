@@ -13,6 +13,7 @@ import pandas as pd
 from scipy.spatial.distance import jensenshannon
 
 from critic.data import PairSet
+from critic.reporting import series
 
 LENGTH_MATCH_TOLERANCE = 0.10  # two responses are "length-matched" when they differ by < 10% of the longer one
 
@@ -94,16 +95,6 @@ def token_divergence(pairs: PairSet, reference: PairSet, vocab_size: int) -> dic
         theirs = unigram_counts(getattr(reference, f"{part}_ids"), vocab_size)
         out[f"js_{part}"] = js_distance(ours, theirs)
     return out
-
-
-def series(history, key: str) -> tuple[np.ndarray, np.ndarray]:
-    """(steps, values) of one metric in a [(step, {metric: value}), ...] history; NaNs dropped."""
-    points = [(step, metrics[key]) for step, metrics in history
-              if key in metrics and math.isfinite(metrics[key])]
-    if not points:
-        return np.zeros(0), np.zeros(0)
-    steps, values = zip(*points)
-    return np.asarray(steps, dtype=float), np.asarray(values, dtype=float)
 
 
 def progressive_d_acc(final_metrics: dict[str, float], train_history, steps_per_epoch: int) -> tuple[float, str]:

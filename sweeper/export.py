@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import sys
+import typing
 from typing import Any
 
 import optuna
 import yaml
 
-from critic.config import SpecError, to_dict
+from critic.config import SpecError, one_of, to_dict
+from critic.sections import ExportFormat
 from sweeper.confirm import stored_confirmation
 from sweeper.runner import best_trials
 from sweeper.study import SweepSpec, config_for
@@ -83,4 +85,4 @@ def render(spec: SweepSpec, trial: optuna.trial.FrozenTrial, fmt: str, verl_vers
         for note in exported.notes:
             print(f"[sweep] verl export note: {note}", file=sys.stderr)
         return f"# {header}\n" + exported.text()
-    raise SpecError(f"--format must be yaml, json or verl, got {fmt!r}")
+    raise SpecError(f"--format must be {one_of(typing.get_args(ExportFormat))}, got {fmt!r}")

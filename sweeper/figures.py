@@ -1,4 +1,4 @@
-"""Figures logged with every trial: training progress (4 panels) and held-out score histograms."""
+"""Figures: training progress (trials and diagnose), held-out score histograms, confirmation intervals."""
 
 from __future__ import annotations
 
@@ -7,39 +7,35 @@ from pathlib import Path
 import pandas as pd
 from matplotlib.figure import Figure  # the object API: no pyplot state, no display backend on training nodes
 
-
-def _series(history: list[tuple[int, dict[str, float]]], key: str) -> tuple[list[int], list[float]]:
-    points = [(step, m[key]) for step, m in history if key in m]
-    return [p[0] for p in points], [p[1] for p in points]
+from critic.reporting import series
 
 
-def training_progress(train_history, eval_history, eval_sets: list[str], path: Path) -> Path:
-    """d_acc (with the 0.5 line), score_diff (with 0), teacher vs student mean score, grad_norm."""
-    fig = Figure(figsize=(11, 7), layout="constrained")
-    axes = fig.subplots(2, 2)
-    ax = axes[0, 0]
-    ax.plot(*_series(train_history, "critic/d_acc"), label="train (batch, before update)", alpha=0.6)
-    for name in eval_sets:
-        ax.plot(*_series(eval_history, f"{name}/d_acc"), marker="o", label=name)
-    ax.axhline(0.5, color="grey", linestyle="--", linewidth=1)
-    ax.set(title="d_acc", xlabel="step", ylim=(-0.02, 1.02))
-    ax.legend(fontsize=8)
-    ax = axes[0, 1]
-    ax.plot(*_series(train_history, "critic/score_diff"), label="train", alpha=0.6)
-    for name in eval_sets:
-        ax.plot(*_series(eval_history, f"{name}/score_diff"), marker="o", label=name)
-    ax.axhline(0.0, color="grey", linestyle="--", linewidth=1)
-    ax.set(title="score_diff (teacher - student)", xlabel="step")
-    ax.legend(fontsize=8)
-    ax = axes[1, 0]
-    ax.plot(*_series(train_history, "critic/teacher_score_mean"), label="teacher (train)")
-    ax.plot(*_series(train_history, "critic/student_score_mean"), label="student (train)")
-    ax.set(title="mean score", xlabel="step")
-    ax.legend(fontsize=8)
-    ax = axes[1, 1]
-    ax.plot(*_series(train_history, "critic/grad_norm"))
-    ax.set(title="grad_norm (before clipping)", xlabel="step", yscale="log")
-    fig.savefig(path, dpi=90)
+def training_progress(train_history, eval_history, eval_sets: list[str], path: Path, dpi: int = 90) -> Path:
+    """The one training figure (sweep trials and diagnose): d_acc (0.5 line), score_diff (0 line), mean scores,
+    grad_norm, length_ratio (0.9-1.1 band) and lr per step; held-out sets as points at each evaluation."""
+    fig = Figure(figsize=(15, 7), layout="constrained")
+    axes = fig.subplots(2, 3)
+    for ax, metric in ((axes[0, 0], "d_acc"), (axes[0, 1], "score_diff")):
+        ax.plot(*series(train_history, f"critic/{metric}"), alpha=0.6, label="train batch (before update)")
+        for name in eval_sets:
+            ax.plot(*series(eval_history, f"{name}/{metric}"), marker="o", label=name)
+    axes[0, 0].axhline(0.5, color="grey", linestyle="--", linewidth=1)
+    axes[0, 0].set(title="d_acc", xlabel="step", ylim=(-0.02, 1.02))
+    axes[0, 1].axhline(0.0, color="grey", linestyle="--", linewidth=1)
+    axes[0, 1].set(title="score_diff (teacher - student)", xlabel="step")
+    axes[0, 2].plot(*series(train_history, "critic/teacher_score_mean"), label="teacher (train)")
+    axes[0, 2].plot(*series(train_history, "critic/student_score_mean"), label="student (train)")
+    axes[0, 2].set(title="mean score", xlabel="step")
+    axes[1, 0].plot(*series(train_history, "critic/grad_norm"))
+    axes[1, 0].set(title="grad_norm (before clipping)", xlabel="step", yscale="log")
+    axes[1, 1].plot(*series(train_history, "critic/length_ratio"))
+    axes[1, 1].axhspan(0.9, 1.1, color="green", alpha=0.1)
+    axes[1, 1].set(title="length_ratio (student / teacher tokens)", xlabel="step")
+    axes[1, 2].plot(*series(train_history, "critic/lr"))
+    axes[1, 2].set(title="lr", xlabel="step")
+    for ax in (axes[0, 0], axes[0, 1], axes[0, 2]):
+        ax.legend(fontsize=8)
+    fig.savefig(path, dpi=dpi)
     return path
 
 

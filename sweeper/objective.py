@@ -23,7 +23,7 @@ import pandas as pd
 import torch
 import yaml
 
-from critic.config import ExperimentConfig, SpecError, apply_overrides, build_config, flatten, to_dict
+from critic.config import ExperimentConfig, SpecError, flatten, to_dict
 from critic.data import resolve_path
 from critic.reporting import FanoutReporter, Reporter
 from critic.train import NonFiniteError, TrialOutOfMemory
@@ -33,6 +33,7 @@ from sweeper.confirm import seed_overrides
 from sweeper.signals import raise_if_stop_requested
 from sweeper.space import suggest
 from sweeper.stores import mask
+from sweeper.study import config_for
 from sweeper.tracking import MlflowReporter, Tracker
 
 SUMMARY_KEYS = ("train/progressive_d_acc", "train/gap_progressive_minus_val", "train/steps")
@@ -69,7 +70,7 @@ def objectives(cfg: ExperimentConfig) -> list[str]:
 def trial_config(raw: dict[str, Any], sampled: dict[str, Any], source: str) -> ExperimentConfig:
     """The resolved config of a trial: base spec + sampled values, validated like any spec."""
     try:
-        return build_config(apply_overrides(raw, sampled), source=f"{source} (sampled {sampled})")
+        return config_for(raw, sampled, f"{source} (sampled {sampled})")
     except SpecError as exc:  # e.g. t_min > t_max: this combination is infeasible, not the spec
         raise TrialFailure(f"infeasible sampled combination: {exc}") from None
 

@@ -98,9 +98,10 @@ def load_sweep_spec(path: str, overrides: list[str] | None = None, raw: dict | N
     return SweepSpec(raw, cfg, entries, source, warnings_)
 
 
-def config_for(spec: SweepSpec, params: dict[str, Any], source: str) -> ExperimentConfig:
-    """The config of one trial: the spec with the trial's params applied (export, verl export, best checkpoint)."""
-    return build_config(apply_overrides(spec.raw, params), source)
+def config_for(spec: SweepSpec | dict[str, Any], params: dict[str, Any], source: str) -> ExperimentConfig:
+    """The config of one trial: the spec (or its raw mapping) with the trial's params applied, validated."""
+    raw = spec.raw if isinstance(spec, SweepSpec) else spec
+    return build_config(apply_overrides(raw, params), source)
 
 
 def finished_count(counts: dict[str, int]) -> int:

@@ -11,7 +11,7 @@ from critic.config import DataConfig, build_config
 from critic.data import tokenize_pairs
 from critic.demo import make_demo_frame
 from critic.model import fresh_critic
-from critic.train import _train_step
+from critic.train import train_step
 from sweeper import study as study_mod
 from sweeper.runner import run_trials
 from tests.helpers import simulate_device
@@ -32,7 +32,7 @@ def one_step(tiny_critic, pairs, **train):
     cfg = build_config({"loss": {"adaptive_temperature": True, "t_a": 0.2, "t_b": 4.0, "t_max": 10.0},
                         "train": {"batch_size": 16, **train}})
     model = fresh_critic(tiny_critic, cfg.model, CPU)
-    _, _, loss, temperature, _ = _train_step(model, pairs, np.arange(16), cfg, CPU, tiny_critic.tokenizer.pad_token_id)
+    _, _, loss, temperature, _ = train_step(model, pairs, np.arange(16), cfg, CPU, tiny_critic.tokenizer.pad_token_id)
     return float(loss), float(temperature), torch.cat([p.grad.flatten() for p in model.parameters()])
 
 

@@ -19,7 +19,7 @@ from critic.score import (
     score_batch,
     sequence_scores,
 )
-from critic.train import _train_step
+from critic.train import train_step
 from tests.helpers import hand_pair_set
 
 PAD, EOS, VOCAB = 0, 2, 64
@@ -156,7 +156,7 @@ def step_outcome(layout: str, gradient_checkpointing: bool = False) -> tuple[dic
     cfg = ExperimentConfig(score=ScoreConfig(layout=layout), loss=LossConfig(adaptive_temperature=True),
                            train=TrainConfig(batch_size=7, micro_batch_size=3))
     pairs = random_pairs(7, seed=6, identical=(4,))
-    teacher, student, loss, temperature, _ = _train_step(model, pairs, np.array([3, 0, 6, 1, 5, 2, 4]), cfg,
+    teacher, student, loss, temperature, _ = train_step(model, pairs, np.array([3, 0, 6, 1, 5, 2, 4]), cfg,
                                                         torch.device("cpu"), PAD)
     metrics = {"loss": float(loss), "temperature": float(temperature),
                "d_acc": float((teacher > student).float().mean()),

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import argparse
 import sys
+import typing
 from pathlib import Path
 
+from critic.sections import ExportFormat
 from sweeper.commands.common import add_store_args, load_study, stored_spec
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="write the best config as a spec (yaml/json) or verl Hydra overrides")
     add_store_args(p)
-    p.add_argument("--format", choices=["yaml", "json", "verl"], default="yaml", help="output format")
+    p.add_argument("--format", choices=typing.get_args(ExportFormat), default="yaml", help="output format")
     p.add_argument("--trial", type=int, help="export this trial instead of the confirmed winner (or the best)")
     p.add_argument("--allow-unconfirmed", action="store_true",
                    help="no warning on stderr for a trial not confirmed better than the baseline")
