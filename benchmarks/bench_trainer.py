@@ -51,7 +51,7 @@ from trl_contender import Trl, trl_available  # noqa: E402
 from critic.config import ExperimentConfig, LossConfig, ScoreConfig, TrainConfig  # noqa: E402
 from critic.data import PairSet  # noqa: E402
 from critic.score import collate, score_batch  # noqa: E402
-from critic.train import _build_optimizer, optimizer_step  # noqa: E402
+from critic.train import build_optimizer, optimizer_step  # noqa: E402
 
 PAD_ID, EOS_ID, FIRST_TEXT_ID = 0, 2, 3
 MODEL_SHAPES = {
@@ -226,7 +226,7 @@ class ThisProject:
         self.model, self.pairs, self.cfg, self.device = model, pairs, cfg, device
         self.packed = cfg.score.layout == "packed"
         self.name = f"this project ({cfg.score.layout})"
-        self.optimizer, self.scheduler = _build_optimizer(model, cfg, n_steps=10**6)
+        self.optimizer, self.scheduler = build_optimizer(model, cfg, n_steps=10**6)
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.steps_done = 0
 

@@ -62,7 +62,7 @@ def step_batches(pairs: PairSet, cfg: ExperimentConfig, rng: np.random.Generator
     return batches[:total_steps(len(pairs), cfg)]
 
 
-def _build_optimizer(model: torch.nn.Module, cfg: ExperimentConfig, n_steps: int):
+def build_optimizer(model: torch.nn.Module, cfg: ExperimentConfig, n_steps: int):
     t = cfg.train
     optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
     if cfg.verl.in_use():  # verl's schedule: stepped once per iteration, cosine over the whole RL run
@@ -157,7 +157,7 @@ def train_critic(model: torch.nn.Module, pairs: PairSet, cfg: ExperimentConfig, 
                  progress: bool = False) -> TrainOutcome:
     """Train `model` in place, streaming `critic/*` metrics every step and held-out metrics every eval."""
     n_steps = total_steps(len(pairs), cfg)
-    optimizer, scheduler = _build_optimizer(model, cfg, n_steps)
+    optimizer, scheduler = build_optimizer(model, cfg, n_steps)
     params = [p for p in model.parameters() if p.requires_grad]
     batches = step_batches(pairs, cfg, np.random.default_rng(cfg.train.seed))
     outcome, first_epoch_correct, first_epoch_pairs = TrainOutcome(), 0.0, 0

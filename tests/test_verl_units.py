@@ -10,7 +10,7 @@ import torch
 
 from critic.config import SpecError, TrainConfig, VerlConfig, apply_overrides, build_config, to_dict
 from critic.reporting import RecordingReporter
-from critic.train import _build_optimizer, step_batches, total_steps
+from critic.train import build_optimizer, step_batches, total_steps
 from critic.trial import run_trial
 from critic.verl_units import lr_multiplier, verl_batches, verl_steps
 from tests.helpers import demo_pairs, hand_pair_set, tiny_config
@@ -114,7 +114,7 @@ def test_lr_follows_verls_scheduler_stepped_once_per_iteration(scheduler):
     assert [lr_multiplier(i, verl, scheduler) for i in range(40)] == pytest.approx(verl_lrs, abs=1e-12)
     # ...and the trial's optimizer holds each iteration's lr for its 4 optimizer steps
     cfg = build_config({"verl": dataclasses.asdict(verl), "train": {"lr": 1.0, "scheduler": scheduler}})
-    _, ours = _build_optimizer(torch.nn.Linear(1, 1), cfg, cfg.train.max_steps)
+    _, ours = build_optimizer(torch.nn.Linear(1, 1), cfg, cfg.train.max_steps)
     step_lrs = []
     for _ in range(cfg.train.max_steps):
         step_lrs.append(ours.get_last_lr()[0])
