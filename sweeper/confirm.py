@@ -152,11 +152,6 @@ def params_text(params: dict[str, Any]) -> str:
     return ", ".join(f"{k}={fmt(v)}" for k, v in params.items())
 
 
-def load_params(study: optuna.Study) -> dict[str, dict[str, Any]]:
-    """config label -> params, from the stored plan."""
-    return {item["config"]: item["params"] for item in study.user_attrs.get("confirm_plan", [])}
-
-
 def stored_confirmation(study: optuna.Study) -> dict[str, Any] | None:
     """The confirmation result stored on the search study (or None)."""
     text = study.user_attrs.get("confirmation")

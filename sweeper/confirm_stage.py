@@ -23,7 +23,6 @@ from sweeper import figures
 from sweeper.confirm import (
     ConfirmPlan,
     choose_finalists,
-    load_params,
     make_plan,
     open_confirm_study,
     params_text,
@@ -79,12 +78,12 @@ def analyse(confirm: optuna.Study, metric: str, direction: str, tracker: Tracker
             ) -> dict[str, Any]:
     """The confirmation result as one JSON-able dict: rows, verdict, noise floor."""
     configs, seeds = gather(confirm, metric, tracker)
-    params = load_params(confirm)
+    plan = {item.config: item for item in ConfirmPlan.of(confirm).items}  # label -> trial number and params
     baseline = configs.pop("baseline")
     pair_name = metric.partition("/")[2]  # e.g. val/d_acc -> d_acc, on the val set's pair scores
     base_row, rows = compare(pair_name, direction, baseline, list(configs.values()), seeds, n_resamples)
-    table = [{**base_row.row(), "trial": _trial_of(confirm, "baseline"), "params": params_text(params["baseline"])}]
-    table += [{**r.row(), "trial": _trial_of(confirm, r.label), "params": params_text(params[r.label])} for r in rows]
+    table = [{**row.row(), "trial": plan[row.label].trial, "params": params_text(plan[row.label].params)}
+             for row in (base_row, *rows)]
     base_values = [baseline.seed_values[s] for s in base_row.seeds]
     noise = {"baseline_seed_sd": float(np.std(base_values, ddof=1)) if len(base_values) > 1 else math.nan,
              "baseline_se": base_row.value.se, "detectable_difference": detectable_difference(rows),
@@ -92,13 +91,9 @@ def analyse(confirm: optuna.Study, metric: str, direction: str, tracker: Tracker
     winners = sorted((r for r in rows if r.verdict == "better"),
                      key=lambda r: -r.diff.mean if direction == "maximize" else r.diff.mean)
     result = {"metric": metric, "direction": direction, "seeds": seeds, "table": table, "noise": noise,
-              "winner": _trial_of(confirm, winners[0].label) if winners else None}
+              "winner": plan[winners[0].label].trial if winners else None}
     result["verdict"] = verdict_text(result)
     return result
-
-
-def _trial_of(confirm: optuna.Study, label: str) -> int:
-    return next(item["trial"] for item in confirm.user_attrs["confirm_plan"] if item["config"] == label)
 
 
 def _interval(row: dict[str, Any]) -> str:

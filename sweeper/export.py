@@ -54,7 +54,7 @@ def confirmation_note(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> t
               f"p={row['p_holm']:.3g} (Holm), verdict: {row['verdict']}")
     if row["verdict"] != "better":
         return False, [f"NOT SHOWN BETTER than the baseline (trial {_baseline_trial(result)}): {versus}",
-                       measured, "keep the baseline (export --trial %d) or widen the search" % _baseline_trial(result)]
+                       measured, f"keep the baseline (export --trial {_baseline_trial(result)}) or widen the search"]
     return True, [measured, versus]
 
 
