@@ -30,6 +30,7 @@ from critic.train import NonFiniteError, TrialOutOfMemory
 from critic.trial import TrialResult, run_trial
 from sweeper import figures
 from sweeper.confirm import seed_overrides
+from sweeper.runs_view import SORT_TAG, run_color, run_name, sort_key
 from sweeper.signals import raise_if_stop_requested
 from sweeper.space import suggest
 from sweeper.stores import mask
@@ -121,7 +122,7 @@ class Objective:
             raise TrialFailure(reason) from exc
         finally:
             if run_id is not None:
-                self.tracker.set_tags(run_id, {"sweep.state": state,
+                self.tracker.set_tags(run_id, {"sweep.state": state, SORT_TAG: self._sort_key(trial, state),
                                                "sweep.duration_s": f"{time.time() - started:.1f}"})
                 self.tracker.end(run_id, status)
             gc.collect()
@@ -129,20 +130,35 @@ class Objective:
     def _open_run(self, trial: optuna.Trial, cfg: ExperimentConfig, sampled: dict[str, Any]) -> str:
         """The trial's MLflow child run, with the resolved config as params; its id goes to the trial's attrs."""
         stage = trial.user_attrs.get("stage", "search")
+        baseline = bool(trial.user_attrs.get("baseline", False))
         tags = {**self.tags, "sweep.sampled_params": ",".join(sampled), "sweep.stage": stage,
-                "sweep.baseline": str(bool(trial.user_attrs.get("baseline", False))).lower()}
-        name = None
+                "sweep.baseline": str(baseline).lower(), SORT_TAG: self._sort_key(trial, "RUNNING"),
+                "mlflow.runColor": run_color(trial.number, baseline)}
+        name = run_name(trial.number, sampled, baseline)
         if stage == "confirm":
             seed = trial.user_attrs["seed_index"]
             tags.update({"sweep.seed_index": seed, "sweep.confirm_config": trial.user_attrs["confirm_config"],
                          "sweep.confirm_of_trial": trial.user_attrs["config_trial"]})
             name = f"confirm-{trial.user_attrs['confirm_config']}-seed{seed}"
-        run_id = self.tracker.child_run(self.parent_run_id, trial.number, tags, run_name=name)
+        run_id = self.tracker.child_run(self.parent_run_id, trial.number, tags, run_name=name,
+                                        nested=stage == "confirm")
         trial.set_user_attr("mlflow_run_id", run_id)
         trial.set_user_attr("config", mask(json.dumps(flatten(cfg), default=str)))
         params = flatten(cfg, ("data", "model", "score", "loss", "train", "verl", "eval", "student"))
         self.tracker.log_params(run_id, {**params, **{f"sampled/{k}": v for k, v in sampled.items()}})
         return run_id
+
+    def _sort_key(self, trial: optuna.Trial, state: str) -> str:
+        """Where the run sits in the runs table (and so whether MLflow's chart view draws it): see runs_view.py."""
+        if trial.user_attrs.get("stage", "search") == "confirm":
+            return sort_key("confirm")
+        if trial.user_attrs.get("baseline", False):
+            return sort_key("baseline")
+        if state != "COMPLETE":
+            return sort_key({"RUNNING": "running", "PRUNED": "pruned"}.get(state, "failed"))
+        value = json.loads(trial.user_attrs.get("metrics", "{}")).get(self.names[0])
+        return sort_key("complete", value, self.cfg.sweep.direction if isinstance(self.cfg.sweep.direction, str)
+                        else self.cfg.sweep.direction[0])
 
     def _run_with_oom_retry(self, trial: optuna.Trial, cfg: ExperimentConfig, run_id: str) -> TrialResult:
         """Out of memory once -> retry with forwards of half as many pairs; twice -> fail.

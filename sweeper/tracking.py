@@ -1,4 +1,7 @@
-"""MLflow: one experiment per study, a parent run per study, a nested child run per trial.
+"""MLflow: one experiment per study, a run for the study, a run per trial.
+
+Search trials are top-level runs (tagged `sweep.study` and `sweep.parent_run_id`) so that MLflow's chart
+view draws them without any click; confirmation runs are nested under the study's run. See runs_view.py.
 
 Everything goes through `MlflowClient` with explicit run ids (no fluent
 active-run state), so several trials, threads or processes never mix runs.
@@ -21,6 +24,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
 
 from critic.reporting import Reporter
+from sweeper.runs_view import SORT_TAG, charts_link, sort_key
 from sweeper.stores import artifact_root, mask
 
 DATASET_FIELDS = ("name", "digest", "source_type", "source", "schema", "profile")  # of Dataset.to_dict()
@@ -59,7 +63,7 @@ class Tracker:
             self.experiment_id = experiment.experiment_id
 
     def ui_link(self, base: str = "http://127.0.0.1:5000") -> str:
-        return f"{base}/#/experiments/{self.experiment_id}/runs"
+        return charts_link(base, self.experiment_id)
 
     def find_parent(self, study_name: str) -> str | None:
         runs = self.client.search_runs([self.experiment_id],
@@ -73,15 +77,20 @@ class Tracker:
         run_id = self.find_parent(study_name)
         if run_id is None:
             run = self.client.create_run(self.experiment_id, run_name=study_name,
-                                         tags={"sweep.role": "parent", "sweep.study": study_name, **tags})
+                                         tags={"sweep.role": "parent", "sweep.study": study_name,
+                                               SORT_TAG: sort_key("parent"), **tags})
             run_id = run.info.run_id
         else:
             self.client.update_run(run_id, status="RUNNING")
+            self.client.set_tag(run_id, SORT_TAG, sort_key("parent"))  # a study run from before the sort key
         return run_id
 
-    def child_run(self, parent_id: str, trial_number: int, tags: dict[str, Any], run_name: str | None = None) -> str:
+    def child_run(self, parent_id: str, trial_number: int, tags: dict[str, Any], run_name: str | None = None,
+                  nested: bool = False) -> str:
+        """A trial's run: top-level (linked by tags) unless `nested`, which puts it under the study's run."""
+        link = {"mlflow.parentRunId": parent_id} if nested else {}
         run = self.client.create_run(self.experiment_id, run_name=run_name or f"trial-{trial_number:03d}",
-                                     tags={"mlflow.parentRunId": parent_id, "sweep.role": "trial",
+                                     tags={**link, "sweep.parent_run_id": parent_id, "sweep.role": "trial",
                                            "sweep.trial": str(trial_number), **{k: str(v) for k, v in tags.items()}})
         return run.info.run_id
 
@@ -102,9 +111,13 @@ class Tracker:
 
     def log_datasets(self, run_id: str, frames: dict[str, tuple[pd.DataFrame, str, str]]) -> None:
         """frames: name -> (sample frame, source path, digest), logged as dataset inputs."""
+        import warnings
         inputs = []
         for name, (frame, source, digest) in frames.items():
-            fields = mlflow.data.from_pandas(frame, source=mask(source), name=name, digest=digest).to_dict()
+            with warnings.catch_warnings():  # MLflow registers its local-file source twice ("" and "file://")
+                # and warns on every path that either could read; both are the same class, so nothing is ambiguous
+                warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
+                fields = mlflow.data.from_pandas(frame, source=mask(source), name=name, digest=digest).to_dict()
             entity = Dataset(**{key: fields.get(key) for key in DATASET_FIELDS})
             inputs.append(DatasetInput(entity,
                                        tags=[InputTag("mlflow.data.context", "train" if name == "train" else "eval")]))

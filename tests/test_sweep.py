@@ -88,8 +88,19 @@ def test_end_to_end_sweep_export_and_reproduce(tmp_path):
     children = [r for r in runs if r.data.tags.get("sweep.role") == "trial"]
     assert len(parents) == 1 and len(children) == 3
     assert all(r.info.status == "FINISHED" for r in runs)
+    # Search trials are top-level runs (MLflow's chart view draws them unclicked), linked to the study by tags,
+    # named by their sampled values; sorted by `sweep.sort_key` the baseline comes first, then the best trials.
+    ordered = client.search_runs([experiment.experiment_id], order_by=["tags.`sweep.sort_key` ASC"])
+    assert ordered[0].data.tags["sweep.baseline"] == "true" and ordered[0].data.tags["mlflow.runColor"] == "#000000"
+    assert ordered[-1].data.tags["sweep.role"] == "parent"
+    done = [int(r.data.tags["sweep.trial"]) for r in ordered
+            if r.data.tags.get("sweep.state") == "COMPLETE" and r.data.tags["sweep.baseline"] == "false"]
+    values = [json.loads(study.trials[n].user_attrs["metrics"])["val/d_acc"] for n in done]
+    assert values == sorted(values, reverse=True)
     for child in children:
-        assert child.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
+        assert "mlflow.parentRunId" not in child.data.tags
+        assert child.data.tags["sweep.parent_run_id"] == parents[0].info.run_id
+        assert child.info.run_name.startswith(f"t{int(child.data.tags['sweep.trial']):03d} ")
         assert len(client.get_metric_history(child.info.run_id, "critic/d_acc")) > 1
         assert len(client.get_metric_history(child.info.run_id, "critic/score_diff")) > 1
         assert len(client.get_metric_history(child.info.run_id, "val/d_acc")) >= 1

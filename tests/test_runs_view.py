@@ -1,0 +1,36 @@
+"""The MLflow sort key and run names: pure functions, checked on hand-made values."""
+
+import math
+import random
+
+from sweeper.runs_view import charts_link, ordered_hex, run_name, sort_key
+
+
+def test_ordered_hex_keeps_numeric_order():
+    rng = random.Random(0)
+    values = [0.0, -0.0, 1.0, -1.0, 1e-300, -1e-300, 1e300, -1e300, math.inf, -math.inf] + \
+        [rng.uniform(-5, 5) for _ in range(300)]
+    by_string = sorted(values, key=ordered_hex)
+    assert by_string == sorted(values)  # -0.0 == 0.0, so their relative order does not matter
+
+
+def test_sort_key_puts_baseline_running_best_pruned_failed_then_parent():
+    keys = [sort_key("parent"), sort_key("failed"), sort_key("pruned"), sort_key("complete", 0.6),
+            sort_key("complete", 0.9), sort_key("running"), sort_key("baseline")]
+    assert sorted(keys) == keys[::-1]
+    assert sort_key("complete", 0.1, "minimize") < sort_key("complete", 0.2, "minimize")
+    assert sort_key("complete", math.nan) == sort_key("complete")  # no value: ranked by kind only
+
+
+def test_run_name_says_the_sampled_values():
+    name = run_name(3, {"train.lr": 0.000312345, "loss.adaptive_temperature": True, "train.scheduler": "cosine"},
+                    baseline=False)
+    assert name == "t003 lr=0.000312 adaptive_temperature=on scheduler=cosine"
+    assert run_name(0, {"train.lr": 1.0}, baseline=True) == "t000 baseline"
+    assert len(run_name(7, {f"k{i}": 1.0 for i in range(100)}, baseline=False)) == 120
+
+
+def test_charts_link_opens_chart_view_sorted_by_the_key():
+    link = charts_link("http://127.0.0.1:5000", "4")
+    assert link.startswith("http://127.0.0.1:5000/#/experiments/4/runs?compareRunsMode=CHART")
+    assert "orderByKey=tags.%60sweep.sort_key%60&orderByAsc=true" in link
