@@ -6,7 +6,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install sweep train test lint smoke bench bench-scale ui export clean
+.PHONY: install sweep gad-demo train test lint smoke bench bench-scale bench-gpu ui export clean
 
 install: .venv/.installed .venv/.verl-extra
 
@@ -29,6 +29,12 @@ install: .venv/.installed .venv/.verl-extra
 sweep: install
 	$(PY) sweep.py run $(SPEC)
 
+# The GAD flow offline: the demo actor (trained once) writes the student side of prompts-only demo data,
+# then a 5-trial sweep on it. docs/student.md, "Try it offline".
+gad-demo: install
+	$(PY) sweep.py generate experiments/demo_generate.yaml
+	$(PY) sweep.py run experiments/demo_generate.yaml
+
 train: install
 	$(PY) sweep.py train $(SPEC)
 
@@ -48,6 +54,11 @@ bench: install
 
 bench-scale: install
 	$(PY) -m benchmarks.bench_scale
+
+# On a CUDA machine, offline: no install step (it uses the python whose torch sees the GPU); docs/benchmarks.md.
+# `$(PY) benchmarks/bench_gpu.py --device cpu --tiny` checks the same script here in a minute.
+bench-gpu:
+	bash benchmarks/gpu_run.sh
 
 ui: install
 	$(PY) sweep.py ui

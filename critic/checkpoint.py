@@ -6,6 +6,9 @@ Layout of a checkpoint directory:
   history.json                                      {"train": [[step, {metric: value}], ...], "eval": [...],
                                                      "final_metrics": {...}, "data_digests": {...},
                                                      "tokenizer_digest": "..."}
+  adapter/ (model.lora.rank > 0 only)               the peft adapter: LoRA weights and the trained value head
+                                                    (modules_to_save), for verl's critic.model.lora_adapter_path;
+                                                    the model files above are then the merged critic
 Non-finite metric values are stored as null (strict JSON) and read back as NaN.
 
 The tokenizer is read back with the class it was saved as. AutoTokenizer picks the class from the model
@@ -25,10 +28,11 @@ import yaml
 
 from critic.config import ExperimentConfig, SpecError, build_config, to_dict
 from critic.files import atomic_write
-from critic.model import tokenizer_digest
+from critic.model import merged_critic, tokenizer_digest
 
 CONFIG_FILE = "experiment.yaml"
 HISTORY_FILE = "history.json"
+ADAPTER_DIR = "adapter"
 
 History = list[tuple[int, dict[str, float]]]
 
@@ -77,7 +81,9 @@ def save_checkpoint(directory: str | Path, model, tokenizer, cfg: ExperimentConf
                "data_digests": dict(data_digests or {}), "tokenizer_digest": tokenizer_digest(tokenizer)}
 
     def write(tmp: Path) -> None:
-        model.save_pretrained(tmp)
+        if is_lora(model):  # the adapter for verl, and the merged critic that loads like any other
+            model.save_pretrained(tmp / ADAPTER_DIR)
+        merged_critic(model).save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / CONFIG_FILE).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         (tmp / HISTORY_FILE).write_text(json.dumps(history, allow_nan=False))
@@ -86,6 +92,27 @@ def save_checkpoint(directory: str | Path, model, tokenizer, cfg: ExperimentConf
 
     atomic_write(directory, write)
     return directory
+
+
+def is_lora(model) -> bool:
+    from peft import PeftModel
+    return isinstance(model, PeftModel)
+
+
+def load_adapter(base_model, directory: str | Path):
+    """`base_model` (a copy of the critic the adapter was trained on) with a checkpoint's LoRA adapter and value head.
+
+    `directory` is a checkpoint directory or its adapter/ folder. The base must be the trial's initial critic
+    (critic.model.load_base_critic with the checkpoint's model section): the adapter stores only the changes.
+    """
+    from peft import PeftModel
+
+    directory = Path(directory).expanduser().resolve()
+    adapter = directory / ADAPTER_DIR if (directory / ADAPTER_DIR).is_dir() else directory
+    if not (adapter / "adapter_config.json").is_file():
+        raise CheckpointError(f"{directory} holds no LoRA adapter (adapter_config.json); it was trained with "
+                              f"model.lora.rank: 0, so load it whole with load_checkpoint")
+    return PeftModel.from_pretrained(base_model, adapter).float().eval()
 
 
 def _load_tokenizer(directory: Path, expected_digest: str | None):

@@ -24,6 +24,7 @@ from critic.sections import (  # noqa: F401  (re-exported: the spec's types live
     EvalConfig,
     ExperimentConfig,
     ExportConfig,
+    LoraConfig,
     LossConfig,
     ModelConfig,
     ScoreConfig,
@@ -144,6 +145,13 @@ def _check_values(cfg: ExperimentConfig, source: str) -> None:
     _require_choice(s, "reduction", f"{p}score")
     _require_choice(s, "layout", f"{p}score")
     _require_choice(s, "eos_rule", f"{p}score")
+    _require_choice(s, "attention", f"{p}score")
+    _require(s.attention == "sdpa_per_pair" or s.layout == "packed",
+             f"{p}score.attention: {s.attention} applies to score.layout: packed only; set score.layout: packed "
+             f"or leave score.attention at sdpa_per_pair")
+    _require(s.attention != "flex" or m.device != "cpu",
+             f"{p}score.attention: flex trains on CUDA only (torch's flex_attention has no CPU backward); with "
+             f"model.device: cpu set score.attention: sdpa_per_pair")
     _require(s.eos_rule == "final" or s.exclude_eos,
              f"{p}score.eos_rule: token drops EOS values, which needs score.exclude_eos: true; set it, or "
              f"score.eos_rule: final")
@@ -167,6 +175,11 @@ def _check_values(cfg: ExperimentConfig, source: str) -> None:
     _require(e.every_steps >= 1, f"{p}eval.every_steps must be >= 1, got {e.every_steps}")
     _require(e.batch_size >= 1, f"{p}eval.batch_size must be >= 1, got {e.batch_size}")
     _require(sw.n_trials >= 1, f"{p}sweep.n_trials must be >= 1, got {sw.n_trials}")
+    _require(isinstance(sw.gpus_per_trial, int) and sw.gpus_per_trial >= 1,
+             f"{p}sweep.gpus_per_trial must be an integer >= 1 (1 = one process per trial), got {sw.gpus_per_trial}")
+    _require(sw.gpus_per_trial == 1 or not (t.save_checkpoint or sw.save_best_checkpoint),
+             f"{p}train.save_checkpoint and sweep.save_best_checkpoint need sweep.gpus_per_trial: 1 (a sharded "
+             f"critic is not gathered into a checkpoint yet); set sweep.gpus_per_trial: 1 or turn them off")
     _require(sw.confirm.top_k >= 0,
              f"{p}sweep.confirm.top_k must be >= 0 (0 = no confirmation), got {sw.confirm.top_k}")
     _require(sw.confirm.seeds >= 2, f"{p}sweep.confirm.seeds must be >= 2: one seed cannot show seed-to-seed "
@@ -182,6 +195,36 @@ def _check_values(cfg: ExperimentConfig, source: str) -> None:
     _require(d.fold is None or "fold" not in d.eval_sets,
              f"{p}data.eval_sets name 'fold' is reserved while data.fold is set; rename it")
     _check_student(cfg.student, p)
+    _check_demo_names(cfg, p)
+    _check_lora(m.lora, p)
+
+
+def _check_lora(lora: LoraConfig, p: str) -> None:
+    """model.lora's values; that the target modules exist is checked when the model is built (critic/model.py)."""
+    _require(lora.rank >= 0, f"{p}model.lora.rank must be >= 0 (0 = no LoRA, full fine-tuning), got {lora.rank}")
+    _require(lora.alpha > 0, f"{p}model.lora.alpha must be > 0 (the update is scaled by alpha / rank), "
+             f"got {lora.alpha}")
+    _require(0 <= lora.dropout < 1, f"{p}model.lora.dropout must be in [0, 1), got {lora.dropout}")
+    _require(bool(lora.target_modules) and all(name.strip() for name in lora.target_modules),
+             f"{p}model.lora.target_modules must be a non-empty list of module names, e.g. [q_proj, k_proj, "
+             f"v_proj, o_proj, gate_proj, up_proj, down_proj]; got {lora.target_modules}")
+
+
+def _check_demo_names(cfg: ExperimentConfig, p: str) -> None:
+    """`demo:<name>` data files and student actor must be ones the demo provides."""
+    # imported here: critic.demo pulls in pandas, which loading a spec does not need
+    from critic.demo import DEMO_ACTORS, DEMO_NAMES
+
+    paths = {"data.train_path": cfg.data.train_path,
+             **{f"data.eval_sets.{name}": path for name, path in cfg.data.eval_sets.items()}}
+    for key, value in paths.items():
+        _require(not value.startswith("demo:") or value.split(":", 1)[1] in DEMO_NAMES,
+                 f"{p}{key} {value!r} is not a demo set; the demo sets are "
+                 f"{', '.join('demo:' + n for n in DEMO_NAMES)}, or give a parquet file's path")
+    model = cfg.student.model or ""
+    _require(not model.startswith("demo:") or model.split(":", 1)[1] in DEMO_ACTORS,
+             f"{p}student.model {model!r} is not a demo actor; the demo actors are "
+             f"{', '.join('demo:' + n for n in DEMO_ACTORS)}, or give a local causal LM directory")
 
 
 def _check_student(st: StudentConfig, p: str) -> None:
@@ -244,13 +287,18 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str] | dict[str, Any]) 
     items = overrides.items() if isinstance(overrides, dict) else [
         (f"{s}.{k}", v) for s, k, v in map(parse_override, overrides)]
     for dotted, value in items:
-        section, name = dotted.split(".", 1)
+        section, *path = dotted.split(".")
         if section not in SECTIONS:
             raise SpecError(f"override {dotted!r}: unknown section '{section}'. Valid sections: {', '.join(SECTIONS)}")
-        merged.setdefault(section, {})
-        if merged[section] is None:
-            merged[section] = {}
-        merged[section][name] = value
+        node = merged
+        for depth, name in enumerate([section, *path[:-1]]):  # model.lora.rank: into model, then lora (copied)
+            child = node.get(name)
+            if child is not None and not isinstance(child, dict):
+                raise SpecError(f"override {dotted!r}: {'.'.join([section, *path][:depth + 1])} is {child!r}, "
+                                f"not a mapping; remove it from the spec or override it whole")
+            node[name] = dict(child or {})
+            node = node[name]
+        node[path[-1]] = value
     return merged
 
 
@@ -291,10 +339,15 @@ def to_dict(cfg: ExperimentConfig) -> dict[str, Any]:
 
 def flatten(cfg: ExperimentConfig,
             sections: tuple[str, ...] = ("data", "model", "score", "loss", "train", "verl", "eval")) -> dict[str, Any]:
-    """{'train.lr': 3e-6, ...} for the trial-relevant sections."""
+    """{'train.lr': 3e-6, 'model.lora.rank': 0, ...} for the trial-relevant sections (nested blocks flattened)."""
     out: dict[str, Any] = {}
     for name, values in to_dict(cfg).items():
         if name in sections:
+            hints = typing.get_type_hints(_SECTION_TYPES[name])
+            nested = {key for key, hint in hints.items() if dataclasses.is_dataclass(hint)}
             for key, value in values.items():
-                out[f"{name}.{key}"] = value
+                if key in nested:
+                    out.update({f"{name}.{key}.{sub}": v for sub, v in value.items()})
+                else:
+                    out[f"{name}.{key}"] = value
     return out

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +22,9 @@ from critic.files import atomic_write, atomic_write_text, file_digest
 from critic.prompts import prompt_messages, prompt_text
 from critic.sections import DataError
 from critic.student import student_responses
+
+DROP_REASONS = ("null", "non_string", "empty")  # counted as data/<set>_dropped_<reason>
+DROP_WARNING = 0.05  # dropping more than this fraction of a file's rows is a warning
 
 
 @dataclass
@@ -81,22 +85,53 @@ def read_pairs(path: Path, cfg: DataConfig, keep_empty_student: bool = False) ->
                         f"Set data.prompt_key / data.teacher_key / data.student_key to the right names{hint}.")
     if len(frame) == 0:
         raise DataError(f"{path}: the file has no rows")
-    ok = pd.Series(True, index=frame.index)
-    for column in (cfg.teacher_key, cfg.student_key):
+    reasons = pd.Series("", index=frame.index)  # why a row is dropped: its first problem, in column order
+    for column in (cfg.prompt_key, cfg.teacher_key, cfg.student_key):
         allow_empty = keep_empty_student and column == cfg.student_key
-        ok &= frame[column].map(lambda v: isinstance(v, str) and (allow_empty or v.strip() != ""))
-    ok &= frame[cfg.prompt_key].map(lambda v: v is not None and not (isinstance(v, float) and np.isnan(v)))
+        problem = frame[column].map(lambda v: _problem(v, prompt=column == cfg.prompt_key, allow_empty=allow_empty))
+        reasons = reasons.where(reasons != "", problem)
+    ok = reasons == ""
     dropped = int((~ok).sum())
     kept = frame[ok].reset_index(drop=True)
     if len(kept) == 0:
         raise DataError(f"{path}: all {len(frame)} rows have a null, non-string or empty prompt/response; "
                         f"nothing is left to train on")
-    if dropped:
-        print(f"[data] {path.name}: dropped {dropped} of {len(frame)} rows with null, non-string or empty responses")
-    stats = {"rows": float(len(frame)), "dropped_rows": float(dropped)}
+    stats = {"rows": float(len(frame)), "dropped_rows": float(dropped),
+             **{f"dropped_{reason}": float((reasons == reason).sum()) for reason in DROP_REASONS}}
     if keep_empty_student:
         stats["student_empty_responses"] = float(kept[cfg.student_key].map(lambda v: v.strip() == "").sum())
     return kept, stats
+
+
+def _problem(value, prompt: bool, allow_empty: bool) -> str:
+    """'' for a usable cell, else its DROP_REASONS entry. A prompt may be a chat list; a response is a string."""
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return "null"
+    if prompt:
+        return ""
+    if not isinstance(value, str):
+        return "non_string"
+    return "empty" if not allow_empty and value.strip() == "" else ""
+
+
+def describe_load(source: Path, n_pairs: int, stats: dict[str, float]) -> list[str]:
+    """The `[data]` lines of one loaded file: rows, pairs kept, drops by reason, truncations, identical pairs;
+    a warning line when more than DROP_WARNING of the rows were dropped."""
+    count = lambda key: int(stats.get(key, 0))  # noqa: E731
+    rows, dropped = count("rows"), count("dropped_rows")
+    reasons = ", ".join(f"{count(f'dropped_{r}')} {r.replace('_', '-')}" for r in DROP_REASONS
+                        if count(f"dropped_{r}"))
+    why = f" ({reasons})" if reasons else ""
+    parts = [f"{rows} rows read", f"{n_pairs} pairs kept", f"{dropped} dropped{why}",
+             f"{count('truncated_prompts')} prompts and {count('truncated_responses')} responses truncated",
+             f"{count('identical_pairs')} identical teacher==student pairs"]
+    if "student_empty_responses" in stats:
+        parts.append(f"{count('student_empty_responses')} empty generated student responses kept")
+    lines = [f"[data] {source}: " + ", ".join(parts)]
+    if rows and dropped / rows > DROP_WARNING:
+        lines.append(f"[data] warning: {source}: {dropped} of {rows} rows ({dropped / rows:.0%}) dropped{why}; "
+                     f"check the file and data.prompt_key / teacher_key / student_key")
+    return lines
 
 
 def split_by_prompt(prompts: list[str], val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -190,7 +225,7 @@ def load_pair_set(path_spec: str, cfg: DataConfig, tokenizer, tokenizer_id: str,
     With `student` configured, a file without the student column (or any file, with student.regenerate)
     is read with responses generated once by the frozen actor (see critic/student/).
     """
-    path = resolve_path(path_spec, cfg.cache_dir)
+    path = source = resolve_path(path_spec, cfg.cache_dir)
     generated = None
     if student is not None:
         generated = student_responses(path, cfg, student)
@@ -214,6 +249,8 @@ def load_pair_set(path_spec: str, cfg: DataConfig, tokenizer, tokenizer_id: str,
     pairs.lineage = dict(generated.lineage) if generated else {}
     pairs.eos_id = tokenizer.eos_token_id
     _MEMORY[key] = pairs
+    for line in describe_load(source, len(pairs), pairs.stats):  # once per file and process: later loads hit _MEMORY
+        print(line, file=sys.stderr)  # stderr: `train --json` keeps stdout for its JSON
     return pairs.subset(np.arange(len(pairs)), name)
 
 

@@ -8,6 +8,8 @@ slip looks exactly like a correct answer to a small critic.
 (the same templates drawn at random for either side, one in ten identical),
 so a critic trained on `train` should sit near 50% there, with ties.
 Columns use the users' names: content, teacher_response, student_response.
+`train_prompts` / `shifted_prompts`: the same rows without the student column, the GAD input
+(prompts + teacher responses) for which the frozen actor writes the student side (`demo:actor`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,9 @@ import pandas as pd
 from critic.files import atomic_write
 
 DEMO_SETS = {"train": 3000, "shifted": 400}
+PROMPTS_ONLY = "_prompts"  # suffix of a set without the student column
+DEMO_ACTORS = ("actor",)  # what `student.model: demo:<name>` accepts (critic/demo_actor.py builds it)
+DEMO_NAMES = (*DEMO_SETS, *(name + PROMPTS_ONLY for name in DEMO_SETS))  # what `demo:<name>` accepts
 DEMO_VERSION = 2  # bump when the generator changes: the file name changes with it
 COLUMNS = ("content", "teacher_response", "student_response")
 _OBJECTS = ["apples", "books", "coins", "tickets", "boxes", "pencils", "stamps", "marbles"]
@@ -69,10 +74,15 @@ def make_demo_frame(name: str, seed: int = 1234) -> pd.DataFrame:
 
 def demo_path(name: str, cache_dir: str | Path) -> Path:
     """Path of a demo parquet file, written on first use."""
+    if name not in DEMO_NAMES:
+        raise ValueError(f"unknown demo set {name!r}; choose one of {', '.join(DEMO_NAMES)}")
     path = Path(cache_dir) / "demo" / f"{name}-v{DEMO_VERSION}.parquet"
     if not path.exists():
+        frame = make_demo_frame(name.removesuffix(PROMPTS_ONLY))
+        if name.endswith(PROMPTS_ONLY):
+            frame = frame.drop(columns=["student_response"])
         path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(path, lambda tmp: make_demo_frame(name).to_parquet(tmp, index=False))
+        atomic_write(path, lambda tmp: frame.to_parquet(tmp, index=False))
     return path
 
 

@@ -25,6 +25,11 @@ def score_set(model: torch.nn.Module, pairs: PairSet, score_cfg: ScoreConfig, ba
             t, s, _ = score_pairs(model, pairs, index, pad_id, score_cfg, device)
             teacher[index], student[index] = t.cpu().numpy(), s.cpu().numpy()
     model.train(was_training)
+    return score_frame(pairs, teacher, student)
+
+
+def score_frame(pairs: PairSet, teacher: np.ndarray, student: np.ndarray) -> pd.DataFrame:
+    """The per-pair score table of a set from its (pairs,) teacher and student scores."""
     return pd.DataFrame({
         "set": pairs.name, "pair_id": np.arange(len(pairs)),
         "teacher_score": teacher, "student_score": student,
@@ -51,8 +56,12 @@ class Evaluator:
     def __call__(self, model: torch.nn.Module) -> dict[str, float]:
         metrics, frames = {}, []
         for name, pairs in self.eval_sets.items():
-            frame = score_set(model, pairs, self.score_cfg, self.batch_size, self.device, self.pad_id)
+            frame = self.score_set(model, pairs)
             metrics.update({f"{name}/{k}": v for k, v in metrics_from_scores(frame).items()})
             frames.append(frame)
         self.last_scores = pd.concat(frames, ignore_index=True)
         return metrics
+
+    def score_set(self, model: torch.nn.Module, pairs: PairSet) -> pd.DataFrame:
+        """One set's per-pair scores (critic/distributed.py shards this over ranks)."""
+        return score_set(model, pairs, self.score_cfg, self.batch_size, self.device, self.pad_id)

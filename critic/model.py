@@ -23,7 +23,7 @@ from transformers import (
     Qwen2Config,
 )
 
-from critic.config import ModelConfig, SpecError
+from critic.config import LoraConfig, ModelConfig, SpecError
 from critic.files import atomic_write
 
 CHAT_TEMPLATE = (
@@ -120,9 +120,72 @@ def load_base_critic(cfg: ModelConfig, cache_dir: str | Path) -> BaseCritic:
 
 
 def fresh_critic(base: BaseCritic, cfg: ModelConfig, device: torch.device) -> torch.nn.Module:
-    """A trainable copy of the base critic on `device` (base weights untouched)."""
-    model = copy.deepcopy(base.model).to(device)
+    """A trainable copy of the base critic on `device` (base weights untouched); a PeftModel when model.lora is on."""
+    model = copy.deepcopy(base.model)
+    if cfg.lora.rank > 0:
+        model = apply_lora(model, cfg.lora, frozen_dtype=torch.bfloat16 if device.type == "cuda" else None)
+    model = model.to(device)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.config.use_cache = False
+        if cfg.lora.rank > 0:  # the frozen embeddings' output needs a grad for checkpointed blocks to backprop
+            model.enable_input_require_grads()
     return model.train()
+
+
+VALUE_HEAD = "score"  # AutoModelForTokenClassification's head on Qwen2/Llama-style bodies: one value per token
+
+
+def lora_targets_missing(model: torch.nn.Module, targets: list[str]) -> tuple[list[str], list[str]]:
+    """(targets that name no linear layer of the body, the body's linear-layer names that exist)."""
+    linear = {name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+              if isinstance(module, torch.nn.Linear) and not name.startswith(VALUE_HEAD)}
+    return [t for t in targets if t not in linear], sorted(linear)
+
+
+def apply_lora(model: torch.nn.Module, lora: LoraConfig, frozen_dtype: torch.dtype | None = None):
+    """Wrap a critic in LoRA adapters on `lora.target_modules`; the value head is trained whole and saved.
+
+    peft freezes everything but the adapters; `modules_to_save` keeps a trainable copy of the head, which
+    LoRA reward models otherwise leave at its random init (trl#1379, verl#4620). `frozen_dtype` (bf16 on
+    CUDA) stores the frozen linear weights at 2 bytes per parameter: under bf16 autocast every matmul
+    rounds them to bf16 anyway, so the forward is unchanged; norms, embeddings and the trained weights stay fp32.
+    """
+    import peft
+
+    missing, present = lora_targets_missing(model, lora.target_modules)
+    if VALUE_HEAD in lora.target_modules:
+        raise SpecError(f"model.lora.target_modules: {VALUE_HEAD!r} is the value head, which is always trained whole; "
+                        f"remove it from the list")
+    if missing:
+        raise SpecError(f"model.lora.target_modules {missing} name no linear layer of this critic "
+                        f"({type(model).__name__}); its layers are {present}: set model.lora.target_modules to "
+                        f"some of those")
+    config = peft.LoraConfig(task_type=peft.TaskType.TOKEN_CLS, r=lora.rank, lora_alpha=lora.alpha,
+                             lora_dropout=lora.dropout, target_modules=list(lora.target_modules),
+                             modules_to_save=[VALUE_HEAD])
+    model = peft.get_peft_model(model, config)
+    if frozen_dtype is not None:
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear) and not module.weight.requires_grad:
+                module.to(frozen_dtype)
+    return model
+
+
+def trainable_counts(model: torch.nn.Module) -> dict[str, float]:
+    """model/trainable_params and model/trainable_fraction (of all parameters): what the optimizer updates."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return {"model/trainable_params": float(trainable), "model/trainable_fraction": trainable / max(total, 1)}
+
+
+def merged_critic(model: torch.nn.Module) -> torch.nn.Module:
+    """A plain critic with a PeftModel's adapters folded into its weights, on the CPU in fp32 (`model` untouched)."""
+    import peft
+
+    if not isinstance(model, peft.PeftModel):
+        return model
+    device = next(model.parameters()).device
+    merged = copy.deepcopy(model.cpu())  # the copy on the CPU: no second model on the accelerator
+    model.to(device)
+    return merged.float().merge_and_unload()

@@ -12,6 +12,8 @@ Two layouts, same scores (to float rounding, ~1e-6 in float32):
   student's position ids restart after the prompt, and `pair_attention` (transformers'
   SDPA plus a per-pair path) lets the student's tokens attend to the prompt and the
   student only, so every token sees exactly what it sees in its own padded row.
+  `score.attention: flex` swaps that per-pair path for `pair_flex_attention`: one
+  flex_attention kernel per layer over a block mask of the pairs (critic/flex.py; CUDA).
 
 verl's alignment: the value for response token t is read from the hidden state
 at position t-1 (`values = logits[:, -R-1:-1]`), i.e. from the state that has
@@ -34,6 +36,7 @@ from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_f
 from transformers.masking_utils import sdpa_mask
 
 from critic.config import ScoreConfig, SpecError
+from critic.flex import flex_pair_attention, pair_block_mask
 
 
 def value_mask(prompt_lens: torch.Tensor, response_lens: torch.Tensor, ends_eos: torch.Tensor,
@@ -137,6 +140,13 @@ class PairSegments:
         # the row cut into [prompt | teacher], [student] per pair, in order (a student chunk may be empty)
         self.chunk_sizes = [size for _, p, t, s in self.spans for size in (p + t, s)]
         self._biases: dict[tuple, list[torch.Tensor | None]] = {}
+        self._block_masks: dict[torch.device, object] = {}  # score.attention: flex, one BlockMask per device
+
+    def block_mask(self, device: torch.device):
+        """The row's flex_attention BlockMask (critic/flex.py), built once per forward and device."""
+        if device not in self._block_masks:
+            self._block_masks[device] = pair_block_mask(self.spans, device)
+        return self._block_masks[device]
 
     def student_biases(self, device: torch.device, dtype: torch.dtype) -> list[torch.Tensor | None]:
         """Per pair, (S, P+S) additive bias over [prompt | student] keys for the S student queries."""
@@ -178,27 +188,45 @@ def pair_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tens
     return torch.cat(parts, dim=2).transpose(1, 2).contiguous(), None
 
 
+def pair_flex_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                        attention_mask, dropout: float = 0.0, scaling: float | None = None, **kwargs):
+    """`pair_attention`'s twin for score.attention: flex: a packed row in one flex_attention call per layer.
+
+    Same shapes and the same keys per query as `pair_attention` (critic/flex.py); any other
+    input runs transformers' SDPA.
+    """
+    if not isinstance(attention_mask, PairSegments):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    if dropout:
+        raise ValueError("score.attention: flex has no attention dropout; the critic's attention_dropout must be 0")
+    return flex_pair_attention(query, key, value, attention_mask.block_mask(query.device), scaling), None
+
+
 PAIR_ATTENTION = "critic_pair_sdpa"
+PAIR_FLEX_ATTENTION = "critic_pair_flex"
+PAIR_ATTENTIONS = {"sdpa_per_pair": PAIR_ATTENTION, "flex": PAIR_FLEX_ATTENTION}  # score.attention -> registered name
 
 
 def register_pair_attention() -> None:
-    """Make `pair_attention` known to transformers as PAIR_ATTENTION (idempotent)."""
-    AttentionInterface.register(PAIR_ATTENTION, pair_attention)
-    AttentionMaskInterface.register(PAIR_ATTENTION, sdpa_mask)  # padded inputs get SDPA's masks, as under "sdpa"
+    """Make `pair_attention` and `pair_flex_attention` known to transformers (idempotent)."""
+    for name, function in ((PAIR_ATTENTION, pair_attention), (PAIR_FLEX_ATTENTION, pair_flex_attention)):
+        AttentionInterface.register(name, function)
+        AttentionMaskInterface.register(name, sdpa_mask)  # padded inputs get SDPA's masks, as under "sdpa"
 
 
-def enable_pair_attention(model: torch.nn.Module) -> None:
-    """Switch an SDPA critic to `pair_attention` (idempotent; every other input still runs plain SDPA)."""
-    config = model.config
-    if config._attn_implementation == PAIR_ATTENTION:
+def enable_pair_attention(model: torch.nn.Module, attention: str = "sdpa_per_pair") -> None:
+    """Switch an SDPA critic to the packed attention `attention` (idempotent; other inputs still run plain SDPA)."""
+    config, name = model.config, PAIR_ATTENTIONS[attention]
+    if config._attn_implementation == name:
         return
     layer_types = set(getattr(config, "layer_types", None) or ["full_attention"])
-    if config._attn_implementation != "sdpa" or layer_types != {"full_attention"}:
+    if config._attn_implementation not in ("sdpa", *PAIR_ATTENTIONS.values()) or layer_types != {"full_attention"}:
         raise SpecError(f"score.layout: packed needs a critic with full SDPA attention (this one has "
                         f"attn_implementation={config._attn_implementation!r}, layers {sorted(layer_types)}); "
                         f"set score.layout: padded")
     register_pair_attention()
-    model.set_attn_implementation(PAIR_ATTENTION)
+    model.set_attn_implementation(name)
 
 
 @dataclass
@@ -218,15 +246,16 @@ class PackedPairBatch:
     student_tokens: torch.Tensor
     n_pairs: int
     n_tokens: int = 0  # tokens in the forward (no padding), counted on the host
+    attention: str = "sdpa_per_pair"  # score.attention
 
     def to(self, device: torch.device) -> "PackedPairBatch":
         move = lambda t: t.to(device, non_blocking=True)  # noqa: E731
         return PackedPairBatch(move(self.input_ids), move(self.position_ids), self.segments, move(self.teacher_mask),
                                move(self.student_mask), move(self.identical), self.teacher_tokens,
-                               self.student_tokens, self.n_pairs, self.n_tokens)
+                               self.student_tokens, self.n_pairs, self.n_tokens, self.attention)
 
     def model_inputs(self, model: torch.nn.Module) -> dict:
-        enable_pair_attention(model)
+        enable_pair_attention(model, self.attention)
         # A dict of masks by layer type is used as given (no causal mask is built over the N x N row).
         return {"input_ids": self.input_ids, "position_ids": self.position_ids,
                 "attention_mask": {"full_attention": self.segments}}
@@ -312,7 +341,8 @@ def collate_packed(pairs, index: np.ndarray, pad_id: int, score_cfg: ScoreConfig
     return PackedPairBatch(torch.from_numpy(input_ids)[None], torch.from_numpy(position_ids)[None],
                            PairSegments(starts, prompt_lens, teacher_lens, in_row), teacher_mask, student_mask,
                            torch.from_numpy(identical), torch.from_numpy(teacher_lens),
-                           torch.from_numpy(student_lens), len(index), n_tokens=len(input_ids))
+                           torch.from_numpy(student_lens), len(index), n_tokens=len(input_ids),
+                           attention=score_cfg.attention)
 
 
 def score_batch(model: torch.nn.Module, batch: "ScoreBatch", score_cfg: ScoreConfig,

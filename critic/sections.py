@@ -12,6 +12,7 @@ from typing import Any, Literal
 # The allowed values of the fields below: the validator (critic/config.py) reads them from here.
 Reduction = Literal["mean", "last", "sum"]
 ScoreLayout = Literal["packed", "padded"]
+PackedAttention = Literal["sdpa_per_pair", "flex"]
 EosRule = Literal["final", "token"]
 Scheduler = Literal["constant", "linear", "cosine"]
 Sampler = Literal["tpe", "random", "gp", "cmaes", "nsga2"]
@@ -43,6 +44,19 @@ class DataConfig:
     n_folds: int = 5  # folds are assigned by a seeded hash of the prompt, like the val split
 
 
+# Qwen2/Llama names of every linear layer in a decoder block; the value head (score) is trained whole, not LoRA'd.
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """model.lora: train low-rank adapters on the body plus the whole value head, instead of every weight."""
+    rank: int = 0  # 0 = off (full fine-tuning); verl: critic.model.lora_rank
+    alpha: int = 16  # the update is scaled by alpha / rank; verl: critic.model.lora_alpha
+    dropout: float = 0.0  # on the adapter's input
+    target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))  # module names (name suffixes)
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     path: str | None = None  # local Hugging Face checkpoint directory
@@ -51,6 +65,7 @@ class ModelConfig:
     gradient_checkpointing: bool = False
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     torch_threads: int = 0  # 0 = leave torch's default
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 @dataclass(frozen=True)
@@ -63,6 +78,9 @@ class ScoreConfig:
     # final: exclude_eos drops a final EOS's value only; token: every EOS id's, the users' verl mask
     # `response_mask & (responses != eos_id)` (an EOS-only response then scores 0). See docs/spec.md.
     eos_rule: EosRule = "final"
+    # packed layout's attention: sdpa_per_pair (two SDPA calls per pair per layer; any device) or flex (one
+    # flex_attention kernel per layer over a block mask of the pairs; CUDA only, compiled on first use). Same scores.
+    attention: PackedAttention = "sdpa_per_pair"
 
 
 @dataclass(frozen=True)
@@ -144,6 +162,8 @@ class SweepConfig:
     max_failures: int = 0  # 0 = no bound
     heartbeat_interval: int = 60
     grace_period: int = 600
+    # GPUs (ranks) per trial: > 1 runs each trial as a torchrun job with FSDP2 (critic/distributed.py)
+    gpus_per_trial: int = 1
     confirm: ConfirmConfig = field(default_factory=ConfirmConfig)
 
 

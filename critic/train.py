@@ -63,8 +63,10 @@ def step_batches(pairs: PairSet, cfg: ExperimentConfig, rng: np.random.Generator
 
 
 def build_optimizer(model: torch.nn.Module, cfg: ExperimentConfig, n_steps: int):
+    """AdamW over the trainable parameters only (a LoRA critic: adapters and value head) and its lr schedule."""
     t = cfg.train
-    optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
+    params = [p for p in model.parameters() if p.requires_grad]  # no AdamW states for frozen LoRA base weights
+    optimizer = torch.optim.AdamW(params, lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
     if cfg.verl.in_use():  # verl's schedule: stepped once per iteration, cosine over the whole RL run
         return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, verl_lr_lambda(cfg))
     name = "constant_with_warmup" if t.scheduler == "constant" else t.scheduler
@@ -126,14 +128,16 @@ def train_step(model, pairs: PairSet, batch_index: np.ndarray, cfg: ExperimentCo
 
 
 def optimizer_step(model, params, optimizer, scheduler, pairs: PairSet, batch_index: np.ndarray,
-                   cfg: ExperimentConfig, device, pad_id: int, step: int) -> tuple[dict[str, float], int]:
+                   cfg: ExperimentConfig, device, pad_id: int, step: int,
+                   step_fn: Callable = train_step) -> tuple[dict[str, float], int]:
     """Optimizer step number `step` on the pairs `batch_index`: forward/backward, clip, update.
 
     Returns the step's `critic/*` metrics (scores from before the update) and its forward tokens;
-    raises NonFiniteError, before updating, on a NaN/inf loss or gradient norm.
+    raises NonFiniteError, before updating, on a NaN/inf loss or gradient norm. `step_fn` is train_step,
+    or a sharded one with its contract (critic/distributed.py: several ranks, the same step).
     """
     lr = scheduler.get_last_lr()[0]
-    teacher, student, loss, temperature, tokens = train_step(model, pairs, batch_index, cfg, device, pad_id)
+    teacher, student, loss, temperature, tokens = step_fn(model, pairs, batch_index, cfg, device, pad_id)
     grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)  # norm before clipping
     loss_value, grad_value = float(loss), float(grad_norm)  # one sync per step
     if not math.isfinite(loss_value):
@@ -154,7 +158,7 @@ def optimizer_step(model, params, optimizer, scheduler, pairs: PairSet, batch_in
 
 def train_critic(model: torch.nn.Module, pairs: PairSet, cfg: ExperimentConfig, device: torch.device,
                  pad_id: int, reporter: Reporter, evaluate: Callable[[torch.nn.Module], dict[str, float]],
-                 progress: bool = False) -> TrainOutcome:
+                 progress: bool = False, step_fn: Callable = train_step) -> TrainOutcome:
     """Train `model` in place, streaming `critic/*` metrics every step and held-out metrics every eval."""
     n_steps = total_steps(len(pairs), cfg)
     optimizer, scheduler = build_optimizer(model, cfg, n_steps)
@@ -173,12 +177,13 @@ def train_critic(model: torch.nn.Module, pairs: PairSet, cfg: ExperimentConfig, 
     step, started = 0, time.perf_counter()
     if cfg.eval.before_train:
         run_eval(0)
-    bar = tqdm(total=n_steps, desc="steps", leave=False, disable=not progress, dynamic_ncols=True)
+    # disable=None: tqdm draws only on a terminal, so redirected output holds no '\r' bar frames
+    bar = tqdm(total=n_steps, desc="steps", leave=False, disable=None if progress else True, dynamic_ncols=True)
     try:
         for batch_index, fresh in batches:
             step_start = time.perf_counter()
             metrics, tokens = optimizer_step(model, params, optimizer, scheduler, pairs, batch_index, cfg,
-                                             device, pad_id, step + 1)
+                                             device, pad_id, step + 1, step_fn)
             step += 1
             if fresh:  # scored before any update on these pairs: unbiased on the training distribution
                 first_epoch_correct += metrics["critic/d_acc"] * len(batch_index)

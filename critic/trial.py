@@ -17,9 +17,9 @@ import torch
 from critic.config import ExperimentConfig
 from critic.data import TrialData, load_trial_data
 from critic.evaluate import Evaluator
-from critic.model import fresh_critic, load_base_critic, select_device, tokenizer_digest
+from critic.model import fresh_critic, load_base_critic, select_device, tokenizer_digest, trainable_counts
 from critic.reporting import NullReporter, Reporter
-from critic.train import train_critic
+from critic.train import TrainOutcome, train_critic
 
 
 @dataclass
@@ -50,6 +50,16 @@ def prepare(cfg: ExperimentConfig):
     return device, base, data
 
 
+def trial_metrics(outcome: TrainOutcome, data: TrialData) -> dict[str, float]:
+    """The final held-out metrics plus data counts and the train/* summaries of a finished training."""
+    metrics = dict(outcome.last_eval)
+    metrics.update(data.stats)
+    metrics["train/steps"] = float(outcome.steps)
+    metrics["train/progressive_d_acc"] = outcome.progressive_d_acc
+    metrics["train/gap_progressive_minus_val"] = outcome.progressive_d_acc - metrics["val/d_acc"]
+    return metrics
+
+
 def run_trial(cfg: ExperimentConfig, reporter: Reporter | None = None, progress: bool = False,
               keep_model: bool = False) -> TrialResult:
     """Train one critic with `cfg` and evaluate it on every held-out set (train.save_checkpoint keeps the model)."""
@@ -63,11 +73,8 @@ def run_trial(cfg: ExperimentConfig, reporter: Reporter | None = None, progress:
     evaluator = Evaluator(data.eval_sets, cfg.score, cfg.eval.batch_size, device, pad_id)
     setup_seconds = time.perf_counter() - started
     outcome = train_critic(model, data.train, cfg, device, pad_id, reporter, evaluator, progress)
-    metrics = dict(outcome.last_eval)
-    metrics.update(data.stats)
-    metrics["train/steps"] = float(outcome.steps)
-    metrics["train/progressive_d_acc"] = outcome.progressive_d_acc
-    metrics["train/gap_progressive_minus_val"] = outcome.progressive_d_acc - metrics["val/d_acc"]
+    metrics = trial_metrics(outcome, data)
+    metrics.update(trainable_counts(model))  # model/trainable_params: all of them, or LoRA adapters + value head
     timings = {"setup_s": setup_seconds, "train_s": outcome.train_seconds, "eval_s": outcome.eval_seconds,
                "total_s": time.perf_counter() - started}
     return TrialResult(metrics, outcome.eval_history, evaluator.last_scores, data.digests,

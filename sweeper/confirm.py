@@ -11,7 +11,6 @@ them like search trials, an interrupted run is enqueued again and a finished one
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +18,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from critic.config import ExperimentConfig, SpecError
+from sweeper.board import stored_confirmation  # noqa: F401  (re-exported; `best` reads it without the engine)
 from sweeper.stores import make_storage
 from sweeper.study import CONFIRM_SUFFIX, FINISHED, SweepSpec
 
@@ -152,7 +152,3 @@ def params_text(params: dict[str, Any]) -> str:
     return ", ".join(f"{k}={fmt(v)}" for k, v in params.items())
 
 
-def stored_confirmation(study: optuna.Study) -> dict[str, Any] | None:
-    """The confirmation result stored on the search study (or None)."""
-    text = study.user_attrs.get("confirmation")
-    return json.loads(text) if text else None

@@ -20,6 +20,7 @@ from optuna.trial import TrialState
 
 from critic.metrics import PAIR_METRICS, pair_metric
 from sweeper import figures
+from sweeper.board import format_table  # noqa: F401  (re-exported; `best` prints it without the engine)
 from sweeper.confirm import (
     ConfirmPlan,
     choose_finalists,
@@ -131,15 +132,6 @@ def verdict_text(result: dict[str, Any]) -> str:
                  f"two-sided) is about {noise['detectable_difference']:.4f}. Add seeds when the seed sd dominates, "
                  f"held-out pairs when it does not.")
     return "\n".join(lines)
-
-
-def format_table(result: dict[str, Any]) -> str:
-    frame = pd.DataFrame(result["table"])
-    columns = ["config", "trial", "seeds", "mean_mean", "mean_low", "mean_high", "diff_mean", "diff_low",
-               "diff_high", "p_value", "p_holm", "verdict"]
-    shown = frame[columns].rename(columns={"mean_mean": "mean", "mean_low": "low", "mean_high": "high",
-                                           "diff_mean": "diff", "diff_low": "diff_low", "diff_high": "diff_high"})
-    return shown.to_string(index=False, float_format=lambda v: f"{v:.4f}")
 
 
 def store(result: dict[str, Any], search: optuna.Study, confirm: optuna.Study, tracker: Tracker,

@@ -70,8 +70,11 @@ def trial_spec(spec: SweepSpec, trial: optuna.trial.FrozenTrial) -> dict[str, An
 
 
 def render(spec: SweepSpec, trial: optuna.trial.FrozenTrial, fmt: str, verl_version: str | None = None,
-           verl_worker: str | None = None, confirmation: list[str] = ()) -> str:
-    """The trial as yaml/json spec or verl overrides; `confirmation` lines go into the header (json: a field)."""
+           verl_worker: str | None = None, confirmation: list[str] = (), weights: str | None = None) -> str:
+    """The trial as yaml/json spec or verl overrides; `confirmation` lines go into the header (json: a field).
+
+    `weights`: the directory the trial's saved critic was written to (a LoRA trial's adapter is in weights/adapter).
+    """
     header = (f"trial {trial.number} of study {spec.cfg.sweep.study_name}: search value(s) {trial.values} (one seed), "
               f"params {trial.params}" + "".join(f"\n# {line}" for line in confirmation))
     if fmt == "yaml":
@@ -81,7 +84,7 @@ def render(spec: SweepSpec, trial: optuna.trial.FrozenTrial, fmt: str, verl_vers
         return json.dumps({"trial": trial.number, "values": trial.values, "params": trial.params,
                            "confirmation": list(confirmation), "spec": trial_spec(spec, trial)}, indent=2)
     if fmt == "verl":  # sweeper/verl_export.py: verl's keys for that version, in verl's units
-        exported = verl_export(spec, trial, verl_version, verl_worker)
+        exported = verl_export(spec, trial, verl_version, verl_worker, weights)
         for note in exported.notes:
             print(f"[sweep] verl export note: {note}", file=sys.stderr)
         return f"# {header}\n" + exported.text()

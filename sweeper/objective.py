@@ -13,6 +13,7 @@ import dataclasses
 import gc
 import json
 import math
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -37,7 +38,8 @@ from sweeper.stores import mask
 from sweeper.study import config_for
 from sweeper.tracking import MlflowReporter, Tracker
 
-SUMMARY_KEYS = ("train/progressive_d_acc", "train/gap_progressive_minus_val", "train/steps")
+SUMMARY_KEYS = ("train/progressive_d_acc", "train/gap_progressive_minus_val", "train/steps",
+                "model/trainable_params", "model/trainable_fraction")
 
 
 class TrialFailure(RuntimeError):
@@ -143,6 +145,10 @@ class Objective:
         run_id = self.tracker.child_run(self.parent_run_id, trial.number, tags, run_name=name,
                                         nested=stage == "confirm")
         trial.set_user_attr("mlflow_run_id", run_id)
+        devices = os.environ.get("CUDA_VISIBLE_DEVICES")
+        if devices is not None:  # the GPU slot this worker owns (sweeper/slots.py)
+            trial.set_user_attr("devices", devices)
+            self.tracker.set_tags(run_id, {"sweep.devices": devices})
         trial.set_user_attr("config", mask(json.dumps(flatten(cfg), default=str)))
         params = flatten(cfg, ("data", "model", "score", "loss", "train", "verl", "eval", "student"))
         self.tracker.log_params(run_id, {**params, **{f"sampled/{k}": v for k, v in sampled.items()}})
@@ -170,8 +176,7 @@ class Objective:
             mlflow_reporter = MlflowReporter(self.tracker, run_id)
             reporter = FanoutReporter(mlflow_reporter, OptunaReporter(trial, self.names[0], self.prune))
             try:
-                result = run_trial(cfg, reporter, progress=self.progress,
-                                   keep_model=cfg.train.save_checkpoint or self.cfg.sweep.save_best_checkpoint)
+                result = self._run_engine(cfg, reporter)
                 result.train_history = mlflow_reporter.train_history  # type: ignore[attr-defined]
                 return result
             except TrialOutOfMemory as exc:
@@ -189,6 +194,14 @@ class Objective:
             finally:
                 mlflow_reporter.flush()
         raise AssertionError("unreachable")
+
+    def _run_engine(self, cfg: ExperimentConfig, reporter: Reporter) -> TrialResult:
+        """This process runs the trial, or with sweep.gpus_per_trial > 1 a torchrun job does (sweeper/launch.py)."""
+        if cfg.sweep.gpus_per_trial > 1:
+            from sweeper.launch import run_trial_distributed
+            return run_trial_distributed(cfg, reporter, cfg.sweep.gpus_per_trial)
+        return run_trial(cfg, reporter, progress=self.progress,
+                         keep_model=cfg.train.save_checkpoint or self.cfg.sweep.save_best_checkpoint)
 
     def _log_datasets(self, cfg: ExperimentConfig, run_id: str, result: TrialResult) -> None:
         """Each data file as an MLflow dataset input with its digest (val is a split of the train file)."""

@@ -8,17 +8,16 @@ failed trial never silently shrinks the sweep; `sweep.max_failures` bounds them.
 from __future__ import annotations
 
 import json
-import math
 import tempfile
 import time
 from pathlib import Path
 
 import optuna
-import pandas as pd
 from mlflow.entities import Metric
 from optuna.trial import TrialState
 from tqdm.auto import tqdm
 
+from sweeper.board import best_trials, count_failures, leaderboard, show_bars, trial_line  # noqa: F401
 from sweeper.objective import Objective, TrialFailure, save_checkpoint_dir
 from sweeper.signals import raise_if_stop_requested
 from sweeper.stores import StorageLock
@@ -28,37 +27,6 @@ from sweeper.tracking import Tracker, now_ms
 
 class SweepStopped(RuntimeError):
     """The study stopped on purpose (too many failures); the message says why."""
-
-
-def leaderboard(study: optuna.Study) -> pd.DataFrame:
-    """One row per trial: number, state, value(s), params, reason, duration, baseline flag."""
-    rows = []
-    trials = study.get_trials(deepcopy=False)
-    retried = {t.user_attrs["retry_of"]: t.number for t in trials if "retry_of" in t.user_attrs}  # see CloseAndRetry
-    for t in trials:
-        row = {"number": t.number, "state": t.state.name,
-               "baseline": bool(t.user_attrs.get("baseline", False)),
-               "duration_s": t.duration.total_seconds() if t.duration else math.nan}
-        values = t.values or [math.nan] * len(study.directions)
-        for i, value in enumerate(values):
-            row["value" if len(values) == 1 else f"value_{i}"] = value
-        row.update({f"param:{k}": v for k, v in t.params.items()})
-        row["reason"] = t.user_attrs.get("fail_reason") or t.user_attrs.get("prune_reason") or (
-            f"worker died (no heartbeat); re-run as trial {retried[t.number]}" if t.number in retried else "")
-        rows.append(row)
-    return pd.DataFrame(rows)
-
-
-def count_failures(study: optuna.Study) -> int:
-    """Trials that failed for a recorded reason; stale (re-queued) and interrupted trials do not count."""
-    return sum(1 for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
-               if t.user_attrs.get("fail_reason") not in (None, "interrupted"))
-
-
-def best_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
-    if not any(t.state == TrialState.COMPLETE for t in study.get_trials(deepcopy=False)):
-        return []
-    return study.best_trials if len(study.directions) > 1 else [study.best_trial]
 
 
 class ParentUpdater:
@@ -105,12 +73,15 @@ def run_trials(study: optuna.Study, spec: SweepSpec, tracker: Tracker, parent_id
     n_trials; without it (one process) nothing is locked.
     """
     plan = plan or SearchPlan(n_trials)
+    bars = show_bars(progress)  # on a terminal; redirected output gets one line per finished trial instead
     objective = Objective(spec.raw, spec.cfg, spec.entries, tracker, parent_id,
                           {"sweep.study": study.study_name, "sweep.sampler": spec.cfg.sweep.sampler},
-                          progress=progress)
-    update_parent = ParentUpdater(tracker, parent_id, spec)
+                          progress=bars)
+    callbacks = [ParentUpdater(tracker, parent_id, spec)] if plan.is_search else []
+    if progress and not bars:
+        callbacks.append(lambda _, trial: print(trial_line(trial), flush=True))
     max_failures = spec.cfg.sweep.max_failures or plan.n_trials
-    bar = tqdm(total=plan.n_trials, desc="trials", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=plan.n_trials, desc="trials", disable=not bars, dynamic_ncols=True)
     try:
         while True:
             raise_if_stop_requested()
@@ -133,7 +104,7 @@ def run_trials(study: optuna.Study, spec: SweepSpec, tracker: Tracker, parent_id
                     time.sleep(poll_s)
                     continue
                 study.optimize(_release_then(claim, objective), n_trials=1, catch=(TrialFailure,),
-                               callbacks=[update_parent] if plan.is_search else [], gc_after_trial=False)
+                               callbacks=callbacks, gc_after_trial=False)
             if plan.is_search:
                 _maybe_save_best(study, objective, spec, tracker, parent_id)
     finally:

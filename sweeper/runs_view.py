@@ -5,7 +5,7 @@ default; a nested child run is drawn only after its parent row is expanded. So s
 top-level runs (tagged with the study and its parent run; the confirmation runs stay nested under the
 study's run), and every run carries `sweep.sort_key`. The link `run` prints sorts by that tag, so the
 page opens in chart view on: the baseline, the trials still running, then finished trials best first,
-pruned, failed, and the study's own run last.
+pruned, failed, then the study's own run and its confirmation runs.
 """
 
 from __future__ import annotations
@@ -19,8 +19,9 @@ SORT_TAG = "sweep.sort_key"
 BASELINE_COLOR = "#000000"
 # Tableau 10 without its grey: no trial line can be mistaken for the black baseline.
 TRIAL_COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#bcbd22", "#17becf")
-_RANKS = {"baseline": "0", "running": "1", "complete": "2", "pruned": "3", "failed": "4", "confirm": "8",
-          "parent": "9"}
+# The study's run comes before its confirmation runs: a sorted MLflow table shows nested runs flat (mlflow#15802).
+_RANKS = {"baseline": "0", "running": "1", "complete": "2", "pruned": "3", "failed": "4", "parent": "7",
+          "confirm": "8"}
 
 
 def ordered_hex(value: float) -> str:

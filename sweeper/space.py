@@ -10,6 +10,7 @@ matches every listed value.
 
 from __future__ import annotations
 
+import dataclasses
 import typing
 from dataclasses import dataclass
 from typing import Any
@@ -32,16 +33,23 @@ class SpaceEntry:
 
 
 def _field_hint(key: str) -> Any:
-    if key.count(".") != 1:
+    """The type hint of a search-space key: section.field, or section.block.field inside a nested block."""
+    if key.count(".") < 1:
         raise SpecError(f"sweep.search_space: key {key!r} must be section.field, e.g. train.lr")
-    section, name = key.split(".")
+    section, *names = key.split(".")
     if section not in TUNABLE_SECTIONS:
         raise SpecError(f"sweep.search_space: key {key!r}: section must be one of {', '.join(TUNABLE_SECTIONS)}")
-    hints = typing.get_type_hints(typing.get_type_hints(ExperimentConfig)[section])
-    if name not in hints:
-        raise SpecError(f"sweep.search_space: unknown key {key!r}. Valid keys in '{section}': "
-                        f"{', '.join(sorted(hints))}")
-    return hints[name]
+    hint, where = typing.get_type_hints(ExperimentConfig)[section], section
+    for name in names:  # model.lora.rank: ModelConfig -> LoraConfig -> int
+        hints = typing.get_type_hints(hint) if dataclasses.is_dataclass(hint) else {}
+        if name not in hints:
+            raise SpecError(f"sweep.search_space: unknown key {key!r}. Valid keys in '{where}': "
+                            f"{', '.join(sorted(hints)) or 'none (it is not a block of keys)'}")
+        hint, where = hints[name], f"{where}.{name}"
+    if dataclasses.is_dataclass(hint):
+        raise SpecError(f"sweep.search_space: key {key!r} is a block; sample one of its keys, e.g. "
+                        f"{key}.{next(iter(typing.get_type_hints(hint)))}")
+    return hint
 
 
 def to_distribution(key: str, entry: Any) -> BaseDistribution:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 from pathlib import Path
 from urllib.parse import quote, urlsplit
 
@@ -56,10 +57,22 @@ def normalize_storage_url(url: str) -> str:
 
 def make_storage(url: str, heartbeat_interval: int | None = None, grace_period: int | None = None,
                  stale_trial_callback=None) -> optuna.storages.BaseStorage:
-    """An Optuna storage for `url`; RDB URLs get pre-ping, a lock timeout for SQLite and heartbeats."""
-    url = normalize_storage_url(url)
-    if not url.startswith(("sqlite", "postgresql", "mysql")):
-        return optuna.storages.get_storage(url)
+    """An Optuna storage for `url`; RDB URLs get pre-ping, a lock timeout for SQLite and heartbeats.
+
+    A storage that cannot be opened (server down, no such database, wrong password, no driver) raises
+    StorageError with one line that says what to do.
+    """
+    try:
+        return _open_storage(url, heartbeat_interval, grace_period, stale_trial_callback)
+    except (sqlalchemy.exc.SQLAlchemyError, ImportError) as exc:  # optuna re-raises a missing driver as ImportError
+        raise StorageError(describe_failure(url, exc)) from exc
+
+
+def _open_storage(url: str, heartbeat_interval: int | None, grace_period: int | None,
+                  stale_trial_callback) -> optuna.storages.BaseStorage:
+    rdb_url = normalize_storage_url(url)
+    if not rdb_url.startswith(("sqlite", "postgresql", "mysql")):
+        return optuna.storages.get_storage(rdb_url)
     if heartbeat_interval is not None and grace_period is not None and grace_period < 2 * heartbeat_interval:
         # A live worker's heartbeat can be a little late; a grace shorter than two beats reaps live trials.
         raise SpecError(f"sweep.grace_period ({grace_period}) must be at least twice sweep.heartbeat_interval "
@@ -67,11 +80,11 @@ def make_storage(url: str, heartbeat_interval: int | None = None, grace_period: 
     if heartbeat_interval is not None and heartbeat_interval < 1:
         raise SpecError(f"sweep.heartbeat_interval must be >= 1 second, got {heartbeat_interval}")
     engine_kwargs: dict = {"pool_pre_ping": True}
-    if url.startswith("sqlite"):
+    if rdb_url.startswith("sqlite"):
         # Several local workers share one file: wait for the write lock instead of failing with 'database is locked'.
         engine_kwargs["connect_args"] = {"timeout": 120}
     with StorageLock(url):  # the first process creates the schema; the others wait instead of racing it
-        return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_interval,
+        return optuna.storages.RDBStorage(rdb_url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_interval,
                                           grace_period=grace_period,
                                           heartbeat_stale_trial_callback=stale_trial_callback)
 
@@ -89,8 +102,11 @@ class StorageLock:
     _held: dict[str, list] = {}  # lock key -> [handle, depth] in this process
 
     def __init__(self, url: str | None) -> None:
-        self.key, self.url, self.acquired = None, url, False
-        parsed = sqlalchemy.engine.make_url(normalize_storage_url(url)) if url else None
+        self.key, self.url, self.acquired, self.given = None, url, False, url  # given: the URL as typed, for errors
+        try:
+            parsed = sqlalchemy.engine.make_url(normalize_storage_url(url)) if url else None
+        except sqlalchemy.exc.ArgumentError as exc:
+            raise StorageError(describe_failure(url, exc)) from exc
         if parsed is None:
             return
         if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
@@ -109,7 +125,10 @@ class StorageLock:
 
     def _acquire(self):
         if self.key.startswith("postgresql:"):
-            connection = sqlalchemy.create_engine(self.url, poolclass=NullPool).connect()
+            try:  # the first connection of a command: a bad URL or a server that is down shows here
+                connection = sqlalchemy.create_engine(self.url, poolclass=NullPool, **_connect_args(self.url)).connect()
+            except (sqlalchemy.exc.SQLAlchemyError, ImportError) as exc:
+                raise StorageError(describe_failure(self.given, exc)) from exc
             connection.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), {"key": self._ADVISORY_KEY})
             return connection
         if not Path(self.key).parent.is_dir():
@@ -151,3 +170,101 @@ def credentials_from_env(url: str) -> str:
     return url
 
 
+class StorageError(Exception):
+    """A store (Optuna storage or MLflow tracking URI) that cannot be opened; the message names it and the fix."""
+
+
+_DRIVER_PACKAGES = {"psycopg": "'psycopg[binary]'", "psycopg2": "psycopg2-binary", "pymysql": "pymysql",
+                    "MySQLdb": "mysqlclient", "mysql": "mysql-connector-python"}
+
+
+def describe_failure(url: str, exc: BaseException, option: str = "--storage") -> str:
+    """One line: which store (password masked), what went wrong, and what to do about it."""
+    where = f"cannot open {option} {mask(url)}"
+    parsed = _parse(url)
+    host = f"{parsed.host or 'localhost'}:{parsed.port or 5432}" if parsed is not None else "the server"
+    for cause in _chain(exc):
+        if isinstance(cause, ModuleNotFoundError) and cause.name:
+            module = cause.name.split(".")[0]
+            package = _DRIVER_PACKAGES.get(module, module)
+            return (f"{where}: its database driver {module!r} is not installed; `pip install {package}`"
+                    + (" or use postgresql+psycopg:// (installed by `make install`)" if module == "psycopg2" else ""))
+        if isinstance(cause, sqlalchemy.exc.NoSuchModuleError):
+            return (f"{where}: SQLAlchemy knows no driver {str(cause).rsplit(':', 1)[-1]!r}; write postgresql://, "
+                    "postgresql+psycopg:// or sqlite:///PATH")
+        if isinstance(cause, sqlalchemy.exc.ArgumentError):
+            return f"{where}: not a database URL; write e.g. postgresql://USER@HOST:5432/DB or sqlite:///PATH"
+    text = _first_line(str(getattr(exc, "orig", None) or exc))  # psycopg's message; its 2nd line is a hint
+    database, user = (parsed.database, parsed.username) if parsed is not None else ("DB", "USER")
+    if "password authentication failed" in text or "no password supplied" in text:
+        return (f"{where}: the server at {host} refused the password of user {user!r}; put the right one in "
+                "$SWEEP_DB_PASSWORD (and leave it out of the URL)")
+    if re.search(r'database ".*" does not exist', text):
+        return (f"{where}: database {database!r} does not exist on {host}; create it: "
+                f"`createdb -h {parsed.host or 'localhost'} -p {parsed.port or 5432} -U {user} {database}`")
+    if re.search(r'role ".*" does not exist', text):
+        return f"{where}: user {user!r} does not exist on {host}; create it: `createuser --createdb {user}`"
+    if any(s in text for s in ("Connection refused", "could not connect", "failed to resolve host",
+                               "timeout expired", "Name or service not known", "No route to host")):
+        return (f"{where}: no database server answers at {host}; start it (e.g. `pg_ctl start`, "
+                f"`systemctl start postgresql`) or fix the host and port ({text})")
+    if "unable to open database file" in text:
+        return (f"{where}: SQLite cannot open {parsed.database if parsed is not None else url}; create its "
+                "folder or make it writable")
+    return f"{where}: {mask(text)}"
+
+
+def check_tracking_uri(uri: str, timeout: float = 10.0) -> None:
+    """Fail fast, in one line, on an MLflow store that cannot be reached (MLflow itself retries for minutes)."""
+    if uri.startswith(("http://", "https://")):
+        import urllib.error
+        import urllib.request
+        try:
+            urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout).close()
+        except urllib.error.HTTPError:  # it answered: reachable (auth or a proxy in front is MLflow's business)
+            return
+        except OSError as exc:
+            raise StorageError(f"cannot open --tracking-uri {mask(uri)}: no MLflow server answers there "
+                               f"({getattr(exc, 'reason', exc)}); start it (`mlflow server ...`) or fix the "
+                               "URI") from exc
+        return
+    parsed = _parse(uri)
+    if parsed is None or "://" not in uri or uri.startswith("file:"):
+        return  # a folder store or a scheme MLflow resolves itself
+    try:
+        engine = sqlalchemy.create_engine(_with_driver(uri), poolclass=NullPool, **_connect_args(parsed))
+        try:
+            engine.connect().close()
+        finally:
+            engine.dispose()
+    except (sqlalchemy.exc.SQLAlchemyError, ImportError) as exc:
+        raise StorageError(describe_failure(uri, exc, "--tracking-uri")) from exc
+
+
+def _parse(url: str):
+    try:
+        return sqlalchemy.engine.make_url(url)
+    except sqlalchemy.exc.ArgumentError:
+        return None
+
+
+def _with_driver(url: str) -> str:
+    try:
+        return normalize_storage_url(url)
+    except SpecError as exc:
+        raise ModuleNotFoundError(str(exc), name="psycopg") from None
+
+
+def _connect_args(parsed) -> dict:
+    """A server that drops packets would otherwise hang the connect for minutes."""
+    return {"connect_args": {"connect_timeout": 10}} if parsed.get_backend_name() == "postgresql" else {}
+
+
+def _chain(exc: BaseException):
+    while exc is not None:
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
+def _first_line(text: str) -> str:
+    return text.strip().splitlines()[0] if text.strip() else "unknown error"

@@ -27,13 +27,13 @@ from critic.config import (
     read_spec,
 )
 from critic.metrics import PAIR_METRICS
+from sweeper.board import CONFIRM_SUFFIX, load_study, state_counts  # noqa: F401  (re-exported; board reads studies)
 from sweeper.space import SpaceEntry, check_effective, check_in_space, parse_space, space_signature
 from sweeper.stores import StorageLock, make_storage, mask
 from sweeper.tracking import Tracker, git_commit
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)  # a trial that needs no rerun
 MULTI_OBJECTIVE_SAMPLERS = ("nsga2", "gp", "random")  # of sweep.sampler's values, those for several objectives
-CONFIRM_SUFFIX = ".confirm"  # <search study><suffix> holds its confirmation runs
 _EVAL_METRICS = set(PAIR_METRICS)  # what pair_metrics reports for every set
 _TRAIN_METRICS = {"train/progressive_d_acc", "train/gap_progressive_minus_val"}
 
@@ -211,23 +211,3 @@ def attach(storage_url: str, study_name: str, tracking_uri: str, worker_index: i
     return study, spec, tracker, attrs["mlflow_parent_run_id"]
 
 
-def state_counts(study: optuna.Study) -> dict[str, int]:
-    counts = {s.name: 0 for s in TrialState}
-    for trial in study.get_trials(deepcopy=False):
-        counts[trial.state.name] += 1
-    return counts
-
-
-def load_study(storage_url: str, study_name: str | None = None) -> optuna.Study:
-    """Load a study by name; without a name, the only search study in the storage (its confirmation belongs to it)."""
-    storage = make_storage(storage_url)
-    names = [s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)]
-    name = study_name
-    if name is None:
-        searches = [n for n in names if not n.endswith(CONFIRM_SUFFIX)]
-        if len(searches) != 1:
-            raise SpecError(f"pass --study NAME; the storage holds {names or 'no studies'}")
-        name = searches[0]
-    if name not in names:
-        raise SpecError(f"study {name!r} not found in {mask(storage_url)}; existing: {names or 'none'}")
-    return optuna.load_study(study_name=name, storage=storage)

@@ -29,6 +29,7 @@ class VerlVersion:
     clip_keys: dict[str, str]  # worker -> its gradient-clip key; the first worker is verl's default
     cosine_pins: tuple[tuple[str, str], ...] = ()  # keys that make verl's cosine the one swept here
     betas_key: str = "critic.optim.betas"
+    lora_adapter_key: str | None = None  # where verl loads a trained adapter from (None: not known to this tool)
 
 
 _LEGACY_ONLY = VerlVersion("critic.optim.warmup_style", "+critic.optim.lr_warmup_steps", {"legacy": "critic.grad_clip"},
@@ -38,11 +39,14 @@ _BOTH = VerlVersion("critic.optim.lr_scheduler_type", "critic.optim.lr_warmup_st
                     (("critic.optim.min_lr_ratio", "0.0"), ("critic.optim.num_cycles", "0.5")))
 _ENGINE_ONLY = VerlVersion("critic.optim.lr_scheduler_type", "critic.optim.lr_warmup_steps",
                            {"engine": "critic.optim.clip_grad"},
-                           _BOTH.cosine_pins + (("critic.optim.zero_indexed_step", "true"),))
+                           _BOTH.cosine_pins + (("critic.optim.zero_indexed_step", "true"),),
+                           lora_adapter_key="critic.model.lora_adapter_path")
 # 0.4/0.5: only the legacy FSDP worker (critic.grad_clip), scheduler key warmup_style, no lr_warmup_steps in the
 # yaml (the worker reads it with .get); 0.6/0.7: both workers, trainer.use_legacy_worker_impl: auto = legacy;
 # 0.8/0.9: the engine worker only (critic.optim.clip_grad; critic.grad_clip is still in the yaml, read by nobody).
 # zero_indexed_step (pinned from 0.8) first appears in 0.7.1, so 0.7 leaves it at its default (true).
+# LoRA: critic.model.lora_rank / lora_alpha / target_modules are in every version's yaml (0.5.0 fixture, 0.9.1);
+# critic.model.lora_adapter_path is in 0.8.0's and 0.9.1's model yaml, not in 0.5.0's; 0.6/0.7 are unchecked.
 VERSIONS = {"0.4": _LEGACY_ONLY, "0.5": _LEGACY_ONLY, "0.6": _BOTH, "0.7": _BOTH, "0.8": _ENGINE_ONLY,
             "0.9": _ENGINE_ONLY}
 VERL_DEFAULT_BETAS = (0.9, 0.999)
@@ -164,9 +168,42 @@ def _batches(out: VerlExport, cfg: ExperimentConfig, swept: set[str]) -> None:
                          f"critic.ppo_mini_batch_size x rollout.n pairs per step")
 
 
+def _lora(out: VerlExport, keys: VerlVersion, cfg: ExperimentConfig, weights: str | None) -> None:
+    """A LoRA trial: verl's LoRA keys, and the trained adapter (with its value head) when `weights` holds it.
+
+    verl's FSDP critic builds a fresh LoRA without modules_to_save, so its value head stays frozen at its
+    random init (verl#4620); an adapter loaded from lora_adapter_path brings its own config, whose
+    modules_to_save trains (and starts from) the head trained here.
+    """
+    lora = cfg.model.lora
+    if lora.rank == 0:
+        return
+    out.add("critic.model.lora_rank", lora.rank)
+    out.add("critic.model.lora_alpha", lora.alpha)
+    out.add("critic.model.target_modules", list(lora.target_modules))
+    if lora.dropout:
+        out.notes.append(f"model.lora.dropout={lora.dropout} not written: verl's FSDP critic has no LoRA dropout key "
+                         f"(the adapter at lora_adapter_path keeps its own)")
+    merged = "critic.model.path=<weights dir> (the merged critic; a new adapter on it starts with this head, frozen)"
+    if weights is None:
+        out.notes.append("critic.model.lora_adapter_path not written: without the trained adapter verl's LoRA critic "
+                         "starts with an untrained, frozen value head (verl#4620); rerun export with --weights DIR "
+                         "(the trial needs train.save_checkpoint: true) to write the adapter and the merged critic")
+    elif keys.lora_adapter_key is None:
+        out.notes.append(f"verl {out.version} has no critic.model.lora_adapter_path known to this tool: set {merged}")
+    else:
+        out.add(keys.lora_adapter_key, f"{weights}/adapter",
+                "the trained LoRA adapter and value head (peft, modules_to_save: score); critic.model.path stays "
+                "your base checkpoint")
+        out.notes.append(f"instead of the adapter, you may set {merged}")
+
+
 def verl_export(spec: SweepSpec, trial: optuna.trial.FrozenTrial, version: str | None = None,
-                worker: str | None = None) -> VerlExport:
-    """The trial's overrides and notes for verl `version` (default: the current release)."""
+                worker: str | None = None, weights: str | None = None) -> VerlExport:
+    """The trial's overrides and notes for verl `version` (default: the current release).
+
+    `weights`: a directory holding the trial's saved critic (`sweep.py export --weights`), for a LoRA trial's adapter.
+    """
     short, keys, worker = resolve_version(version, worker)
     cfg = config_for(spec, trial.params, f"trial {trial.number}")
     swept = set(trial.params)
@@ -180,6 +217,7 @@ def verl_export(spec: SweepSpec, trial: optuna.trial.FrozenTrial, version: str |
     _schedule(out, keys, cfg)
     out.add(keys.clip_keys[worker], t.grad_clip)
     _batches(out, cfg, swept)
+    _lora(out, keys, cfg, weights)
     flat = flatten(cfg)
     for ours, theirs in cfg.export.verl_keys.items():
         if ours not in flat:

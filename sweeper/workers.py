@@ -20,12 +20,15 @@ import mlflow
 import optuna
 import torch
 from mlflow import MlflowClient
+from optuna.trial import TrialState
 from tqdm.auto import tqdm
 
 from sweeper import study as study_mod
+from sweeper.board import show_bars, trial_line
 from sweeper.confirm import STAGE_ATTRS, ConfirmPlan
 from sweeper.runner import SweepStopped, best_trials, run_trials
 from sweeper.signals import stop_on_signals
+from sweeper.slots import plan_slots, visible_device_ids
 from sweeper.stores import without_password
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -83,22 +86,12 @@ def run_worker(storage_url: str, study_name: str, tracking_uri: str, worker_inde
     return 0
 
 
-def _visible_gpus() -> list[str]:
-    """The GPU ids this process may use, as CUDA_VISIBLE_DEVICES names them (a scheduler may have set it)."""
-    if not torch.cuda.is_available():
-        return []
-    count = torch.cuda.device_count()
-    given = [g.strip() for g in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if g.strip()]
-    return given[:count] if given else [str(i) for i in range(count)]
-
-
-def _worker_env(index: int, n_workers: int, password: str | None) -> dict[str, str]:
+def _worker_env(n_workers: int, password: str | None, slot: list[str] | None) -> dict[str, str]:
     env = dict(os.environ)
     if password is not None:  # by environment, not argv: other users can read a process's arguments
         env["SWEEP_DB_PASSWORD"] = password
-    gpus = _visible_gpus()
-    if gpus:  # one GPU per worker, round robin when there are more workers than GPUs
-        env["CUDA_VISIBLE_DEVICES"] = gpus[index % len(gpus)]
+    if slot:  # this worker's GPUs for its whole life: concurrent trials never share one (sweeper/slots.py)
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(slot)
     else:  # split the CPU cores: each worker gets its share of torch threads
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         threads = str(max(1, cores // n_workers))
@@ -110,10 +103,15 @@ def launch_workers(study: optuna.Study, spec, storage_url: str, tracking_uri: st
                    progress: bool = True, plan=None) -> None:
     """Start n worker processes on this machine, forward SIGINT/SIGTERM to them, show the study's progress."""
     storage_arg, password = without_password(storage_url)
+    slots, notice = plan_slots(n_workers, visible_device_ids(), spec.cfg.sweep.gpus_per_trial)
+    if notice:
+        print(notice, file=sys.stderr)
+    n_workers = len(slots) or n_workers
     # Own sessions: a terminal's Ctrl-C reaches only this process, which forwards one SIGTERM to each worker.
     procs = [subprocess.Popen([sys.executable, str(ROOT / "sweep.py"), "worker", "--study", study.study_name,
                                "--storage", storage_arg, "--tracking-uri", tracking_uri, "--worker-index", str(i),
-                               "--no-progress"], env=_worker_env(i, n_workers, password), cwd=os.getcwd(),
+                               "--no-progress"], env=_worker_env(n_workers, password, slots[i] if slots else None),
+                              cwd=os.getcwd(),
                               start_new_session=True)
              for i in range(n_workers)]
     try:
@@ -132,14 +130,41 @@ def launch_workers(study: optuna.Study, spec, storage_url: str, tracking_uri: st
 
 
 def _watch_until(study: optuna.Study, n_trials: int, done, progress: bool, plan=None, poll_s: float = 2.0) -> None:
-    bar = tqdm(total=n_trials, desc="trials (all workers)", disable=not progress, dynamic_ncols=True)
+    """A bar on a terminal; otherwise one line per trial any worker finishes (launched workers print nothing)."""
+    bars = show_bars(progress)
+    bar = tqdm(total=n_trials, desc="trials (all workers)", disable=not bars, dynamic_ncols=True)
+    lines = _TrialLines(study) if progress and not bars else None
     try:
         while not done():
             _refresh(bar, study, plan)
+            if lines:
+                lines.print_new()
             time.sleep(poll_s)
         _refresh(bar, study, plan)
+        if lines:
+            lines.print_new()
     finally:
         bar.close()
+
+
+class _TrialLines:
+    """Prints `trial_line` once for each trial that finishes after it starts watching (a resumed study's old
+    trials were reported by the run that ran them)."""
+
+    _DONE = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+
+    def __init__(self, study: optuna.Study) -> None:
+        self.study = study
+        self.seen = {t.number for t in self._finished()}
+
+    def _finished(self) -> list[optuna.trial.FrozenTrial]:
+        return self.study.get_trials(deepcopy=False, states=self._DONE)
+
+    def print_new(self) -> None:
+        for trial in sorted(self._finished(), key=lambda t: t.number):
+            if trial.number not in self.seen:
+                self.seen.add(trial.number)
+                print(trial_line(trial), flush=True)
 
 
 def _refresh(bar, study: optuna.Study, plan=None) -> None:

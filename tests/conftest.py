@@ -33,3 +33,27 @@ def tiny_critic(tiny_cache_dir):
     from critic.model import load_base_critic
 
     return load_base_critic(ModelConfig(preset="tiny"), tiny_cache_dir)
+
+
+@pytest.fixture(scope="module")
+def postgres():
+    """A real PostgreSQL server (tests/pg.py) for one test module."""
+    from tests.pg import PostgresServer, postgres_bin
+
+    bin_dir = postgres_bin()
+    if bin_dir is None:
+        pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) not installed; `.ci/run` installs them")
+    server = PostgresServer(bin_dir).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Generation is many tiny steps: on shared CPU cores one thread is many times faster than several."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -69,10 +69,11 @@ def test_null_and_empty_responses_are_dropped_and_counted(tmp_path, tiny_tokeniz
     path = write_pairs(tmp_path / "pairs.parquet", rows)
     frame, stats = read_pairs(path, data_config(path, tmp_path))
     assert frame["content"].tolist() == [r[0] for r in ROWS]
-    assert stats == {"rows": 7.0, "dropped_rows": 4.0}
-    assert "dropped 4 of 7 rows" in capsys.readouterr().out
+    assert stats == {"rows": 7.0, "dropped_rows": 4.0, "dropped_null": 2.0, "dropped_non_string": 0.0,
+                     "dropped_empty": 2.0}
     pairs = load_pair_set(str(path), data_config(path, tmp_path), tiny_tokenizer, "tiny", "train")
     assert len(pairs) == 3 and pairs.stats["dropped_rows"] == 4.0 and pairs.stats["rows"] == 7.0
+    assert "3 pairs kept, 4 dropped (2 null, 2 empty)" in capsys.readouterr().err
 
 
 def test_non_string_responses_leave_nothing_and_say_so(tmp_path):

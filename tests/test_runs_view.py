@@ -15,7 +15,7 @@ def test_ordered_hex_keeps_numeric_order():
 
 
 def test_sort_key_puts_baseline_running_best_pruned_failed_then_parent():
-    keys = [sort_key("parent"), sort_key("failed"), sort_key("pruned"), sort_key("complete", 0.6),
+    keys = [sort_key("confirm"), sort_key("parent"), sort_key("failed"), sort_key("pruned"), sort_key("complete", 0.6),
             sort_key("complete", 0.9), sort_key("running"), sort_key("baseline")]
     assert sorted(keys) == keys[::-1]
     assert sort_key("complete", 0.1, "minimize") < sort_key("complete", 0.2, "minimize")

@@ -25,20 +25,11 @@ from sweeper import study as study_mod
 from sweeper.runner import leaderboard, run_trials
 from sweeper.stores import credentials_from_env, mask, without_password
 from tests.helpers import simulate_device
-from tests.pg import PASSWORD, MlflowServer, PostgresServer, dump_postgres, postgres_bin
+from tests.pg import PASSWORD, MlflowServer, dump_postgres
 from tests.sweep_helpers import ROOT, cli, tiny_sweep_spec
 
 FAST_HEARTBEAT = {"heartbeat_interval": 1, "grace_period": 4}
 
-
-@pytest.fixture(scope="module")
-def postgres():
-    bin_dir = postgres_bin()
-    if bin_dir is None:
-        pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) not installed; `.ci/run` installs them")
-    server = PostgresServer(bin_dir).start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture(scope="module")

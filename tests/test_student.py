@@ -31,13 +31,7 @@ API_KEY = "sk-test-do-not-print-4242"
 PROMPTS = [f"What is {i} + {3 * i}?" for i in range(6)]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Generation is many tiny steps: on shared CPU cores one thread is many times faster than several."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

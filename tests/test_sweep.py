@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from sweeper import study as study_mod
 from sweeper.runner import run_trials
 from sweeper.space import parse_space, suggest, to_distribution
 from sweeper.verl_export import parse_overrides
+from tests.browser import chromium, mlflow_ui, rendered_dom
 from tests.sweep_helpers import ROOT, cli, sqlite_dump, store_args, tiny_sweep_spec
 
 
@@ -92,7 +94,7 @@ def test_end_to_end_sweep_export_and_reproduce(tmp_path):
     # named by their sampled values; sorted by `sweep.sort_key` the baseline comes first, then the best trials.
     ordered = client.search_runs([experiment.experiment_id], order_by=["tags.`sweep.sort_key` ASC"])
     assert ordered[0].data.tags["sweep.baseline"] == "true" and ordered[0].data.tags["mlflow.runColor"] == "#000000"
-    assert ordered[-1].data.tags["sweep.role"] == "parent"
+    assert ordered[-1].data.tags["sweep.role"] == "parent"  # (no confirmation in this sweep)
     done = [int(r.data.tags["sweep.trial"]) for r in ordered
             if r.data.tags.get("sweep.state") == "COMPLETE" and r.data.tags["sweep.baseline"] == "false"]
     values = [json.loads(study.trials[n].user_attrs["metrics"])["val/d_acc"] for n in done]
@@ -113,6 +115,8 @@ def test_end_to_end_sweep_export_and_reproduce(tmp_path):
     parent_history = client.get_metric_history(parents[0].info.run_id, "sweep/best_value")
     assert len(parent_history) == 3
     assert {a.path for a in client.list_artifacts(parents[0].info.run_id)} >= {"leaderboard.csv", "optuna"}
+    check_charts_in_browser(run.stdout, tmp_path, [r.info.run_name for r in ordered
+                                                   if r.data.tags.get("sweep.role") == "trial"])
 
     exported = tmp_path / "best.yaml"
     out = cli("export", "--format", "yaml", "-o", str(exported), *store_args(tmp_path), cwd=tmp_path)
@@ -133,6 +137,21 @@ def test_end_to_end_sweep_export_and_reproduce(tmp_path):
     else:  # optimizer steps have no verl unit without a verl: section: said, not written
         assert "critic.optim.lr_warmup_steps" not in overrides and "lr warmup not written" in verl.stderr
     assert "trainer.critic_warmup not written" in verl.stderr and "+critic.temperature_max" in overrides
+
+
+def check_charts_in_browser(run_output: str, tmp_path, trial_names: list[str]) -> None:
+    """The link `run` prints, opened in headless Chromium on `sweep.py ui`: chart view, every trial drawn, no click."""
+    if chromium() is None:
+        pytest.skip("chromium is not installed (apt-get install chromium; .ci/run does it): UI check not run")
+    link = re.search(r"MLflow runs page: (\S+)", run_output).group(1)
+    legends = tuple(f"{trial_names[0]} ({metric})" for metric in ("critic/d_acc", "val/d_acc", "val/score_diff"))
+    with mlflow_ui(store_args(tmp_path), tmp_path) as base:
+        dom = rendered_dom(link.replace("http://127.0.0.1:5000", base), expect=legends)
+    table = [name for name in re.findall(r"t\d{3} [^<(]*?(?=<)", dom) if name in trial_names]
+    assert table[:len(trial_names)] == trial_names  # the runs table, in sort-key order: baseline first
+    for legend in legends:
+        assert legend in dom, legend  # the baseline is drawn in that metric's chart (its legend names it)
+    assert dom.count('class="trace scatter') >= 3 * len(trial_names)  # one line per trial in every chart
 
 
 def test_spec_error_stops_before_any_trial(tmp_path):

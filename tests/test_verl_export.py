@@ -121,3 +121,40 @@ def test_key_verl_does_not_define_must_not_be_written_bare():
     assert "+critic.temperature_max=3.0" in overrides
     with pytest.raises(Exception, match=r"Could not override 'critic.adaptive_temperature'"):
         compose(verl_config_dir(), [line.lstrip("+") for line in overrides])
+
+
+LORA_SPEC = {**TRAIN_SPEC, "model": {"lora": {"rank": 8, "alpha": 16, "target_modules": ["q_proj", "v_proj"]}},
+             "sweep": {"search_space": {**TRAIN_SPEC["sweep"]["search_space"],
+                                        "model.lora.rank": {"type": "categorical", "choices": [0, 8, 16]}}}}
+
+
+@pytest.mark.parametrize("version, config_dir, adapter_key", [
+    ("0.9", None, True),  # the installed verl 0.9.1: critic.model.lora_adapter_path exists
+    ("0.5", FIXTURES / "verl-0.5.0", False),  # verl 0.5.0 has the LoRA keys but no adapter path
+])
+def test_lora_trial_exports_verls_lora_keys_and_the_adapter(version, config_dir, adapter_key):
+    spec, trial = spec_and_trial(LORA_SPEC, {"train.lr": 3.0e-6, "train.warmup_steps": 0, "model.lora.rank": 16})
+    exported = verl_export(spec, trial, version, weights="/ckpt/trial-3")
+    critic = compose(config_dir or verl_config_dir(), parse_overrides(exported.text())).critic
+    assert (critic.model.lora_rank, critic.model.lora_alpha) == (16, 16)  # the trial's rank, the spec's alpha
+    assert list(critic.model.target_modules) == ["q_proj", "v_proj"]
+    if adapter_key:
+        assert critic.model.lora_adapter_path == "/ckpt/trial-3/adapter"
+        assert any("critic.model.path=<weights dir>" in note for note in exported.notes)  # the merged alternative
+    else:
+        assert not any("lora_adapter_path" in line for line in exported.overrides)
+        assert any("verl 0.5 has no critic.model.lora_adapter_path" in note for note in exported.notes)
+
+
+def test_lora_trial_without_weights_says_the_value_head_would_start_untrained():
+    spec, trial = spec_and_trial(LORA_SPEC, {"train.lr": 3.0e-6, "train.warmup_steps": 0, "model.lora.rank": 8})
+    exported = verl_export(spec, trial)
+    assert "critic.model.lora_rank=8" in exported.overrides
+    assert not any("lora_adapter_path" in line for line in exported.overrides)
+    assert any("untrained, frozen value head (verl#4620)" in note and "--weights DIR" in note
+               for note in exported.notes)
+
+
+def test_full_fine_tuning_trial_writes_no_lora_keys():
+    spec, trial = spec_and_trial(LORA_SPEC, {"train.lr": 3.0e-6, "train.warmup_steps": 0, "model.lora.rank": 0})
+    assert not any("lora" in line for line in verl_export(spec, trial, weights="/ckpt").overrides)

@@ -1,8 +1,9 @@
 """Frozen-student responses: generate once from the actor, cache on disk, reuse in every trial.
 
 Used when a data file has no student column (or `student.regenerate` is set) and
-`student.model` (a local causal LM) or `student.endpoint` (an OpenAI-compatible
-server) is configured. Responses are cached under `<data.cache_dir>/students/<key>/`,
+`student.model` (a local causal LM; `demo:actor` is the demo's, built once by
+critic/demo_actor.py) or `student.endpoint` (an OpenAI-compatible server) is configured.
+Responses are cached under `<data.cache_dir>/students/<key>/`,
 where the key digests the actor (path + weights digest, or endpoint + model name),
 the prompts and the generation parameters. They are written in parts as they come,
 so an interrupted run resumes where it stopped; once complete, the original file
@@ -12,6 +13,7 @@ A file lock makes concurrent workers wait for one generation instead of repeatin
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass
@@ -61,17 +63,28 @@ def student_responses(path: Path, data_cfg: DataConfig, student: StudentConfig, 
     """The file with generated student responses, or None when its own student column is used.
 
     Generates only what neither this process nor the disk cache already holds.
-    `progress`: tqdm bar (None = only on a terminal); `on_progress(done, total)` after every batch.
+    `progress`: False = no bar; True or None = a tqdm bar on a terminal only; `on_progress(done, total)` after
+    every batch.
     """
     stat = path.stat()
     memo_key = (str(path), stat.st_size, stat.st_mtime_ns, student, data_cfg.prompt_key, data_cfg.student_key,
                 str(Path(data_cfg.cache_dir).resolve()))
     if memo_key not in _MEMORY:
         if needs_generation(path, data_cfg, student):
-            _MEMORY[memo_key] = _cached_or_generated(path, data_cfg, student, progress, on_progress, chunk_rows)
+            _MEMORY[memo_key] = _cached_or_generated(path, data_cfg, _resolve_demo_actor(student, data_cfg), progress,
+                                                     on_progress, chunk_rows)
         else:
             _MEMORY[memo_key] = None
     return _MEMORY[memo_key]
+
+
+def _resolve_demo_actor(student: StudentConfig, data_cfg: DataConfig) -> StudentConfig:
+    """`demo:actor` -> its checkpoint directory (trained once); from here on it is an ordinary local model."""
+    if not (student.model or "").startswith("demo:"):
+        return student
+    from critic.demo_actor import resolve_student_model  # torch and transformers: only when it is used
+
+    return dataclasses.replace(student, model=resolve_student_model(student.model, data_cfg.cache_dir))
 
 
 def _read_prompts(path: Path, prompt_key: str) -> list:
@@ -137,7 +150,7 @@ def _generate(todo: list[int], messages: dict[int, list[dict]], student: Student
     print(f"[student] generating {len(todo)} of {total} responses with {where}"
           + (f" ({total - len(todo)} already cached)" if len(todo) < total else ""))
     bar = tqdm(total=total, initial=total - len(todo), unit="resp", desc="student responses", dynamic_ncols=True,
-               disable=None if progress is None else not progress)
+               disable=True if progress is False else None)  # None: only on a terminal
 
     def on_batch(rows: list[int], texts: list[str], reasons: list[str]) -> None:
         store.add(rows, texts, reasons)

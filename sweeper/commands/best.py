@@ -19,8 +19,7 @@ def main(args: argparse.Namespace) -> int:
     import optuna
 
     from critic.config import SpecError
-    from sweeper.confirm import stored_confirmation
-    from sweeper.runner import leaderboard
+    from sweeper.board import leaderboard, stored_confirmation  # only optuna and pandas: `best` starts fast
 
     study = load_study(args)
     board = leaderboard(study)

@@ -4,16 +4,46 @@ building the parser (and `sweep.py --help`) loads none of torch, transformers, o
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from pathlib import Path
+
+LOG_FILE = Path("mlruns") / "sweep.log"  # beside the default stores: tracebacks behind one-line errors
 
 
 def quiet_libraries() -> None:
-    """Optuna's per-trial INFO lines and its experimental-feature warnings off: the sweep prints its own progress."""
+    """Library chatter off the console: the sweep prints its own progress, one line per trial and per data file.
+
+    Optuna's per-trial INFO lines and experimental-feature warnings; MLflow's and alembic's INFO lines
+    ("Creating initial MLflow database tables", migrations). Worker processes run `sweep.py worker`, so they
+    get the same setup; the environment variable also reaches anything else they start.
+    """
+    import logging
     import warnings
 
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # MLflow sets its and alembic's levels on import
+    logging.getLogger("alembic").setLevel(logging.WARNING)
     import optuna
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    # the parent run's importance plot on a study whose trials all scored the same: nothing to act on
+    warnings.filterwarnings("ignore", message="Target and region quantiles select the same set of trials")
+
+
+def log_traceback(exc: BaseException, argv: list[str]) -> Path | None:
+    """Append the masked traceback to LOG_FILE; returns its path (None if it cannot be written)."""
+    import time
+    import traceback
+
+    from critic.redact import mask
+    text = "".join(traceback.format_exception(exc))
+    try:
+        LOG_FILE.parent.mkdir(parents=True, exist_ok=True)
+        with LOG_FILE.open("a") as log:
+            log.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} sweep.py {mask(' '.join(argv))}\n{mask(text)}\n")
+    except OSError:
+        return None
+    return LOG_FILE
 
 
 def add_spec_args(parser: argparse.ArgumentParser) -> None:
@@ -31,15 +61,36 @@ def add_store_args(parser: argparse.ArgumentParser, study_required: bool = False
 
 
 def urls(args: argparse.Namespace) -> tuple[str, str]:
-    """(Optuna storage URL with the password from the environment, MLflow tracking URI) the arguments name."""
-    from sweeper.stores import credentials_from_env, default_storage, default_tracking_uri
-    return credentials_from_env(args.storage or default_storage()), args.tracking_uri or default_tracking_uri()
+    """(Optuna storage URL with the password from the environment, MLflow tracking URI) the arguments name.
+
+    The tracking URI is checked here: MLflow retries an unreachable store for minutes before it fails.
+    """
+    from sweeper.stores import check_tracking_uri, default_tracking_uri
+    tracking = args.tracking_uri or default_tracking_uri()
+    check_tracking_uri(tracking)
+    return storage_url(args), tracking
+
+
+def storage_url(args: argparse.Namespace) -> str:
+    """The Optuna storage URL the arguments name, with the password from $SWEEP_DB_PASSWORD."""
+    from sweeper.stores import credentials_from_env, default_storage
+    return credentials_from_env(args.storage or default_storage())
 
 
 def load_study(args: argparse.Namespace):
     """The study --study/--storage name (the only search study in the storage without --study)."""
-    from sweeper.study import load_study as load
-    return load(urls(args)[0], args.study)
+    from sweeper.board import load_study as load  # not sweeper.study: that would load MLflow
+    return load(storage_url(args), args.study)
+
+
+def load_search_study(args: argparse.Namespace):
+    """Like load_study, refusing a `<study>.confirm` study with the name of the search study to pass instead."""
+    from critic.config import SpecError
+    study = load_study(args)
+    if "confirm_of" in study.user_attrs:
+        raise SpecError(f"{study.study_name!r} is a confirmation study; pass its search study: "
+                        f"--study {study.user_attrs['confirm_of']}")
+    return study
 
 
 def print_warnings(warnings: list[str]) -> None:
@@ -53,7 +104,9 @@ def handle_signals(workers: int) -> None:
     from sweeper.signals import stop_on_signals
     if workers <= 1:
         stop_on_signals(signal.SIGINT, signal.SIGTERM)
-    else:  # the parent only forwards signals to its workers
+    else:  # the parent only forwards signals to its workers. Set SIGINT too: a shell starts background jobs
+        # with SIGINT ignored, and Python then installs no KeyboardInterrupt handler of its own.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.signal(signal.SIGTERM, signal.default_int_handler)
 
 
@@ -80,7 +133,7 @@ def guarded(stages, study, tracker, parent_id: str):
 
 
 def print_confirmation(result: dict) -> None:
-    from sweeper.confirm_stage import format_table
+    from sweeper.board import format_table
     print(f"\nConfirmation on {result['metric']} ({len(result['seeds'])} new seeds per config, paired with the "
           f"baseline; 95% intervals over seeds and held-out pairs):")
     print(format_table(result))

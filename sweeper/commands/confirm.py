@@ -8,7 +8,7 @@ from sweeper.commands.common import (
     add_store_args,
     guarded,
     handle_signals,
-    load_study,
+    load_search_study,
     print_confirmation,
     stored_spec,
     urls,
@@ -30,13 +30,11 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> int:
     from critic.config import SpecError
+    from sweeper.commands.report import report_quietly
     from sweeper.confirm_stage import run_confirmation
     from sweeper.tracking import Tracker
 
-    study = load_study(args)
-    if "confirm_of" in study.user_attrs:
-        raise SpecError(f"{study.study_name!r} is a confirmation study; pass the search study "
-                        f"--study {study.user_attrs['confirm_of']}")
+    study = load_search_study(args)
     spec = stored_spec(study)
     storage, tracking = urls(args)
     tracker = Tracker(tracking, study.study_name)
@@ -48,9 +46,14 @@ def main(args: argparse.Namespace) -> int:
     if seeds < 2 or (top_k < 1 and not args.trials):
         raise SpecError(f"confirm needs --seeds >= 2 and --top-k >= 1 (or --trials); got seeds={seeds}, top_k={top_k}")
     handle_signals(args.workers)
-    code, result = guarded(lambda: run_confirmation(study, spec, storage, tracker, parent_id, top_k, seeds,
-                                                    args.trials, args.workers, not args.no_progress),
-                           study, tracker, parent_id)
+
+    def stages() -> dict:
+        result = run_confirmation(study, spec, storage, tracker, parent_id, top_k, seeds, args.trials, args.workers,
+                                  not args.no_progress)
+        report_quietly(study, tracker, parent_id, storage)  # the study's report, now with the verdict
+        return result
+
+    code, result = guarded(stages, study, tracker, parent_id)
     if code:
         return code
     print_confirmation(result)

@@ -22,6 +22,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--verl-worker", choices=["legacy", "engine"],
                    help="--format verl: the critic worker, for its clip key (default: that version's default)")
     p.add_argument("-o", "--output", help="write to this file instead of stdout")
+    p.add_argument("--weights", metavar="DIR", help="also write the trial's trained critic (saved with "
+                   "train.save_checkpoint: true) into DIR: the merged critic, and for a LoRA trial DIR/adapter, "
+                   "which --format verl points critic.model.lora_adapter_path at")
     p.set_defaults(func=main)
     return p
 
@@ -36,10 +39,33 @@ def main(args: argparse.Namespace) -> int:
     if not shown_better and not args.allow_unconfirmed:
         for line in confirmation:
             print(f"[sweep] warning: {line}", file=sys.stderr)
-    text = render(spec, trial, args.format, args.verl_version, args.verl_worker, confirmation)
+    weights = str(write_weights(args, study, trial.number, Path(args.weights))) if args.weights else None
+    text = render(spec, trial, args.format, args.verl_version, args.verl_worker, confirmation, weights)
     if args.output:
         Path(args.output).write_text(text)
         print(f"[sweep] wrote {args.output}")
     else:
         print(text, end="")
     return 0
+
+
+def write_weights(args: argparse.Namespace, study, trial_number: int, target: Path) -> Path:
+    """Copy the trial's checkpoint artifact (its own, or the study's best_checkpoint) into `target`; its path."""
+    import shutil
+
+    from mlflow import MlflowClient
+
+    from critic.config import SpecError
+    from diagnose.checkpoints import download_checkpoint, trial_candidates
+    from sweeper.commands.common import urls
+
+    target = target.expanduser().resolve()
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise SpecError(f"--weights {target} already exists and is not empty; choose a new directory")
+    client = MlflowClient(urls(args)[1])
+    local, _ = download_checkpoint(client, trial_candidates(study, trial_number, client), f"trial {trial_number}")
+    shutil.copytree(local, target, dirs_exist_ok=True)
+    shutil.rmtree(local.parent, ignore_errors=True)  # the download's temporary folder
+    print(f"[sweep] wrote trial {trial_number}'s critic to {target}"
+          + (" (merged; LoRA adapter in adapter/)" if (target / "adapter").is_dir() else ""), file=sys.stderr)
+    return target

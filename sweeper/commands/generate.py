@@ -12,10 +12,10 @@ from sweeper.commands.common import add_spec_args
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "generate", help="generate the frozen student's responses for the spec's data files (cached, resumable)",
-        description="Generate student responses with student.model (a local causal LM) or student.endpoint (an "
-                    "OpenAI-compatible server) for every data file of the spec that has no student column (every "
-                    "file with student.regenerate: true). Responses are cached under data.cache_dir/students/; "
-                    "an interrupted run resumes where it stopped, and trials reuse the cache.")
+        description="Generate student responses with student.model (a local causal LM, or demo:actor) or "
+                    "student.endpoint (an OpenAI-compatible server) for every data file of the spec that has no "
+                    "student column (every file with student.regenerate: true). Responses are cached under "
+                    "data.cache_dir/students/; an interrupted run resumes where it stopped; trials reuse the cache.")
     add_spec_args(p)
     p.set_defaults(func=main)
     return p
@@ -32,7 +32,8 @@ def main(args: argparse.Namespace) -> int:
         torch.set_num_threads(cfg.model.torch_threads)
     if student_source(cfg.student) is None:
         raise SpecError(f"{args.spec}: nothing to generate with; set student.model (a local causal LM directory) "
-                        f"or student.endpoint and student.model_name, e.g. --set student.model=/path/to/actor")
+                        f"or student.endpoint and student.model_name, e.g. --set student.model=/path/to/actor "
+                        f"(or student.model=demo:actor, the offline demo's actor)")
     files = {"train": cfg.data.train_path, **cfg.data.eval_sets}
 
     def on_sigterm(signum, frame):  # a scheduler's kill saves what was made, like Ctrl-C

@@ -28,6 +28,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> int:
+    from sweeper.commands.report import report_quietly
     from sweeper.confirm_stage import run_confirmation
     from sweeper.runner import finish_parent, run_trials
     from sweeper.stores import mask
@@ -53,10 +54,10 @@ def main(args: argparse.Namespace) -> int:
             run_trials(study, spec, tracker, parent_id, spec.cfg.sweep.n_trials, progress=not args.no_progress,
                        storage_url=storage)
         finish_parent(study, tracker, parent_id)
-        if not confirming:
-            return None
-        return run_confirmation(study, spec, storage, tracker, parent_id, confirm.top_k, confirm.seeds,
-                                workers=args.workers, progress=not args.no_progress)
+        result = run_confirmation(study, spec, storage, tracker, parent_id, confirm.top_k, confirm.seeds,
+                                  workers=args.workers, progress=not args.no_progress) if confirming else None
+        report_quietly(study, tracker, parent_id, storage)  # after the confirmation: the report shows it
+        return result
 
     code, result = guarded(stages, study, tracker, parent_id)
     if code:
@@ -72,14 +73,12 @@ def main(args: argparse.Namespace) -> int:
 
 def summary_table(study, spec) -> str:
     """Best trial vs the baseline on every tracked metric, plus their params."""
-    import json
     import math
 
-    from sweeper.runner import best_trials
-    best = best_trials(study)
-    baseline = [t for t in study.get_trials(deepcopy=False) if t.user_attrs.get("baseline")]
-    columns = [("best", best[0] if best else None), ("baseline", baseline[0] if baseline else None)]
-    metrics = {name: json.loads(t.user_attrs.get("metrics", "{}")) if t else {} for name, t in columns}
+    from sweeper.report_data import best_vs_baseline
+    compared = best_vs_baseline(study)  # the report's table reads the same trials and numbers
+    columns = [(name, t) for name, t, _ in compared]
+    metrics = {name: values for name, _, values in compared}
     keys = sorted(set().union(*[m.keys() for m in metrics.values()]))
     lines = [f"{'':<34}{'best':>14}{'baseline':>14}"]
     lines.append(f"{'trial':<34}" + "".join(f"{(t.number if t else '-'):>14}" for _, t in columns))

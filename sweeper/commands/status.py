@@ -16,12 +16,11 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> int:
-    from sweeper.runner import leaderboard
-    from sweeper.study import state_counts
-    from sweeper.workers import watch
+    from sweeper.board import leaderboard, state_counts  # only optuna and pandas: `status` starts fast
 
     study = load_study(args)
     if args.watch:
+        from sweeper.workers import watch
         return watch(study)
     board = leaderboard(study)
     if board.empty:

@@ -1,0 +1,109 @@
+"""Read a study without the engine or MLflow: open it, count and tabulate its trials, show its confirmation.
+
+`status` and `best` only read the Optuna storage; keeping what they need here (optuna, pandas, the storage
+helpers) and out of sweeper.study / runner / confirm_stage, which pull in torch, transformers and MLflow,
+keeps those commands well under a second. The other modules re-export these names.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from typing import Any
+
+import optuna
+import pandas as pd
+from optuna.trial import TrialState
+
+from critic.config import SpecError
+from sweeper.stores import make_storage, mask
+
+CONFIRM_SUFFIX = ".confirm"  # <search study><suffix> holds its confirmation runs
+
+
+def load_study(storage_url: str, study_name: str | None = None) -> optuna.Study:
+    """Load a study by name; without a name, the only search study in the storage (its confirmation belongs to it)."""
+    storage = make_storage(storage_url)
+    names = [s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)]
+    name = study_name
+    if name is None:
+        searches = [n for n in names if not n.endswith(CONFIRM_SUFFIX)]
+        if len(searches) != 1:
+            raise SpecError(f"pass --study NAME; the storage holds {names or 'no studies'}")
+        name = searches[0]
+    if name not in names:
+        raise SpecError(f"study {name!r} not found in {mask(storage_url)}; existing: {names or 'none'}")
+    return optuna.load_study(study_name=name, storage=storage)
+
+
+def state_counts(study: optuna.Study) -> dict[str, int]:
+    counts = {s.name: 0 for s in TrialState}
+    for trial in study.get_trials(deepcopy=False):
+        counts[trial.state.name] += 1
+    return counts
+
+
+def leaderboard(study: optuna.Study) -> pd.DataFrame:
+    """One row per trial: number, state, value(s), params, reason, duration, baseline flag."""
+    rows = []
+    trials = study.get_trials(deepcopy=False)
+    retried = {t.user_attrs["retry_of"]: t.number for t in trials if "retry_of" in t.user_attrs}  # see CloseAndRetry
+    for t in trials:
+        row = {"number": t.number, "state": t.state.name,
+               "baseline": bool(t.user_attrs.get("baseline", False)),
+               "duration_s": t.duration.total_seconds() if t.duration else math.nan}
+        values = t.values or [math.nan] * len(study.directions)
+        for i, value in enumerate(values):
+            row["value" if len(values) == 1 else f"value_{i}"] = value
+        row.update({f"param:{k}": v for k, v in t.params.items()})
+        row["reason"] = t.user_attrs.get("fail_reason") or t.user_attrs.get("prune_reason") or (
+            f"worker died (no heartbeat); re-run as trial {retried[t.number]}" if t.number in retried else "")
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def count_failures(study: optuna.Study) -> int:
+    """Trials that failed for a recorded reason; stale (re-queued) and interrupted trials do not count."""
+    return sum(1 for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+               if t.user_attrs.get("fail_reason") not in (None, "interrupted"))
+
+
+def best_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    if not any(t.state == TrialState.COMPLETE for t in study.get_trials(deepcopy=False)):
+        return []
+    return study.best_trials if len(study.directions) > 1 else [study.best_trial]
+
+
+def stored_confirmation(study: optuna.Study) -> dict[str, Any] | None:
+    """The confirmation result stored on the search study (or None)."""
+    text = study.user_attrs.get("confirmation")
+    return json.loads(text) if text else None
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """The confirmation table: one row per config (mean with its interval, difference to the baseline, verdict)."""
+    frame = pd.DataFrame(result["table"])
+    columns = ["config", "trial", "seeds", "mean_mean", "mean_low", "mean_high", "diff_mean", "diff_low",
+               "diff_high", "p_value", "p_holm", "verdict"]
+    shown = frame[columns].rename(columns={"mean_mean": "mean", "mean_low": "low", "mean_high": "high",
+                                           "diff_mean": "diff", "diff_low": "diff_low", "diff_high": "diff_high"})
+    return shown.to_string(index=False, float_format=lambda v: f"{v:.4f}")
+
+
+def show_bars(progress: bool) -> bool:
+    """Progress bars only on a terminal: redirected output (`make sweep > log`) gets one line per trial instead."""
+    return progress and sys.stdout.isatty() and sys.stderr.isatty()
+
+
+def trial_line(trial: optuna.trial.FrozenTrial) -> str:
+    """One line for a finished trial: number, state, value(s), duration, params and why it was pruned or failed."""
+    values = trial.values or []
+    value = (f" value={values[0]:.4f}" if len(values) == 1 else
+             " values=[" + ", ".join(f"{v:.4f}" for v in values) + "]" if values else "")
+    duration = f" in {trial.duration.total_seconds():.1f}s" if trial.duration else ""
+    baseline = " (baseline)" if trial.user_attrs.get("baseline") else ""
+    params = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in trial.params.items())
+    reason = trial.user_attrs.get("fail_reason") or trial.user_attrs.get("prune_reason") or ""
+    reason = f" -- {' '.join(reason.split())[:160]}" if reason and trial.state != TrialState.COMPLETE else ""
+    return f"[trial {trial.number}] {trial.state.name}{value}{duration}{baseline} {params}{reason}".rstrip()
