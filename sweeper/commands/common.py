@@ -22,6 +22,8 @@ def quiet_libraries() -> None:
     import warnings
 
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # MLflow sets its and alembic's levels on import
+    if not (sys.stdout.isatty() and sys.stderr.isatty()):  # transformers' own bars (loading, saving weights) too
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     logging.getLogger("alembic").setLevel(logging.WARNING)
     import optuna
     optuna.logging.set_verbosity(optuna.logging.WARNING)
