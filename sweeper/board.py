@@ -106,4 +106,8 @@ def trial_line(trial: optuna.trial.FrozenTrial) -> str:
     params = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in trial.params.items())
     reason = trial.user_attrs.get("fail_reason") or trial.user_attrs.get("prune_reason") or ""
     reason = f" -- {' '.join(reason.split())[:160]}" if reason and trial.state != TrialState.COMPLETE else ""
-    return f"[trial {trial.number}] {trial.state.name}{value}{duration}{baseline} {params}{reason}".rstrip()
+    label = f"trial {trial.number}"
+    if trial.user_attrs.get("stage") == "confirm":  # a run of the `<study>.confirm` study: say what it confirms
+        label = f"confirm {trial.user_attrs.get('confirm_config')} seed {trial.user_attrs.get('seed_index')}"
+        baseline = ""
+    return f"[{label}] {trial.state.name}{value}{duration}{baseline} {params}{reason}".rstrip()
