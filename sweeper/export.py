@@ -12,8 +12,8 @@ import yaml
 
 from critic.config import SpecError, one_of, to_dict
 from critic.sections import ExportFormat
+from sweeper.board import best_trials
 from sweeper.confirm import stored_confirmation
-from sweeper.runner import best_trials
 from sweeper.study import SweepSpec, config_for
 from sweeper.verl_export import verl_export
 

@@ -146,7 +146,7 @@ def confirmation_section(data: ReportData) -> str:
     if not data.confirmation:
         return "<p class='note'>not confirmed yet: `sweep.py confirm` re-runs the finalists and the baseline " \
                "with new seeds and gives a verdict.</p>"
-    from sweeper.confirm_stage import format_table
+    from sweeper.board import format_table
     result = data.confirmation
     return (f"<p>on {html.escape(result['metric'])}, {len(result['seeds'])} new seeds per config, paired with the "
             f"baseline; 95% intervals over seeds and held-out pairs</p>"

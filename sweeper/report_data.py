@@ -17,7 +17,7 @@ import optuna
 from mlflow import MlflowClient
 from optuna.trial import FrozenTrial, TrialState
 
-from sweeper.runner import best_trials
+from sweeper.board import best_trials
 
 TRAIN_CURVES = ("critic/d_acc", "critic/loss", "critic/score_diff")
 MAX_POINTS = 150  # per curve: enough to see a trend, small enough for hundreds of trials
@@ -136,7 +136,7 @@ def param_order(study: optuna.Study) -> list[str]:
 
 def gather(study: optuna.Study, client: MlflowClient) -> ReportData:
     """Everything the report draws; MLflow calls: a few searches plus one history read per curve metric."""
-    from sweeper.confirm import stored_confirmation
+    from sweeper.board import stored_confirmation
 
     trials = study.get_trials(deepcopy=False)
     kinds = trial_kinds(study)
