@@ -43,8 +43,8 @@ def mlflow_ui(store_args: list[str], cwd: Path):
                 time.sleep(0.5)
         yield base
     finally:
-        server.terminate()
-        server.wait(timeout=30)
+        server.terminate()  # `sweep.py ui` stops MLflow's whole process group (its job consumers included)
+        server.wait(timeout=60)
 
 
 def rendered_dom(url: str, expect: tuple[str, ...] = (), attempts: int = 3) -> str:

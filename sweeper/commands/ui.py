@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import subprocess
 import sys
 
@@ -28,4 +30,16 @@ def main(args: argparse.Namespace) -> int:
         command += ["--default-artifact-root", root]
     print(f"[sweep] MLflow UI on http://{args.host}:{args.port} — open an experiment's runs page "
           f"(#/experiments/<id>/runs); `sweep.py run` prints the direct link")
-    return subprocess.call(command)
+    # MLflow's server starts job-queue consumers of its own: run it as a process group and stop the whole group,
+    # so no consumer outlives the UI when this command is interrupted or terminated.
+    server = subprocess.Popen(command, start_new_session=True)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        return server.wait()
+    except KeyboardInterrupt:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+        return 130
