@@ -32,7 +32,7 @@ from critic.trial import TrialResult, run_trial
 from sweeper import figures
 from sweeper.confirm import seed_overrides
 from sweeper.runs_view import SORT_TAG, run_color, run_name, sort_key
-from sweeper.signals import raise_if_stop_requested
+from sweeper.signals import raise_if_stop_requested, resume_signals
 from sweeper.space import suggest
 from sweeper.stores import mask
 from sweeper.study import config_for
@@ -96,6 +96,7 @@ class Objective:
             seeds = seed_overrides(self.cfg, int(trial.user_attrs.get("seed_index", 0)))  # confirmation runs
             cfg = trial_config(self.raw, {**sampled, **seeds}, "sweep")
             run_id = self._open_run(trial, cfg, sampled)
+            resume_signals()  # signals were deferred since the claim (runner.py): now the run exists to be KILLED
             result = self._run_with_oom_retry(trial, cfg, run_id)
             values = [result.metrics.get(name, math.nan) for name in self.names]
             if not all(math.isfinite(v) for v in values):
@@ -123,6 +124,7 @@ class Objective:
             self._record_reason(trial, run_id, reason, "fail_reason")
             raise TrialFailure(reason) from exc
         finally:
+            resume_signals(raise_now=False)  # failed before its run opened: the trial loop sees the flag
             if run_id is not None:
                 self.tracker.set_tags(run_id, {"sweep.state": state, SORT_TAG: self._sort_key(trial, state),
                                                "sweep.duration_s": f"{time.time() - started:.1f}"})

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from sweeper.board import best_trials, count_failures, leaderboard, show_bars, trial_line  # noqa: F401
 from sweeper.objective import Objective, TrialFailure, save_checkpoint_dir
-from sweeper.signals import raise_if_stop_requested
+from sweeper.signals import defer_signals, raise_if_stop_requested, resume_signals
 from sweeper.stores import StorageLock
 from sweeper.study import SweepSpec, config_for, finished_count, state_counts
 from sweeper.tracking import Tracker, now_ms
@@ -103,8 +103,12 @@ def run_trials(study: optuna.Study, spec: SweepSpec, tracker: Tracker, parent_id
                     optuna.storages.fail_stale_trials(study)
                     time.sleep(poll_s)
                     continue
-                study.optimize(_release_then(claim, objective), n_trials=1, catch=(TrialFailure,),
-                               callbacks=callbacks, gc_after_trial=False)
+                defer_signals()  # until the claimed trial's MLflow run is recorded (Objective resumes them)
+                try:
+                    study.optimize(_release_then(claim, objective), n_trials=1, catch=(TrialFailure,),
+                                   callbacks=callbacks, gc_after_trial=False)
+                finally:
+                    resume_signals(raise_now=False)
             if plan.is_search:
                 _maybe_save_best(study, objective, spec, tracker, parent_id)
     finally:

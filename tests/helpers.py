@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -70,3 +71,49 @@ def simulate_device(monkeypatch, device_pairs: int) -> None:
         return split(group, size)
 
     monkeypatch.setattr(train, "forward_chunks", chunks)
+
+
+# --- Numeric tolerances, derived rather than measured on one machine ------------------------------------------
+F32_EPS = float(np.finfo(np.float32).eps)  # 1.19e-7: the unit roundoff of float32 is half of it
+# Numeric tests run at one torch thread and at several: another thread count splits every reduction another
+# way, the change of summation order that another machine's kernels make (issue 24).
+THREAD_SETTINGS = (1, max(2, os.cpu_count() or 1))
+
+
+def decoder_sum_length(hidden: int, intermediate: int, layers: int, tokens: int) -> int:
+    """How many float32 terms the sequential sums that produce one score add up over, summed over the layers.
+
+    Per decoder layer: the q/k/v and o projections and the MLP's up and down projections reduce over hidden
+    or intermediate (3 * hidden + intermediate), attention over the row's tokens twice (scores' softmax
+    normaliser and the weighted sum of values: 2 * tokens); the value head reduces over hidden once more.
+    """
+    return layers * (3 * hidden + intermediate + 2 * tokens) + hidden
+
+
+def reorder_tolerance(magnitude: float, terms: int) -> float:
+    """Bound on |a - b| when a and b are the same float32 computation with its sums taken in another order.
+
+    Higham's bound for a sum of n terms is (n - 1) * u * sum|terms| with u = eps / 2 for each of the two
+    results, so their difference is within n * eps * magnitude where `magnitude` bounds the sum of |terms|
+    along the way (the largest |value| compared; activations are normalised, so they do not grow with depth).
+    It is a worst case: a real machine lands orders of magnitude inside it, and any change in what is summed
+    (a wrong mask, a dropped micro-batch, a missing scale) moves scores by 1e-3..1e-1, far outside it.
+    """
+    return terms * F32_EPS * magnitude
+
+
+def adam_max_update(steps: int, betas: tuple[float, float], lr: float) -> float:
+    """The largest total change AdamW can make to one parameter in `steps` steps at learning rate <= lr.
+
+    Each step moves a parameter by lr * m_hat / (sqrt(v_hat) + eps); by Cauchy-Schwarz over the gradient
+    history, |m_hat| / sqrt(v_hat) <= sqrt(sum_i a_i^2 / b_i) with a_i, b_i the bias-corrected EMA weights of
+    gradient i in m and v (Kingma & Ba 2015, section 2.1: the step is bounded by about lr whatever the
+    gradients, even a gradient that is pure rounding noise).
+    """
+    beta1, beta2 = betas
+    total = 0.0
+    for t in range(1, steps + 1):
+        a = [(1 - beta1) * beta1 ** (t - i) / (1 - beta1 ** t) for i in range(1, t + 1)]
+        b = [(1 - beta2) * beta2 ** (t - i) / (1 - beta2 ** t) for i in range(1, t + 1)]
+        total += lr * float(np.sqrt(sum(x * x / y for x, y in zip(a, b))))
+    return total

@@ -229,6 +229,8 @@ def test_sigint_stops_all_workers_cleanly_and_rerun_completes(tmp_path, tiny_cac
     assert not [t for t in study.trials if t.state.name == "RUNNING"]
     client = MlflowClient(tracking)
     parents, children = trial_runs(client, "sigint")
+    # Every claimed trial has its run, KILLED, wherever the signal landed (before the claim's run existed, the
+    # signal waits for it: sweeper/signals.py defer_signals; test_signal_between_claim_and_run_... below).
     assert all(client.get_run(t.user_attrs["mlflow_run_id"]).info.status == "KILLED" for t in interrupted)
     assert all(r.info.status != "RUNNING" for r in parents + children)
 
@@ -238,6 +240,37 @@ def test_sigint_stops_all_workers_cleanly_and_rerun_completes(tmp_path, tiny_cac
     assert len(finished(study)) == 3
     parents, children = trial_runs(client, "sigint")
     assert len(parents) == 1 and all(r.info.status != "RUNNING" for r in parents + children)
+
+
+def test_signal_between_claim_and_run_still_gives_the_trial_its_killed_run(tmp_path, tiny_cache_dir, monkeypatch):
+    """Ctrl-C after Optuna claimed a trial but before its MLflow run exists: the signal waits until the run is
+    recorded, so the trial is FAIL 'interrupted' with a KILLED run and no run is left RUNNING."""
+    from sweeper import objective as objective_mod
+    from sweeper import signals
+
+    spec = study_mod.load_sweep_spec(str(scaleout_spec(tmp_path, tiny_cache_dir, study_name="claim", n_trials=2)))
+    study, tracker, parent_id = study_mod.init_study(spec, f"sqlite:///{tmp_path / 'optuna.db'}",
+                                                     f"sqlite:///{tmp_path / 'mlflow.db'}")
+    real_suggest = objective_mod.suggest
+
+    def signal_then_suggest(*args, **kwargs):  # the trial is claimed (RUNNING); its run is not open yet
+        os.kill(os.getpid(), signal.SIGINT)
+        return real_suggest(*args, **kwargs)
+
+    previous = signal.getsignal(signal.SIGINT)
+    signals.stop_on_signals(signal.SIGINT)  # as `sweep.py run` and every worker do
+    monkeypatch.setattr(objective_mod, "suggest", signal_then_suggest)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_trials(study, spec, tracker, parent_id, 2, progress=False)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        signals.STOP_REQUESTED.clear()
+    (trial,) = study.trials
+    assert trial.state.name == "FAIL" and trial.user_attrs["fail_reason"] == "interrupted"
+    assert tracker.client.get_run(trial.user_attrs["mlflow_run_id"]).info.status == "KILLED"
+    runs = tracker.client.search_runs([e.experiment_id for e in tracker.client.search_experiments()])
+    assert [r.info.status for r in runs if r.data.tags.get("sweep.trial") == "0"] == ["KILLED"]
 
 
 def one_done_one_running(trials) -> bool:
