@@ -57,3 +57,16 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(params=[1, "all"], ids=["1thread", "allthreads"])
+def torch_threads(request):
+    """Run a numeric test at one torch thread and at all of them (tests/helpers.py THREAD_SETTINGS)."""
+    import torch
+
+    from tests.helpers import THREAD_SETTINGS
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(THREAD_SETTINGS[0] if request.param == 1 else THREAD_SETTINGS[1])
+    yield torch.get_num_threads()
+    torch.set_num_threads(threads)

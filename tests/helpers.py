@@ -117,3 +117,13 @@ def adam_max_update(steps: int, betas: tuple[float, float], lr: float) -> float:
         b = [(1 - beta2) * beta2 ** (t - i) / (1 - beta2 ** t) for i in range(1, t + 1)]
         total += lr * float(np.sqrt(sum(x * x / y for x, y in zip(a, b))))
     return total
+
+
+def tiny_tolerance(reference, tokens: int, batch_tokens: int = 0) -> float:
+    """reorder_tolerance for the tiny preset critic: rows of up to `tokens` tokens; `batch_tokens` adds the sum
+    over a batch's tokens that a weight's gradient takes (0 for scores)."""
+    from critic.model import TINY_SHAPE
+
+    terms = decoder_sum_length(TINY_SHAPE["hidden_size"], TINY_SHAPE["intermediate_size"],
+                               TINY_SHAPE["num_hidden_layers"], tokens) + batch_tokens
+    return reorder_tolerance(float(np.abs(np.asarray(reference, dtype=np.float64)).max()), terms)

@@ -6,6 +6,7 @@ import os
 import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +62,39 @@ def cli(*args: str, cwd: Path, timeout: float = 300, env: dict | None = None) ->
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "MLFLOW_DISABLE_TELEMETRY": "true", **(env or {})}
     return subprocess.run([sys.executable, str(ROOT / "sweep.py"), *args], cwd=cwd, capture_output=True, text=True,
                           timeout=timeout, env=full_env)
+
+
+def wait_for(condition, timeout: float, what: str, poll: float = 0.5):
+    """Poll `condition` until it returns something true (and return that); fail naming `what` after `timeout`."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            value = condition()
+        except (KeyError, ValueError):  # the study does not exist yet
+            value = None
+        if value:
+            return value
+        time.sleep(poll)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def trials_mid_training(study_name: str, storage: str, tracking: str, last_step: int = 6) -> list:
+    """RUNNING trials whose MLflow run has logged an evaluation before `last_step` and none at it.
+
+    A signal or a kill sent now lands inside such a trial with training steps still to go, not in the gap
+    between two trials that a plain RUNNING state cannot rule out (the trial may end before the signal lands).
+    """
+    import optuna
+    from mlflow import MlflowClient
+
+    client, found = MlflowClient(tracking), []
+    study = optuna.load_study(study_name=study_name, storage=storage)
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        run_id = trial.user_attrs.get("mlflow_run_id")
+        steps = [m.step for m in client.get_metric_history(run_id, "val/d_acc")] if run_id else []
+        if steps and max(steps) < last_step:
+            found.append(trial)
+    return found
 
 
 def sqlite_dump(path: Path) -> str:

@@ -6,7 +6,6 @@ import json
 import signal
 import subprocess
 import sys
-import time
 
 import optuna
 import pytest
@@ -15,7 +14,7 @@ from mlflow import MlflowClient
 from critic.config import SpecError
 from sweeper.confirm import ConfirmPlan
 from sweeper.space import check_effective, parse_space
-from tests.sweep_helpers import ROOT, cli, store_args, tiny_sweep_spec
+from tests.sweep_helpers import ROOT, cli, store_args, tiny_sweep_spec, trials_mid_training, wait_for
 
 LEARNS, FROZEN = 3.0e-3, 1.0e-9  # the second rate is so small that nothing moves
 
@@ -101,16 +100,12 @@ def test_interrupted_confirmation_resumes_without_repeating_finished_seeds(tmp_p
     proc = subprocess.Popen([sys.executable, str(ROOT / "sweep.py"), "confirm", "--trials", "1", "--seeds", "3",
                              *store_args(tmp_path), "--no-progress"], cwd=tmp_path, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-    deadline, done_before = time.time() + 240, []
-    while time.time() < deadline:  # wait until two runs are done and a third is running
-        time.sleep(0.5)
-        try:
-            trials = optuna.load_study(study_name="tiny.confirm", storage=storage).trials
-        except KeyError:
-            continue
-        done_before = [t for t in trials if t.state.name == "COMPLETE"]
-        if len(done_before) >= 2 and trials[-1].state.name == "RUNNING":
-            break
+    def two_done_one_mid_training():
+        done = [t for t in optuna.load_study(study_name="tiny.confirm", storage=storage).trials
+                if t.state.name == "COMPLETE"]
+        return len(done) >= 2 and trials_mid_training("tiny.confirm", storage, store_args(tmp_path)[3]) and done
+
+    done_before = wait_for(two_done_one_mid_training, 240, "two finished confirmation runs and one mid-training")
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-2000:]

@@ -34,6 +34,7 @@ from diagnose.stats import length_buckets, progressive_d_acc
 from diagnose.verdicts import DOES_NOT_HOLD, HOLDS, NOT_MEASURABLE, WARN, judge, training_health
 from sweeper.commands.diagnose import add_parser as add_diagnose_command
 from sweeper.commands.diagnose import resolve_checkpoint
+from tests.helpers import tiny_tolerance
 
 ROOT = Path(__file__).resolve().parents[1]
 COLUMNS = ["content", "teacher_response", "student_response"]
@@ -203,7 +204,9 @@ def test_checkpoint_round_trip(demo_checkpoint, cache_dir):
                        tokenizer.pad_token_id)
     final = histories.eval[-1][1]
     assert (scores["teacher_score"] > scores["student_score"]).mean() == pytest.approx(final["val/d_acc"])
-    assert scores["teacher_score"].mean() == pytest.approx(final["val/teacher_score_mean"], abs=1e-4)
+    row = cfg.data.max_prompt_length + 2 * cfg.data.max_response_length  # the same sums, maybe in other batches
+    assert scores["teacher_score"].mean() == pytest.approx(final["val/teacher_score_mean"],
+                                                           abs=tiny_tolerance(scores["teacher_score"], row))
 
 
 def test_save_checkpoint_refuses_a_non_empty_directory(demo_checkpoint, tmp_path):

@@ -26,7 +26,7 @@ from sweeper.runner import leaderboard, run_trials
 from sweeper.stores import credentials_from_env, mask, without_password
 from tests.helpers import simulate_device
 from tests.pg import PASSWORD, MlflowServer, dump_postgres
-from tests.sweep_helpers import ROOT, cli, tiny_sweep_spec
+from tests.sweep_helpers import ROOT, cli, tiny_sweep_spec, trials_mid_training, wait_for
 
 FAST_HEARTBEAT = {"heartbeat_interval": 1, "grace_period": 4}
 
@@ -63,19 +63,6 @@ def worker(study_name: str, storage: str, tracking: str, index: int, tmp_path: P
     return subprocess.Popen([sys.executable, str(ROOT / "sweep.py"), "worker", "--study", study_name, "--storage",
                              storage_arg, "--tracking-uri", tracking, "--worker-index", str(index), "--no-progress"],
                             cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def wait_for(condition, timeout: float, what: str, poll: float = 0.5):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            value = condition()
-        except (KeyError, ValueError):  # the study does not exist yet
-            value = None
-        if value:
-            return value
-        time.sleep(poll)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def trial_runs(client: MlflowClient, experiment_name: str):
@@ -147,9 +134,8 @@ def test_killed_worker_trial_is_failed_requeued_and_rerun(kind, tmp_path, reques
     workers = [worker(f"kill-{kind}", storage, tracking, i, tmp_path) for i in range(2)]
     try:
         study = optuna.load_study(study_name=f"kill-{kind}", storage=storage)
-        # Both workers inside a trial (MLflow run open): kill the first without any chance to clean up.
-        wait_for(lambda: [t for t in study.get_trials(states=(optuna.trial.TrialState.RUNNING,))
-                          if "mlflow_run_id" in t.user_attrs][1:], 240, "two running trials")
+        # Both workers in the middle of a trial's training: kill the first without any chance to clean up.
+        wait_for(lambda: trials_mid_training(f"kill-{kind}", storage, tracking)[1:], 240, "two trials mid-training")
         workers[0].send_signal(signal.SIGKILL)
         _, err = workers[1].communicate(timeout=300)
         assert workers[1].returncode == 0, err[-3000:]
@@ -213,8 +199,8 @@ def test_sigint_stops_all_workers_cleanly_and_rerun_completes(tmp_path, tiny_cac
     proc = subprocess.Popen([sys.executable, str(ROOT / "sweep.py"), *command], cwd=tmp_path, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     try:
-        wait_for(lambda: one_done_one_running(optuna.load_study(study_name="sigint", storage=storage).trials),
-                 240, "a finished and a running trial")
+        wait_for(lambda: one_done_one_running(optuna.load_study(study_name="sigint", storage=storage).trials)
+                 and trials_mid_training("sigint", storage, tracking), 240, "a finished trial and one mid-training")
         proc.send_signal(signal.SIGINT)  # what Ctrl-C sends to the process
         _, err = proc.communicate(timeout=120)
     finally:

@@ -7,7 +7,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 
 import optuna
 import pytest
@@ -20,7 +19,7 @@ from sweeper.runner import run_trials
 from sweeper.space import parse_space, suggest, to_distribution
 from sweeper.verl_export import parse_overrides
 from tests.browser import chromium, mlflow_ui, rendered_dom
-from tests.sweep_helpers import ROOT, cli, sqlite_dump, store_args, tiny_sweep_spec
+from tests.sweep_helpers import ROOT, cli, sqlite_dump, store_args, tiny_sweep_spec, trials_mid_training, wait_for
 
 
 @pytest.mark.parametrize("entry,expected", [
@@ -223,15 +222,12 @@ def test_interrupted_run_resumes_without_duplicate_parent(tmp_path):
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     proc = subprocess.Popen([sys.executable, str(ROOT / "sweep.py"), "run", str(spec), *store_args(tmp_path),
                              "--no-progress"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 240
-    while time.time() < deadline:  # wait until the first trial is done and the second is running
-        time.sleep(1)
-        try:
-            trials = optuna.load_study(study_name="tiny", storage=storage).trials
-        except (KeyError, Exception):
-            continue
-        if len(trials) >= 2 and trials[0].state.is_finished() and trials[-1].state.name == "RUNNING":
-            break
+    tracking = store_args(tmp_path)[3]
+    def one_done_one_mid_training():
+        trials = optuna.load_study(study_name="tiny", storage=storage).trials
+        return trials and trials[0].state.is_finished() and trials_mid_training("tiny", storage, tracking)
+
+    wait_for(one_done_one_mid_training, 240, "a finished trial and one mid-training")
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-2000:]
