@@ -23,10 +23,11 @@ Metrics without per-pair scores (training metrics): form "seeds only", se^2 = va
 
 Small S: the standardised difference is referred to the Behrens-Fisher (fiducial) distribution
     sqrt(w) t_{S-1} + sqrt(1 - w) t_{df_prompt},   w = the seed part's share of se^2,
-df_prompt = G-1, that of MS_prompt, whose noise the prompt part carries (Satterthwaite's df for the
-difference MS_prompt - MS_inter falls below 1 when the difference is small, and over-covers: 98.9%). Student's t with
-Welch-Satterthwaite df gives up to 7.8% false positives at nominal 5% with 3 seeds when the seed part
-dominates; this reference is exact when either part dominates and conservative in between.
+df_prompt = G-1, that of MS_prompt, whose noise the prompt part carries (Satterthwaite's df for
+MS_prompt - MS_inter falls below 1 when the difference is small, and then over-covers: 98.9%).
+Student's t with Welch-Satterthwaite df gives up to 7.8% false positives at nominal 5% with 3 seeds
+when the seed part dominates; this reference is exact when either part dominates and conservative in
+between (measured at 3 seeds: 2.9-4.4% false positives over the scenarios of tests/test_stats.py).
 
 K finalists: Bonferroni. The verdict and the simultaneous intervals (diff_low/diff_high, level 1 - alpha/K)
 agree by construction: an interval excludes 0 exactly when the verdict is better or worse. Raw
