@@ -174,9 +174,9 @@ class Reference:
     def quantile(self, alpha) -> np.ndarray:
         """q with tail(q) = alpha (two-sided)."""
         alpha = np.broadcast_to(np.asarray(alpha, dtype=np.float64), self.share.shape)
-        # Bracket: the tail is 1 at 0, and below alpha at twice the t_1 quantile: P(|X| > 2c) <=
+        # Bracket: the tail is 1 at 0 and at most alpha at 2c, P(|t_1| > c) = alpha / 2: P(|X| > 2c) <=
         # P(|T_seed| > c) + P(|T_prompt| > c), each at most t_1's (every df here is >= 1).
-        upper = 2 * stats.t.ppf(1 - alpha / 2, 1.0) + 1
+        upper = 2 * stats.t.ppf(1 - alpha / 4, 1.0)
         index = np.arange(len(self.share))
         result = elementwise.find_root(lambda q, i, a: self.tail(q, i.astype(int)) - a, (np.zeros_like(upper), upper),
                                        args=(index, alpha), tolerances={"xrtol": 1e-10, "xatol": 1e-12})
