@@ -29,9 +29,13 @@ def score_set(model: torch.nn.Module, pairs: PairSet, score_cfg: ScoreConfig, ba
 
 
 def score_frame(pairs: PairSet, teacher: np.ndarray, student: np.ndarray) -> pd.DataFrame:
-    """The per-pair score table of a set from its (pairs,) teacher and student scores."""
+    """The per-pair score table of a set from its (pairs,) teacher and student scores.
+
+    prompt_id numbers the set's prompts in order of first appearance: pairs that share a prompt share
+    its teacher response, so statistics resample prompts, not pairs (sweeper.stats).
+    """
     return pd.DataFrame({
-        "set": pairs.name, "pair_id": np.arange(len(pairs)),
+        "set": pairs.name, "pair_id": np.arange(len(pairs)), "prompt_id": pd.factorize(pd.Series(pairs.prompt_text))[0],
         "teacher_score": teacher, "student_score": student,
         "teacher_length": [len(x) for x in pairs.teacher_ids],
         "student_length": [len(x) for x in pairs.student_ids],

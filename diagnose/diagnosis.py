@@ -24,6 +24,7 @@ from critic.evaluate import metrics_from_scores, score_set
 from critic.model import select_device, tokenizer_digest
 from critic.trial import run_trial
 from diagnose.stats import (
+    d_acc_se,
     fold_summary,
     identical_responses,
     length_buckets,
@@ -119,6 +120,7 @@ def student_identity(pairs: PairSet, path_spec: str, cfg: ExperimentConfig) -> s
 def measure_set(result: SetResult, reference: PairSet, vocab_size: int) -> None:
     """Fill result.metrics from its scores and token ids."""
     metrics = metrics_from_scores(result.scores)
+    metrics["d_acc_se"] = d_acc_se(result.scores)
     metrics.update(length_buckets(result.scores, identical_responses(result.pairs)))
     metrics.update(text_stats(result.pairs))
     metrics.update(score_levels(metrics))

@@ -10,7 +10,7 @@ import numpy as np
 from matplotlib.figure import Figure  # the object API: no pyplot state, no display backend on training nodes
 
 from diagnose.diagnosis import Diagnosis, fold_spread
-from diagnose.stats import LENGTH_MATCH_TOLERANCE, binomial_se
+from diagnose.stats import LENGTH_MATCH_TOLERANCE
 from diagnose.verdicts import MIN_GAP, NOISE_Z
 from sweeper.figures import training_progress  # the sweep's training figure, one for both
 
@@ -90,7 +90,7 @@ def _overfit_shift(d: Diagnosis) -> str:
     rows = [["progressive (first epoch)", d.progressive, "", d.progressive_source]]
     for name, r in d.sets.items():
         m = r.metrics
-        rows.append([name, m["d_acc"], f"± {_fmt(NOISE_Z * binomial_se(m['d_acc'], m['n_pairs']))}",
+        rows.append([name, m["d_acc"], f"± {_fmt(NOISE_Z * m['d_acc_se'])}",
                      f"{r.role}, {m['n_pairs']:.0f} pairs"])
     return ("## Overfitting vs shift\n\nOverfitting = post-hoc train >> val; shift = val >> another file. "
             f"A gap counts when it exceeds {MIN_GAP} and {NOISE_Z:g} standard errors of the difference. "

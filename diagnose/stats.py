@@ -14,15 +14,21 @@ from scipy.spatial.distance import jensenshannon
 
 from critic.data import PairSet
 from critic.reporting import series
+from sweeper.stats import SCORE_COLUMNS, crossed_spread, pair_values, prompt_codes
 
 LENGTH_MATCH_TOLERANCE = 0.10  # two responses are "length-matched" when they differ by < 10% of the longer one
 
 
-def binomial_se(p: float, n: float) -> float:
-    """Standard error of an accuracy p measured on n pairs (0.5 when p is unknown)."""
-    if n <= 0 or not math.isfinite(p):
+def d_acc_se(scores: pd.DataFrame) -> float:
+    """Standard error of d_acc on these scored pairs, the pairs of a prompt counted together (sweeper.stats).
+
+    Pairs that share a prompt share its teacher response: they are not independent draws.
+    """
+    prompts = prompt_codes(scores)
+    if len(scores) < 2 or prompts.max() < 1:
         return math.nan
-    return math.sqrt(max(p * (1 - p), 1.0 / n) / n)  # floor: p = 0 or 1 on few pairs is not certainty
+    correct = pair_values("d_acc", *(scores[c].to_numpy() for c in SCORE_COLUMNS))[None]  # (1 critic, N)
+    return max(float(crossed_spread(correct, prompts).se), 1.0 / len(scores))  # 0 or 1 on few pairs is not certainty
 
 
 def identical_responses(pairs: PairSet) -> np.ndarray:

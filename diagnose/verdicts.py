@@ -2,7 +2,7 @@
 
 Every threshold is a constant here, documented in docs/diagnose.md. A difference between two
 accuracies counts only when it exceeds both MIN_GAP and NOISE_Z standard errors of the difference
-(binomial, plus the spread of val d_acc across fold critics when `--folds` ran).
+(d_acc_se: prompts resampled whole, plus the spread of val d_acc across fold critics when `--folds` ran).
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from diagnose.stats import binomial_se, late_trend, window_mean
+from diagnose.stats import late_trend, window_mean
 
 # --- verdict thresholds -------------------------------------------------------------------------
 MIN_GAP = 0.05  # a d_acc difference under 5 points is never called a cause
@@ -56,7 +56,7 @@ class HealthCheck:
 
 def gap_threshold(a: dict[str, float], b: dict[str, float], extra_std: float = 0.0) -> float:
     """Smallest d_acc difference between sets a and b that is called real."""
-    var = binomial_se(a["d_acc"], a["n_pairs"]) ** 2 + binomial_se(b["d_acc"], b["n_pairs"]) ** 2
+    var = a["d_acc_se"] ** 2 + b["d_acc_se"] ** 2
     return max(MIN_GAP, NOISE_Z * math.sqrt(var + (extra_std if math.isfinite(extra_std) else 0.0) ** 2))
 
 

@@ -82,12 +82,17 @@ def stored_confirmation(study: optuna.Study) -> dict[str, Any] | None:
 
 
 def format_table(result: dict[str, Any]) -> str:
-    """The confirmation table: one row per config (mean with its interval, difference to the baseline, verdict)."""
+    """The confirmation table: one row per config (mean with its interval, difference to the baseline, verdict).
+
+    The verdict reads the simultaneous interval (sim_low, sim_high: Bonferroni over the finalists); the raw
+    95% interval of each comparison alone is beside it. Results stored before both existed show NaN there.
+    """
     frame = pd.DataFrame(result["table"])
     columns = ["config", "trial", "seeds", "mean_mean", "mean_low", "mean_high", "diff_mean", "diff_low",
-               "diff_high", "p_value", "p_holm", "verdict"]
-    shown = frame[columns].rename(columns={"mean_mean": "mean", "mean_low": "low", "mean_high": "high",
-                                           "diff_mean": "diff", "diff_low": "diff_low", "diff_high": "diff_high"})
+               "diff_high", "diff_raw_low", "diff_raw_high", "p_value", "p_adjusted", "verdict"]
+    shown = frame.reindex(columns=columns).rename(columns={
+        "mean_mean": "mean", "mean_low": "low", "mean_high": "high", "diff_mean": "diff", "diff_low": "sim_low",
+        "diff_high": "sim_high", "diff_raw_low": "raw_low", "diff_raw_high": "raw_high", "p_adjusted": "p_adj"})
     return shown.to_string(index=False, float_format=lambda v: f"{v:.4f}")
 
 

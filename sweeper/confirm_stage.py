@@ -75,9 +75,12 @@ def gather(confirm: optuna.Study, metric: str, tracker: Tracker) -> tuple[dict[s
     return configs, sorted({item.seed for item in plan.items})
 
 
-def analyse(confirm: optuna.Study, metric: str, direction: str, tracker: Tracker, n_resamples: int
-            ) -> dict[str, Any]:
-    """The confirmation result as one JSON-able dict: rows, verdict, noise floor."""
+def analyse(confirm: optuna.Study, metric: str, direction: str, tracker: Tracker, n_resamples: int,
+            unconfirmed: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+    """The confirmation result as one JSON-able dict: rows, verdict, noise floor.
+
+    `unconfirmed`: the study's other objectives, which the verdict names as not confirmed.
+    """
     configs, seeds = gather(confirm, metric, tracker)
     plan = {item.config: item for item in ConfirmPlan.of(confirm).items}  # label -> trial number and params
     baseline = configs.pop("baseline")
@@ -88,49 +91,57 @@ def analyse(confirm: optuna.Study, metric: str, direction: str, tracker: Tracker
     base_values = [baseline.seed_values[s] for s in base_row.seeds]
     noise = {"baseline_seed_sd": float(np.std(base_values, ddof=1)) if len(base_values) > 1 else math.nan,
              "baseline_se": base_row.value.se, "detectable_difference": detectable_difference(rows),
-             "n_pairs": base_row.n_pairs, "seeds": len(base_row.seeds)}
+             "n_pairs": base_row.n_pairs, "n_prompts": base_row.n_prompts, "seeds": len(base_row.seeds),
+             "form": base_row.form}
     winners = sorted((r for r in rows if r.verdict == "better"),
                      key=lambda r: -r.diff.mean if direction == "maximize" else r.diff.mean)
     result = {"metric": metric, "direction": direction, "seeds": seeds, "table": table, "noise": noise,
-              "winner": plan[winners[0].label].trial if winners else None}
+              "winner": plan[winners[0].label].trial if winners else None, "unconfirmed": list(unconfirmed)}
     result["verdict"] = verdict_text(result)
     return result
 
 
 def _interval(row: dict[str, Any]) -> str:
-    return f"{row['diff_mean']:+.4f} [{row['diff_low']:+.4f}, {row['diff_high']:+.4f}]"
+    """The difference with its simultaneous interval: the one the verdict is read from."""
+    return (f"{row['diff_mean']:+.4f}, {row['diff_level']:.1%} simultaneous interval "
+            f"[{row['diff_low']:+.4f}, {row['diff_high']:+.4f}]")
 
 
 def verdict_text(result: dict[str, Any]) -> str:
     """Plain words: who beats the baseline by how much, or that nothing does; then the noise floor."""
     metric, rows = result["metric"], result["table"][1:]
     noise = result["noise"]
-    scale = f"{noise['seeds']} seeds x {noise['n_pairs']} pairs" if noise["n_pairs"] else f"{noise['seeds']} seeds"
+    scale = (f"{noise['seeds']} seeds x {noise['n_pairs']} pairs from {noise['n_prompts']} prompts"
+             if noise["n_pairs"] else f"{noise['seeds']} seeds")
     lines = []
     better = [r for r in rows if r["verdict"] == "better"]
     if better:
         best = next(r for r in better if r["trial"] == result["winner"])
         lines.append(f"{best['params']} (trial {best['trial']}) beats the baseline on {metric} by {_interval(best)} "
-                     f"(p={best['p_holm']:.3g}, Holm over {len(rows)} finalists, {scale})")
-        lines += [f"also better: trial {r['trial']} by {_interval(r)} (p={r['p_holm']:.3g})"
+                     f"(p={best['p_adjusted']:.3g}, Bonferroni over {len(rows)} finalists, {scale})")
+        lines += [f"also better: trial {r['trial']} by {_interval(r)} (p={r['p_adjusted']:.3g})"
                   for r in better if r is not best]
     elif rows:
         comparable = [r for r in rows if math.isfinite(r["diff_mean"])]
         sign = 1 if result["direction"] == "maximize" else -1
         top = max(comparable, key=lambda r: sign * r["diff_mean"]) if comparable else None
         lines.append("no finalist beats the baseline beyond noise" +
-                     (f": best trial {top['trial']} {_interval(top)} (p={top['p_holm']:.3g}, {scale})" if top else "")
+                     (f": best trial {top['trial']} {_interval(top)} (p={top['p_adjusted']:.3g}, Bonferroni over "
+                      f"{len(rows)}, {scale})" if top else "")
                      + "; keep your current setting or widen the search")
     else:
         lines.append("no finalist to confirm (no COMPLETE trial other than the baseline)")
-    lines += [f"worse than the baseline: trial {r['trial']} by {_interval(r)} (p={r['p_holm']:.3g})"
+    lines += [f"worse than the baseline: trial {r['trial']} by {_interval(r)} (p={r['p_adjusted']:.3g})"
               for r in rows if r["verdict"] == "worse"]
     lines += [f"unstable: trial {r['trial']} has no result for seed(s) {r['missing_seeds']} (diverged or failed); "
               f"not recommended" for r in rows if r["verdict"] == "unstable"]
+    if result["unconfirmed"]:
+        lines.append(f"confirmed on {metric} only, the first objective; not confirmed: "
+                     f"{', '.join(result['unconfirmed'])}")
     lines.append(f"noise floor: the baseline's {metric} varies by {noise['baseline_seed_sd']:.4f} (sd over "
-                 f"{noise['seeds']} seeds); the smallest difference these seeds and pairs detect (80% power, 5% "
-                 f"two-sided) is about {noise['detectable_difference']:.4f}. Add seeds when the seed sd dominates, "
-                 f"held-out pairs when it does not.")
+                 f"{noise['seeds']} seeds); the smallest difference these seeds and prompts detect (80% power, at the "
+                 f"verdict's level) is about {noise['detectable_difference']:.4f}. Add seeds when the seed part "
+                 f"dominates (seed_share in confirmation.csv), held-out prompts when it does not.")
     return "\n".join(lines)
 
 
@@ -168,6 +179,7 @@ def run_confirmation(search: optuna.Study, spec: SweepSpec, storage_url: str, tr
         run_trials(confirm, spec, tracker, parent_id, plan.n_trials, progress=progress, plan=plan,
                    storage_url=storage_url)
     direction = "maximize" if search.directions[0] == optuna.study.StudyDirection.MAXIMIZE else "minimize"
-    result = analyse(confirm, objectives(spec.cfg)[0], direction, tracker, spec.cfg.sweep.confirm.n_resamples)
+    metric, *others = objectives(spec.cfg)
+    result = analyse(confirm, metric, direction, tracker, spec.cfg.sweep.confirm.n_resamples, others)
     store(result, search, confirm, tracker, parent_id)
     return result

@@ -51,7 +51,8 @@ def confirmation_note(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> t
     if row["config"] == "baseline":
         return True, [measured + " (this is the baseline)"]
     versus = (f"vs baseline: {row['diff_mean']:+.4f} [{row['diff_low']:+.4f}, {row['diff_high']:+.4f}], "
-              f"p={row['p_holm']:.3g} (Holm), verdict: {row['verdict']}")
+              f"{row['diff_level']:.1%} simultaneous interval, p={row['p_adjusted']:.3g} (Bonferroni), "
+              f"verdict: {row['verdict']}")
     if row["verdict"] != "better":
         return False, [f"NOT SHOWN BETTER than the baseline (trial {_baseline_trial(result)}): {versus}",
                        measured, f"keep the baseline (export --trial {_baseline_trial(result)}) or widen the search"]

@@ -55,7 +55,7 @@ def score_histograms(pair_scores: pd.DataFrame, path: Path) -> Path:
 
 
 def confirmation_intervals(table: pd.DataFrame, metric: str, path: Path) -> Path:
-    """Each finalist's difference to the baseline with its 95% interval, and the zero line."""
+    """Each finalist's difference to the baseline with its simultaneous interval (the verdict's), and zero."""
     rows = table[table["config"] != "baseline"].reset_index(drop=True)
     fig = Figure(figsize=(7, 1.2 + 0.6 * max(len(rows), 1)), layout="constrained")
     ax = fig.subplots()
@@ -67,7 +67,8 @@ def confirmation_intervals(table: pd.DataFrame, metric: str, path: Path) -> Path
     ax.axvline(0.0, color="black", linewidth=1)
     ax.set_yticks(range(len(rows)), [f"trial {t}" for t in rows["trial"]])
     ax.invert_yaxis()
-    ax.set(xlabel=f"{metric}: finalist - baseline (95% interval, seeds x pairs)", title="Confirmation")
+    level = f"{rows['diff_level'].iloc[0]:.1%} simultaneous" if len(rows) and "diff_level" in rows else "95%"
+    ax.set(xlabel=f"{metric}: finalist - baseline ({level} interval, seeds x prompts)", title="Confirmation")
     handles, labels = ax.get_legend_handles_labels()
     unique = dict(zip(labels, handles))
     if unique:

@@ -30,7 +30,7 @@ from critic.model import tokenizer_digest
 from critic.reporting import RecordingReporter
 from critic.trial import run_trial
 from diagnose.diagnosis import diagnose, parse_data_args
-from diagnose.stats import length_buckets, progressive_d_acc
+from diagnose.stats import d_acc_se, length_buckets, progressive_d_acc
 from diagnose.verdicts import DOES_NOT_HOLD, HOLDS, NOT_MEASURABLE, WARN, judge, training_health
 from sweeper.commands.diagnose import add_parser as add_diagnose_command
 from sweeper.commands.diagnose import resolve_checkpoint
@@ -282,7 +282,18 @@ def metrics(**values) -> dict[str, float]:
                 length_matched_d_acc=0.85, length_matched_pairs=400.0, score_level=0.0, score_pooled_std=1.0,
                 js_teacher=0.02)
     base.update(values)
+    base.setdefault("d_acc_se", math.sqrt(base["d_acc"] * (1 - base["d_acc"]) / base["n_pairs"]))  # 1 pair/prompt
     return base
+
+
+def test_d_acc_se_counts_the_pairs_of_a_prompt_together():
+    """Four student responses per prompt that repeat one outcome carry one prompt's information, not four."""
+    rng = np.random.default_rng(0)
+    one = pd.DataFrame({"pair_id": np.arange(50), "prompt_id": np.arange(50), "teacher_score": rng.normal(size=50),
+                        "student_score": rng.normal(size=50), "teacher_length": 10, "student_length": 10})
+    four = one.loc[one.index.repeat(4)].reset_index(drop=True).assign(pair_id=np.arange(200))
+    assert d_acc_se(four) == pytest.approx(d_acc_se(one), rel=1e-12)
+    assert d_acc_se(four.drop(columns="prompt_id")) == pytest.approx(d_acc_se(one) / 2, rel=0.01)
 
 
 def test_without_other_sets_shift_and_calibration_are_not_measurable():
