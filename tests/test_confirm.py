@@ -14,7 +14,7 @@ from mlflow import MlflowClient
 from critic.config import SpecError
 from sweeper.confirm import ConfirmPlan
 from sweeper.space import check_effective, parse_space
-from tests.sweep_helpers import ROOT, cli, store_args, tiny_sweep_spec, trials_mid_training, wait_for
+from tests.sweep_helpers import ROOT, cli, store_args, tiny_sweep_spec, trials_in_their_run, wait_for
 
 LEARNS, FROZEN = 3.0e-3, 1.0e-9  # the second rate is so small that nothing moves
 
@@ -100,12 +100,12 @@ def test_interrupted_confirmation_resumes_without_repeating_finished_seeds(tmp_p
     proc = subprocess.Popen([sys.executable, str(ROOT / "sweep.py"), "confirm", "--trials", "1", "--seeds", "3",
                              *store_args(tmp_path), "--no-progress"], cwd=tmp_path, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-    def two_done_one_mid_training():
+    def two_done_one_running():
         done = [t for t in optuna.load_study(study_name="tiny.confirm", storage=storage).trials
                 if t.state.name == "COMPLETE"]
-        return len(done) >= 2 and trials_mid_training("tiny.confirm", storage, store_args(tmp_path)[3]) and done
+        return len(done) >= 2 and trials_in_their_run("tiny.confirm", storage) and done
 
-    done_before = wait_for(two_done_one_mid_training, 240, "two finished confirmation runs and one mid-training")
+    done_before = wait_for(two_done_one_running, 240, "two finished confirmation runs and one running with its run")
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-2000:]

@@ -26,7 +26,7 @@ from sweeper.runner import leaderboard, run_trials
 from sweeper.stores import credentials_from_env, mask, without_password
 from tests.helpers import simulate_device
 from tests.pg import PASSWORD, MlflowServer, dump_postgres
-from tests.sweep_helpers import ROOT, cli, tiny_sweep_spec, trials_mid_training, wait_for
+from tests.sweep_helpers import ROOT, cli, tiny_sweep_spec, trials_in_their_run, wait_for
 
 FAST_HEARTBEAT = {"heartbeat_interval": 1, "grace_period": 4}
 
@@ -134,8 +134,8 @@ def test_killed_worker_trial_is_failed_requeued_and_rerun(kind, tmp_path, reques
     workers = [worker(f"kill-{kind}", storage, tracking, i, tmp_path) for i in range(2)]
     try:
         study = optuna.load_study(study_name=f"kill-{kind}", storage=storage)
-        # Both workers in the middle of a trial's training: kill the first without any chance to clean up.
-        wait_for(lambda: trials_mid_training(f"kill-{kind}", storage, tracking)[1:], 240, "two trials mid-training")
+        # Both workers inside a trial (MLflow run open): kill the first without any chance to clean up.
+        wait_for(lambda: trials_in_their_run(f"kill-{kind}", storage)[1:], 240, "two running trials with their runs")
         workers[0].send_signal(signal.SIGKILL)
         _, err = workers[1].communicate(timeout=300)
         assert workers[1].returncode == 0, err[-3000:]
@@ -199,8 +199,8 @@ def test_sigint_stops_all_workers_cleanly_and_rerun_completes(tmp_path, tiny_cac
     proc = subprocess.Popen([sys.executable, str(ROOT / "sweep.py"), *command], cwd=tmp_path, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     try:
-        wait_for(lambda: one_done_one_running(optuna.load_study(study_name="sigint", storage=storage).trials)
-                 and trials_mid_training("sigint", storage, tracking), 240, "a finished trial and one mid-training")
+        wait_for(lambda: one_done_one_running(optuna.load_study(study_name="sigint", storage=storage).trials),
+                 240, "a finished trial and a running one with its run")
         proc.send_signal(signal.SIGINT)  # what Ctrl-C sends to the process
         _, err = proc.communicate(timeout=120)
     finally:

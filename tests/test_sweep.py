@@ -19,7 +19,7 @@ from sweeper.runner import run_trials
 from sweeper.space import parse_space, suggest, to_distribution
 from sweeper.verl_export import parse_overrides
 from tests.browser import chromium, mlflow_ui, rendered_dom
-from tests.sweep_helpers import ROOT, cli, sqlite_dump, store_args, tiny_sweep_spec, trials_mid_training, wait_for
+from tests.sweep_helpers import ROOT, cli, sqlite_dump, store_args, tiny_sweep_spec, trials_in_their_run, wait_for
 
 
 @pytest.mark.parametrize("entry,expected", [
@@ -222,12 +222,11 @@ def test_interrupted_run_resumes_without_duplicate_parent(tmp_path):
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     proc = subprocess.Popen([sys.executable, str(ROOT / "sweep.py"), "run", str(spec), *store_args(tmp_path),
                              "--no-progress"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    tracking = store_args(tmp_path)[3]
-    def one_done_one_mid_training():
+    def one_done_one_running():
         trials = optuna.load_study(study_name="tiny", storage=storage).trials
-        return trials and trials[0].state.is_finished() and trials_mid_training("tiny", storage, tracking)
+        return trials and trials[0].state.is_finished() and trials_in_their_run("tiny", storage)
 
-    wait_for(one_done_one_mid_training, 240, "a finished trial and one mid-training")
+    wait_for(one_done_one_running, 240, "a finished trial and a running one with its run")
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-2000:]
