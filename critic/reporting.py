@@ -8,6 +8,10 @@ the exception reaches the caller of `run_trial` unchanged.
 from __future__ import annotations
 
 import collections
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 class Reporter:
@@ -16,8 +20,11 @@ class Reporter:
     def log_train(self, step: int, metrics: dict[str, float]) -> None:
         """Called after every optimizer step with `critic/*` and `perf/*` metrics."""
 
-    def log_eval(self, step: int, metrics: dict[str, float]) -> None:
-        """Called after every held-out evaluation with `<set>/<metric>` metrics."""
+    def log_eval(self, step: int, metrics: dict[str, float], pair_scores: pd.DataFrame | None = None,
+                 final: bool = False) -> None:
+        """Called after every held-out evaluation with `<set>/<metric>` metrics, the per-pair score table of
+        every set they come from (critic/evaluate.py `score_frame`; the pruner's paired test reads it), and
+        `final`: the evaluation after the last step (training is over: nothing left to prune)."""
 
 
 class NullReporter(Reporter):
@@ -34,7 +41,8 @@ class RecordingReporter(Reporter):
     def log_train(self, step: int, metrics: dict[str, float]) -> None:
         self.train.append((step, dict(metrics)))
 
-    def log_eval(self, step: int, metrics: dict[str, float]) -> None:
+    def log_eval(self, step: int, metrics: dict[str, float], pair_scores: pd.DataFrame | None = None,
+                 final: bool = False) -> None:
         self.eval.append((step, dict(metrics)))
 
 
@@ -48,9 +56,10 @@ class FanoutReporter(Reporter):
         for reporter in self.reporters:
             reporter.log_train(step, metrics)
 
-    def log_eval(self, step: int, metrics: dict[str, float]) -> None:
+    def log_eval(self, step: int, metrics: dict[str, float], pair_scores: pd.DataFrame | None = None,
+                 final: bool = False) -> None:
         for reporter in self.reporters:
-            reporter.log_eval(step, metrics)
+            reporter.log_eval(step, metrics, pair_scores, final)
 
 
 # Per-step metrics that jump with each batch's content get a trailing mean beside them, `critic/avg_<name>`:

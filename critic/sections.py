@@ -16,7 +16,7 @@ PackedAttention = Literal["sdpa_per_pair", "flex"]
 EosRule = Literal["final", "token"]
 Scheduler = Literal["constant", "linear", "cosine"]
 Sampler = Literal["tpe", "random", "gp", "cmaes", "nsga2"]
-Pruner = Literal["hyperband", "median", "none"]
+Pruner = Literal["paired", "median", "hyperband", "none"]  # sweeper/pruning.py
 ExportFormat = Literal["yaml", "json", "verl"]  # `sweep.py export --format`
 
 
@@ -158,7 +158,7 @@ class SweepConfig:
     objective: str | list[str] = "val/d_acc"
     direction: str | list[str] = "maximize"
     sampler: Sampler = "tpe"  # nsga2 for multi-objective studies only
-    pruner: Pruner = "hyperband"
+    pruner: Pruner = "paired"
     seed: int = 0
     search_space: dict[str, Any] = field(default_factory=dict)
     baseline: dict[str, Any] = field(default_factory=dict)

@@ -14,6 +14,7 @@ from transformers import get_scheduler
 
 from critic.config import ExperimentConfig
 from critic.data import PairSet
+from critic.evaluate import Evaluator
 from critic.loss import bradley_terry_loss, bt_temperature
 from critic.metrics import step_metrics
 from critic.reporting import Reporter, TrailingMeans
@@ -164,8 +165,8 @@ def optimizer_step(model, params, optimizer, scheduler, pairs: PairSet, batch_in
 
 
 def train_critic(model: torch.nn.Module, pairs: PairSet, cfg: ExperimentConfig, device: torch.device,
-                 pad_id: int, reporter: Reporter, evaluate: Callable[[torch.nn.Module], dict[str, float]],
-                 progress: bool = False, step_fn: Callable = train_step) -> TrainOutcome:
+                 pad_id: int, reporter: Reporter, evaluator: Evaluator, progress: bool = False,
+                 step_fn: Callable = train_step) -> TrainOutcome:
     """Train `model` in place, streaming `critic/*` metrics every step and held-out metrics every eval."""
     n_steps = total_steps(len(pairs), cfg)
     optimizer, scheduler = build_optimizer(model, cfg, n_steps)
@@ -174,13 +175,13 @@ def train_critic(model: torch.nn.Module, pairs: PairSet, cfg: ExperimentConfig, 
     trailing = TrailingMeans(cfg.eval.every_steps)  # one batch's d_acc is noise; the mean since the last eval is not
     outcome, first_epoch_correct, first_epoch_pairs = TrainOutcome(), 0.0, 0
 
-    def run_eval(step: int) -> None:
+    def run_eval(step: int, final: bool = False) -> None:
         started = time.perf_counter()
-        metrics = evaluate(model)
+        metrics = evaluator(model)
         outcome.eval_seconds += time.perf_counter() - started
         outcome.last_eval = metrics
         outcome.eval_history.append((step, metrics))
-        reporter.log_eval(step, metrics)
+        reporter.log_eval(step, metrics, evaluator.last_scores, final)
 
     step, started = 0, time.perf_counter()
     if cfg.eval.before_train:
@@ -214,6 +215,6 @@ def train_critic(model: torch.nn.Module, pairs: PairSet, cfg: ExperimentConfig, 
         bar.close()
     outcome.steps = step
     outcome.progressive_d_acc = first_epoch_correct / max(first_epoch_pairs, 1)
-    run_eval(step)
+    run_eval(step, final=True)
     outcome.train_seconds = time.perf_counter() - started - outcome.eval_seconds
     return outcome
