@@ -112,9 +112,9 @@ class TrainConfig:
     max_steps: int | None = None
     seed: int = 0
     save_checkpoint: bool = False
-    # Opt-in speed option: batch pairs of similar length (less padding). Off by default: batches are formed as
-    # verl forms them (shuffled pairs); in the demo data length tracks how the student failed, so grouped
-    # batches are sorted by difficulty (docs/spec.md has the measured speed and effect).
+    # Opt-in speed option: batch pairs of similar length (less padding with score.layout: padded; packed pads
+    # nothing). Off by default: batches are formed as verl forms them (shuffled pairs); in the demo data length
+    # tracks how the student failed, so grouped batches are sorted by difficulty (docs/spec.md: measured effect).
     length_grouping: bool = False
 
 
