@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 import optuna  # noqa: E402
 from mlflow import MlflowClient  # noqa: E402
 
+from critic.sections import SweepConfig  # noqa: E402
 from sweeper import study as study_mod  # noqa: E402
 from sweeper.runner import run_trials  # noqa: E402
 
@@ -53,7 +54,7 @@ def main() -> None:
     args = parser.parse_args()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     rows = []
-    for pruner in ("hyperband", "none"):
+    for pruner in (SweepConfig().pruner, "none"):  # the default pruner vs none
         with tempfile.TemporaryDirectory() as tmp:
             rows.append(run_variant(args.spec, pruner, args.n_trials, Path(tmp)))
             print(json.dumps(rows[-1]), flush=True)

@@ -176,11 +176,11 @@ class RankZeroReporter(Reporter):
         if self.rank == 0:
             self.inner.log_train(step, metrics)  # an exception here ends rank 0; torchrun then stops the rest
 
-    def log_eval(self, step: int, metrics: dict[str, float]) -> None:
+    def log_eval(self, step: int, metrics: dict[str, float], pair_scores=None, final: bool = False) -> None:
         verdict: list[str | None] = [None]
         if self.rank == 0:
             try:
-                self.inner.log_eval(step, metrics)
+                self.inner.log_eval(step, metrics, pair_scores, final)
             except Exception as exc:  # e.g. pruned: every rank must stop here, not only rank 0
                 verdict = [f"{type(exc).__name__}: {exc}"]
         dist.broadcast_object_list(verdict, src=0)

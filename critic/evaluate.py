@@ -14,7 +14,7 @@ from critic.score import score_pairs
 
 def score_set(model: torch.nn.Module, pairs: PairSet, score_cfg: ScoreConfig, batch_size: int,
               device: torch.device, pad_id: int) -> pd.DataFrame:
-    """Per-pair scores of one set: pair_id, teacher/student score, teacher/student response tokens."""
+    """Per-pair scores of one set: pair_id, prompt_id, teacher/student score, teacher/student response tokens."""
     order = np.argsort(-pairs.pair_lengths(), kind="stable")  # long first: padding stays small, OOM shows early
     teacher, student = np.zeros(len(pairs)), np.zeros(len(pairs))
     was_training = model.training
@@ -31,11 +31,12 @@ def score_set(model: torch.nn.Module, pairs: PairSet, score_cfg: ScoreConfig, ba
 def score_frame(pairs: PairSet, teacher: np.ndarray, student: np.ndarray) -> pd.DataFrame:
     """The per-pair score table of a set from its (pairs,) teacher and student scores.
 
-    prompt_id numbers the set's prompts in order of first appearance: pairs that share a prompt share
-    its teacher response, so statistics resample prompts, not pairs (sweeper.stats).
+    `prompt_id` numbers the set's distinct prompts: pairs that share a prompt (verl's rollout.n responses to
+    one prompt) share its teacher response, so paired statistics treat them as one unit.
     """
     return pd.DataFrame({
-        "set": pairs.name, "pair_id": np.arange(len(pairs)), "prompt_id": pd.factorize(pd.Series(pairs.prompt_text))[0],
+        "set": pairs.name, "pair_id": np.arange(len(pairs)),
+        "prompt_id": pd.factorize(pd.Series(pairs.prompt_text, dtype=object))[0],
         "teacher_score": teacher, "student_score": student,
         "teacher_length": [len(x) for x in pairs.teacher_ids],
         "student_length": [len(x) for x in pairs.student_ids],

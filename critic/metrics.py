@@ -61,6 +61,13 @@ PAIR_METRICS: dict[str, Callable[..., np.ndarray]] = {
 }
 
 
+# The metrics that are a mean over pairs: the set's value is the mean of each pair's own value (the metric on
+# that pair alone), so two critics can be compared pair by pair (the pruner's paired test, sweeper/pruning.py).
+# AUC, the standard deviations, ratios and rank correlations are not (tests/test_metrics.py checks both ways).
+MEAN_OVER_PAIRS = ("d_acc", "d_acc_ties_correct", "tie_rate", "pair_logloss", "score_diff", "teacher_score_mean",
+                   "student_score_mean", "length_baseline_acc")
+
+
 def _arrays(*arrays) -> list[np.ndarray]:
     return [np.asarray(a, dtype=np.float64) for a in arrays]
 
@@ -70,6 +77,15 @@ def pair_metric(name: str, teacher_scores, student_scores, teacher_lengths, stud
     if name not in PAIR_METRICS:
         raise KeyError(f"unknown pair metric {name!r}; known: {', '.join(PAIR_METRICS)}")
     return PAIR_METRICS[name](*_arrays(teacher_scores, student_scores, teacher_lengths, student_lengths))
+
+
+def per_pair_values(name: str, teacher_scores, student_scores, teacher_lengths, student_lengths) -> np.ndarray:
+    """(..., pairs) each pair's own value of a MEAN_OVER_PAIRS metric: its PAIR_METRICS function on that pair alone."""
+    if name not in MEAN_OVER_PAIRS:
+        raise KeyError(f"{name!r} is not a mean over pairs, so it has no per-pair values; those that are: "
+                       f"{', '.join(MEAN_OVER_PAIRS)}")
+    columns = [a[..., None] for a in _arrays(teacher_scores, student_scores, teacher_lengths, student_lengths)]
+    return PAIR_METRICS[name](*columns)  # (..., pairs, 1) reduced over its last axis: one set of one pair each
 
 
 def pair_metrics(teacher_scores: np.ndarray, student_scores: np.ndarray,

@@ -16,7 +16,7 @@ PackedAttention = Literal["sdpa_per_pair", "flex"]
 EosRule = Literal["final", "token"]
 Scheduler = Literal["constant", "linear", "cosine"]
 Sampler = Literal["tpe", "random", "gp", "cmaes", "nsga2"]
-Pruner = Literal["hyperband", "median", "none"]
+Pruner = Literal["paired", "median", "hyperband", "none"]  # sweeper/pruning.py
 ExportFormat = Literal["yaml", "json", "verl"]  # `sweep.py export --format`
 
 
@@ -112,6 +112,10 @@ class TrainConfig:
     max_steps: int | None = None
     seed: int = 0
     save_checkpoint: bool = False
+    # Opt-in speed option: batch pairs of similar length (less padding with score.layout: padded; packed pads
+    # nothing). Off by default: batches are formed as verl forms them (shuffled pairs); in the demo data length
+    # tracks how the student failed, so grouped batches are sorted by difficulty (docs/spec.md: measured effect).
+    length_grouping: bool = False
 
 
 @dataclass(frozen=True)
@@ -154,7 +158,7 @@ class SweepConfig:
     objective: str | list[str] = "val/d_acc"
     direction: str | list[str] = "maximize"
     sampler: Sampler = "tpe"  # nsga2 for multi-objective studies only
-    pruner: Pruner = "hyperband"
+    pruner: Pruner = "paired"
     seed: int = 0
     search_space: dict[str, Any] = field(default_factory=dict)
     baseline: dict[str, Any] = field(default_factory=dict)

@@ -1,4 +1,4 @@
-"""The critic warmup loop: length-grouped batches, one forward per micro-batch, BT loss, AdamW."""
+"""The critic warmup loop: batches as verl forms them, one forward per micro-batch, BT loss, AdamW."""
 
 from __future__ import annotations
 
@@ -14,11 +14,12 @@ from transformers import get_scheduler
 
 from critic.config import ExperimentConfig
 from critic.data import PairSet
+from critic.evaluate import Evaluator
 from critic.loss import bradley_terry_loss, bt_temperature
 from critic.metrics import step_metrics
-from critic.reporting import Reporter
+from critic.reporting import Reporter, TrailingMeans
 from critic.score import score_pairs
-from critic.verl_units import verl_batches, verl_lr_lambda
+from critic.verl_units import plain_verl, verl_batches, verl_lr_lambda
 
 
 class NonFiniteError(FloatingPointError):
@@ -48,18 +49,25 @@ def length_grouped_batches(lengths: np.ndarray, batch_size: int, rng: np.random.
 def total_steps(n_pairs: int, cfg: ExperimentConfig) -> int:
     if cfg.verl.in_use():  # verl's warmup length is in iterations, whatever the data size
         return cfg.train.max_steps
-    steps = cfg.train.epochs * math.ceil(n_pairs / cfg.train.batch_size)
+    steps = cfg.train.epochs * (n_pairs // cfg.train.batch_size)  # verl's dataloader drops an incomplete batch
     return min(steps, cfg.train.max_steps) if cfg.train.max_steps else steps
 
 
 def step_batches(pairs: PairSet, cfg: ExperimentConfig, rng: np.random.Generator) -> list[tuple[np.ndarray, bool]]:
-    """Every optimizer step's pairs in training order, each with `fresh`: none of them trained on before."""
-    if cfg.verl.in_use():
-        return verl_batches(len(pairs), cfg.verl, rng)
-    lengths, batches = pairs.pair_lengths(), []
+    """Every optimizer step's pairs in training order, each with `fresh`: none of them trained on before.
+
+    As verl forms them (`verl_batches`: shuffled pairs; a plain train.* spec through `plain_verl`), or with
+    train.length_grouping the same number of full batches per pass, each of pairs of similar length.
+    """
+    n_steps = total_steps(len(pairs), cfg)
+    if not cfg.train.length_grouping:
+        verl = cfg.verl if cfg.verl.in_use() else plain_verl(cfg.train, len(pairs), n_steps)
+        return verl_batches(len(pairs), verl, rng)
+    lengths, size, batches = pairs.pair_lengths(), cfg.train.batch_size, []
     for epoch in range(cfg.train.epochs):
-        batches.extend((index, epoch == 0) for index in length_grouped_batches(lengths, cfg.train.batch_size, rng))
-    return batches[:total_steps(len(pairs), cfg)]
+        full = [index for index in length_grouped_batches(lengths, size, rng) if len(index) == size]
+        batches.extend((index, epoch == 0) for index in full)
+    return batches[:n_steps]
 
 
 def build_optimizer(model: torch.nn.Module, cfg: ExperimentConfig, n_steps: int):
@@ -157,22 +165,23 @@ def optimizer_step(model, params, optimizer, scheduler, pairs: PairSet, batch_in
 
 
 def train_critic(model: torch.nn.Module, pairs: PairSet, cfg: ExperimentConfig, device: torch.device,
-                 pad_id: int, reporter: Reporter, evaluate: Callable[[torch.nn.Module], dict[str, float]],
-                 progress: bool = False, step_fn: Callable = train_step) -> TrainOutcome:
+                 pad_id: int, reporter: Reporter, evaluator: Evaluator, progress: bool = False,
+                 step_fn: Callable = train_step) -> TrainOutcome:
     """Train `model` in place, streaming `critic/*` metrics every step and held-out metrics every eval."""
     n_steps = total_steps(len(pairs), cfg)
     optimizer, scheduler = build_optimizer(model, cfg, n_steps)
     params = [p for p in model.parameters() if p.requires_grad]
     batches = step_batches(pairs, cfg, np.random.default_rng(cfg.train.seed))
+    trailing = TrailingMeans(cfg.eval.every_steps)  # one batch's d_acc is noise; the mean since the last eval is not
     outcome, first_epoch_correct, first_epoch_pairs = TrainOutcome(), 0.0, 0
 
-    def run_eval(step: int) -> None:
+    def run_eval(step: int, final: bool = False) -> None:
         started = time.perf_counter()
-        metrics = evaluate(model)
+        metrics = evaluator(model)
         outcome.eval_seconds += time.perf_counter() - started
         outcome.last_eval = metrics
         outcome.eval_history.append((step, metrics))
-        reporter.log_eval(step, metrics)
+        reporter.log_eval(step, metrics, evaluator.last_scores, final)
 
     step, started = 0, time.perf_counter()
     if cfg.eval.before_train:
@@ -190,9 +199,10 @@ def train_critic(model: torch.nn.Module, pairs: PairSet, cfg: ExperimentConfig, 
                 first_epoch_pairs += len(batch_index)
             elapsed = time.perf_counter() - step_start
             metrics.update({"perf/pairs_per_s": len(batch_index) / elapsed, "perf/tokens_per_s": tokens / elapsed})
+            metrics.update(trailing(metrics))
             reporter.log_train(step, metrics)
             bar.update(1)
-            bar.set_postfix(d_acc=f"{metrics['critic/d_acc']:.2f}", loss=f"{metrics['critic/loss']:.3f}")
+            bar.set_postfix(d_acc=f"{metrics['critic/avg_d_acc']:.2f}", loss=f"{metrics['critic/avg_loss']:.3f}")
             if step % cfg.eval.every_steps == 0 and step < n_steps:
                 run_eval(step)
     except RuntimeError as exc:  # torch.OutOfMemoryError (GPU) or a failed CPU allocation
@@ -205,6 +215,6 @@ def train_critic(model: torch.nn.Module, pairs: PairSet, cfg: ExperimentConfig, 
         bar.close()
     outcome.steps = step
     outcome.progressive_d_acc = first_epoch_correct / max(first_epoch_pairs, 1)
-    run_eval(step)
+    run_eval(step, final=True)
     outcome.train_seconds = time.perf_counter() - started - outcome.eval_seconds
     return outcome

@@ -1,4 +1,5 @@
-"""verl's units -> this tool's optimizer steps: the one mapping (`verl_steps`), verl's lr schedule and batch order.
+"""verl's units -> this tool's optimizer steps: the one mapping (`verl_steps`), verl's lr schedule and batch order
+(every trial's default batch order: a plain train.* spec is a verl run too, `plain_verl`).
 
 verl runs the critic warmup as PPO iterations (checked against verl 0.5-0.9: trainer/ppo/ray_trainer.py,
 workers/fsdp_workers.py and critic/dp_critic.py up to 0.7, workers/engine_workers.py from 0.6,
@@ -32,7 +33,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from critic.sections import ExperimentConfig, SpecError, VerlConfig
+from critic.sections import ExperimentConfig, SpecError, TrainConfig, VerlConfig
 
 REQUIRED = ("train_batch_size", "ppo_mini_batch_size", "ppo_micro_batch_size_per_gpu", "critic_warmup")
 DERIVED = ("batch_size", "micro_batch_size", "max_steps", "warmup_steps", "epochs")  # train.* the section sets
@@ -107,6 +108,10 @@ def apply_verl(cfg: ExperimentConfig, raw_train: dict[str, Any], source: str) ->
     """cfg with train.* derived from its verl section; a train.* value that says otherwise is an error."""
     where = f"{source}: "
     check_verl(cfg.verl, cfg.train.scheduler, where)
+    if cfg.train.length_grouping:
+        raise SpecError(f"{where}train.length_grouping: true conflicts with the verl section: verl forms its "
+                        f"mini-batches from shuffled prompts, never by length; remove train.length_grouping, or "
+                        f"the verl section to describe the trial with train.* alone")
     steps = verl_steps(cfg.verl)
     derived = {"batch_size": steps.batch_size, "micro_batch_size": steps.micro_batch_size,
                "max_steps": steps.max_steps, "warmup_steps": steps.warmup_steps, "epochs": 1}
@@ -137,6 +142,20 @@ def verl_lr_lambda(cfg: ExperimentConfig) -> Callable[[int], float]:
     """A LambdaLR factor over optimizer steps: every step of an iteration gets that iteration's lr."""
     per_iteration = verl_steps(cfg.verl).steps_per_iteration
     return lambda step: lr_multiplier(step // per_iteration, cfg.verl, cfg.train.scheduler)
+
+
+def plain_verl(train: TrainConfig, n_pairs: int, n_steps: int) -> VerlConfig:
+    """The verl run a plain train.* spec stands for, so that `verl_batches` forms its batches too.
+
+    One response per prompt (rollout_n 1) and one mini-batch of train.batch_size pairs per iteration, run once
+    (ppo_epochs 1), for n_steps iterations: train.epochs passes over the pairs, each a new shuffle, an
+    incomplete last batch dropped, exactly as verl's dataloader draws a warmup's prompts.
+    """
+    if n_pairs < train.batch_size:
+        raise SpecError(f"train.batch_size is {train.batch_size} pairs per step, but the training split has "
+                        f"{n_pairs}; use more data or a smaller train.batch_size")
+    return VerlConfig(train_batch_size=train.batch_size, ppo_mini_batch_size=train.batch_size,
+                      ppo_micro_batch_size_per_gpu=train.micro_batch_size, critic_warmup=n_steps + 1)
 
 
 def verl_batches(n_pairs: int, verl: VerlConfig, rng: np.random.Generator) -> list[tuple[np.ndarray, bool]]:

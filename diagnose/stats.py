@@ -13,8 +13,9 @@ import pandas as pd
 from scipy.spatial.distance import jensenshannon
 
 from critic.data import PairSet
+from critic.metrics import per_pair_values
 from critic.reporting import series
-from sweeper.stats import SCORE_COLUMNS, crossed_spread, pair_values, prompt_codes
+from sweeper.stats import SCORE_COLUMNS, crossed_spread, prompt_codes
 
 LENGTH_MATCH_TOLERANCE = 0.10  # two responses are "length-matched" when they differ by < 10% of the longer one
 
@@ -27,7 +28,7 @@ def d_acc_se(scores: pd.DataFrame) -> float:
     prompts = prompt_codes(scores)
     if len(scores) < 2 or prompts.max() < 1:
         return math.nan
-    correct = pair_values("d_acc", *(scores[c].to_numpy() for c in SCORE_COLUMNS))[None]  # (1 critic, N)
+    correct = per_pair_values("d_acc", *(scores[c].to_numpy() for c in SCORE_COLUMNS))[None]  # (1 critic, N)
     return max(float(crossed_spread(correct, prompts).se), 1.0 / len(scores))  # 0 or 1 on few pairs is not certainty
 
 

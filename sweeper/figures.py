@@ -7,18 +7,22 @@ from pathlib import Path
 import pandas as pd
 from matplotlib.figure import Figure  # the object API: no pyplot state, no display backend on training nodes
 
-from critic.reporting import series
+from critic.reporting import series, trailing_name
 
 
 def training_progress(train_history, eval_history, eval_sets: list[str], path: Path, dpi: int = 90) -> Path:
     """The one training figure (sweep trials and diagnose): d_acc (0.5 line), score_diff (0 line), mean scores,
-    grad_norm, length_ratio (0.9-1.1 band) and lr per step; held-out sets as points at each evaluation."""
+    grad_norm, length_ratio (0.9-1.1 band) and lr per step; d_acc and score_diff as their trailing mean (bold)
+    over each step's batch (faint); held-out sets as points at each evaluation."""
     fig = Figure(figsize=(15, 7), layout="constrained")
     axes = fig.subplots(2, 3)
     for ax, metric in ((axes[0, 0], "d_acc"), (axes[0, 1], "score_diff")):
-        ax.plot(*series(train_history, f"critic/{metric}"), alpha=0.6, label="train batch (before update)")
-        for name in eval_sets:
-            ax.plot(*series(eval_history, f"{name}/{metric}"), marker="o", label=name)
+        ax.plot(*series(train_history, f"critic/{metric}"), color="C0", alpha=0.25, linewidth=0.8,
+                label="train batch (before update)")
+        ax.plot(*series(train_history, trailing_name(f"critic/{metric}")), color="C0", linewidth=2,
+                label="train, mean of the last eval.every_steps steps")
+        for index, name in enumerate(eval_sets, start=1):  # C0 is the training curve's
+            ax.plot(*series(eval_history, f"{name}/{metric}"), marker="o", color=f"C{index}", label=name)
     axes[0, 0].axhline(0.5, color="grey", linestyle="--", linewidth=1)
     axes[0, 0].set(title="d_acc", xlabel="step", ylim=(-0.02, 1.02))
     axes[0, 1].axhline(0.0, color="grey", linestyle="--", linewidth=1)

@@ -106,7 +106,10 @@ def _serve(server: socket.socket, job: subprocess.Popen, reporter: Reporter):
             if kind == "result":
                 return payload, stopped_by
             try:
-                (reporter.log_train if kind == "train" else reporter.log_eval)(step, payload)
+                if kind == "train":
+                    reporter.log_train(step, payload)
+                else:  # (metrics, per-pair scores, final)
+                    reporter.log_eval(step, *payload)
                 conn.send(None)
             except Exception as exc:  # pruned: rank 0 broadcasts the stop; we re-raise this exception
                 stopped_by = exc
@@ -165,8 +168,8 @@ class ParentReporter(Reporter):
     def __init__(self, conn: Connection) -> None:
         self.conn = conn
 
-    def _send(self, kind: str, step: int, metrics: dict[str, float]) -> None:
-        self.conn.send((kind, step, metrics))
+    def _send(self, kind: str, step: int, payload) -> None:
+        self.conn.send((kind, step, payload))
         verdict = self.conn.recv()
         if verdict is not None:
             raise RuntimeError(verdict)
@@ -174,8 +177,8 @@ class ParentReporter(Reporter):
     def log_train(self, step: int, metrics: dict[str, float]) -> None:
         self._send("train", step, metrics)
 
-    def log_eval(self, step: int, metrics: dict[str, float]) -> None:
-        self._send("eval", step, metrics)
+    def log_eval(self, step: int, metrics: dict[str, float], pair_scores=None, final: bool = False) -> None:
+        self._send("eval", step, (metrics, pair_scores, final))
 
 
 class ExitAtStep(Reporter):

@@ -29,7 +29,7 @@ from critic.data import resolve_path
 from critic.reporting import FanoutReporter, Reporter
 from critic.train import NonFiniteError, TrialOutOfMemory
 from critic.trial import TrialResult, run_trial
-from sweeper import figures
+from sweeper import figures, pruning
 from sweeper.confirm import seed_overrides
 from sweeper.runs_view import SORT_TAG, run_color, run_name, sort_key
 from sweeper.signals import raise_if_stop_requested, resume_signals
@@ -47,23 +47,38 @@ class TrialFailure(RuntimeError):
 
 
 class OptunaReporter(Reporter):
-    """Reports the objective at every evaluation and raises TrialPruned when the pruner says so."""
+    """Reports the objective at every evaluation and raises TrialPruned, with the pruner's reason, when it says so.
 
-    def __init__(self, trial: optuna.Trial, objective: str, prune: bool) -> None:
+    The trial carries what the pruner needs (sweeper/pruning.py): the first step it may be compared at (its own
+    lr warmup plus one evaluation) and, for the paired test, its per-prompt held-out outcomes at each evaluation.
+    """
+
+    def __init__(self, trial: optuna.Trial, objective: str, prune: bool, cfg: ExperimentConfig) -> None:
         self.trial, self.objective, self.prune = trial, objective, prune
         self.last_step = 0
+        self.prompt_values = prune and pruning.wants_prompt_values(trial.study.pruner)
+        if prune:
+            trial.set_user_attr(pruning.FROM_STEP_ATTR, pruning.first_comparable_step(cfg))
 
     def log_train(self, step: int, metrics: dict[str, float]) -> None:
         raise_if_stop_requested()  # a signal's KeyboardInterrupt can be lost
 
-    def log_eval(self, step: int, metrics: dict[str, float]) -> None:
+    def log_eval(self, step: int, metrics: dict[str, float], pair_scores: pd.DataFrame | None = None,
+                 final: bool = False) -> None:
         self.last_step = step
         value = metrics.get(self.objective)
         if not self.prune or value is None or not math.isfinite(value):
             return
+        if self.prompt_values and pair_scores is not None:
+            pruning.record_prompt_values(self.trial, step, pair_scores, self.objective)
         self.trial.report(value, step)
-        if self.trial.should_prune():
-            raise optuna.TrialPruned(f"pruned by the pruner at step {step} ({self.objective}={value:.4f})")
+        if not final and self.trial.should_prune():  # the final evaluation: trained to the end, a complete result
+            decision = pruning.decision_for(self.trial.study.pruner, self.trial.number)
+            if decision is None:  # a pruner built elsewhere (tests)
+                decision = pruning.Decision("pruned by the pruner",
+                                            f"pruned by the pruner at step {step} ({self.objective}={value:.4f})")
+            self.trial.set_user_attr(pruning.CAUSE_ATTR, decision.cause)
+            raise optuna.TrialPruned(decision.detail)
 
 
 def objectives(cfg: ExperimentConfig) -> list[str]:
@@ -110,6 +125,7 @@ class Objective:
             raise
         except NonFiniteError as exc:
             status, state = "FINISHED", "PRUNED"
+            trial.set_user_attr(pruning.CAUSE_ATTR, pruning.NON_FINITE_CAUSE)
             self._record_reason(trial, run_id, str(exc), "prune_reason")
             raise optuna.TrialPruned(str(exc)) from None
         except (SpecError, KeyboardInterrupt) as exc:
@@ -176,7 +192,7 @@ class Objective:
         """
         for attempt in range(2):
             mlflow_reporter = MlflowReporter(self.tracker, run_id)
-            reporter = FanoutReporter(mlflow_reporter, OptunaReporter(trial, self.names[0], self.prune))
+            reporter = FanoutReporter(mlflow_reporter, OptunaReporter(trial, self.names[0], self.prune, cfg))
             try:
                 result = self._run_engine(cfg, reporter)
                 result.train_history = mlflow_reporter.train_history  # type: ignore[attr-defined]

@@ -175,8 +175,9 @@ def render(study: optuna.Study, data: ReportData) -> str:
     sections.append("<h2>Best vs baseline (search, one seed per trial)</h2>" + comparison_table(data))
     sections.append("<h2>Confirmation</h2>" + confirmation_section(data))
     sections.append("<h2>Objective</h2>" + fig(objective_figure(data), "objective"))
-    for keys, title, div_id in ((data.train_keys, "Training curves (per optimizer step, on the batch before its "
-                                 "update)", "training-curves"),
+    for keys, title, div_id in ((data.train_keys, "Training curves (first row: critic/avg_*, the mean over the last "
+                                 "eval.every_steps steps; then each step's batch, before its update)",
+                                 "training-curves"),
                                 (data.heldout_keys, "Held-out curves (every eval.every_steps)", "heldout-curves")):
         if keys:
             sections.append(f"<h2>{title}</h2>" + fig(curves_figure(data, keys, title), div_id))

@@ -17,9 +17,10 @@ import optuna
 from mlflow import MlflowClient
 from optuna.trial import FrozenTrial, TrialState
 
+from critic.reporting import TRAILING, trailing_name
 from sweeper.board import best_trials
 
-TRAIN_CURVES = ("critic/d_acc", "critic/loss", "critic/score_diff")
+TRAIN_CURVES = (*map(trailing_name, TRAILING), *TRAILING)  # the trailing means first (the trend), then each step
 MAX_POINTS = 150  # per curve: enough to see a trend, small enough for hundreds of trials
 _RUN_PAGE = 1000
 _IDS_PER_QUERY = 500  # run ids per SQL `IN (...)`

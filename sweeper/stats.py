@@ -44,14 +44,13 @@ import pandas as pd
 from scipy import special, stats
 from scipy.optimize import elementwise
 
-from critic.metrics import pair_metric
+from critic.metrics import MEAN_OVER_PAIRS, pair_metric, per_pair_values
 
 LEVEL = 0.95
 POWER = 0.80
-# Metrics that equal the mean over pairs of the metric of each single pair (tests/test_stats.py checks
-# this set against critic.metrics): for these the interaction can be separated.
-MEAN_METRICS = frozenset({"d_acc", "d_acc_ties_correct", "tie_rate", "pair_logloss", "score_diff",
-                          "teacher_score_mean", "student_score_mean", "length_baseline_acc"})
+# Metrics that equal the mean over pairs of the metric of each single pair (critic.metrics, checked by
+# tests/test_metrics.py): for these the interaction can be separated.
+MEAN_METRICS = frozenset(MEAN_OVER_PAIRS)
 SCORE_COLUMNS = ("teacher_score", "student_score", "teacher_length", "student_length")
 # Gauss-Legendre nodes on (0, 1) for the two chi-square variates of the Behrens-Fisher reference.
 # p = u^m (m = min(df, 4)) makes the integrand smooth where a small-df t gets its heavy tail (p -> 0);
@@ -90,14 +89,6 @@ def prompt_codes(frame: pd.DataFrame) -> np.ndarray:
     """(N,) int prompt of each pair: the score table's prompt_id, or each pair its own (tables before it)."""
     column = "prompt_id" if "prompt_id" in frame.columns else "pair_id"
     return pd.factorize(frame[column])[0]
-
-
-def pair_values(metric: str, teacher, student, teacher_lengths, student_lengths) -> np.ndarray:
-    """(..., N) the per-pair terms of a mean-type metric: the metric of each pair alone (critic.metrics)."""
-    if metric not in MEAN_METRICS:
-        raise ValueError(f"{metric!r} is not a mean over pairs; mean-type metrics: {sorted(MEAN_METRICS)}")
-    single = [np.asarray(a, dtype=np.float64)[..., None] for a in (teacher, student, teacher_lengths, student_lengths)]
-    return pair_metric(metric, *single)
 
 
 def crossed_spread(values: np.ndarray, prompts: np.ndarray) -> Spread:
@@ -343,7 +334,7 @@ def config_spreads(metric: str, configs: list[ConfigScores], seeds: list[int], n
     scores, prompts = _scores(configs, seeds)
     n_pairs, n_prompts = scores.shape[-1], int(prompts.max()) + 1
     if metric in MEAN_METRICS:
-        per_pair = pair_values(metric, *np.moveaxis(scores, 2, 0))  # (configs, seeds, N)
+        per_pair = per_pair_values(metric, *np.moveaxis(scores, 2, 0))  # (configs, seeds, N)
         own = crossed_spread(per_pair, prompts)
         paired = crossed_spread(per_pair[1:] - per_pair[0], prompts)
         spreads = [_index(own, i) for i in range(len(configs))] + [_index(paired, i) for i in range(len(diffs))]

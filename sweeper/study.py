@@ -28,6 +28,7 @@ from critic.config import (
 )
 from critic.metrics import PAIR_METRICS
 from sweeper.board import CONFIRM_SUFFIX, load_study, state_counts  # noqa: F401  (re-exported; board reads studies)
+from sweeper.pruning import check_pruner, make_pruner
 from sweeper.space import SpaceEntry, check_effective, check_in_space, parse_space, space_signature
 from sweeper.stores import StorageLock, make_storage, mask
 from sweeper.tracking import Tracker, git_commit
@@ -72,6 +73,7 @@ def _check_objectives(cfg: ExperimentConfig, source: str) -> None:
     if cfg.sweep.pruner not in pruners:
         raise SpecError(f"{source}: sweep.pruner must be {', '.join(pruners[:-1])} or {pruners[-1]}; "
                         f"got {cfg.sweep.pruner!r}")
+    check_pruner(cfg, names, source)
     if not re.fullmatch(r"[A-Za-z0-9_.\-]+", cfg.sweep.study_name):
         raise SpecError(f"{source}: sweep.study_name may use letters, digits, '-', '_' and '.', got "
                         f"{cfg.sweep.study_name!r}")
@@ -130,15 +132,6 @@ def make_sampler(spec: SweepSpec, worker_index: int = 0) -> optuna.samplers.Base
     return optuna.samplers.NSGAIISampler(seed=seed)
 
 
-def make_pruner(spec: SweepSpec) -> optuna.pruners.BasePruner:
-    every = spec.cfg.eval.every_steps
-    if spec.cfg.sweep.pruner == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=every, reduction_factor=3)
-    if spec.cfg.sweep.pruner == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=every)
-    return optuna.pruners.NopPruner()
-
-
 def directions(spec: SweepSpec) -> list[str]:
     d = spec.cfg.sweep.direction
     return d if isinstance(d, list) else [d]
@@ -175,7 +168,7 @@ def _init_study(spec: SweepSpec, storage_url: str, tracking_uri: str, study_name
             name = f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
             print(f"[sweep] starting a new study {name!r}")
     study = optuna.create_study(study_name=name, storage=storage, directions=directions(spec),
-                                sampler=make_sampler(spec), pruner=make_pruner(spec), load_if_exists=True)
+                                sampler=make_sampler(spec), pruner=make_pruner(spec.cfg), load_if_exists=True)
     tracker = Tracker(tracking_uri, name)
     parent_id = tracker.parent_run(name, run_tags(spec, name))
     if "fingerprint" not in study.user_attrs:
@@ -205,7 +198,7 @@ def attach(storage_url: str, study_name: str, tracking_uri: str, worker_index: i
                            stale_trial_callback)
     confirming = "confirm_of" in attrs  # every confirmation trial is enqueued; none may be pruned
     study = optuna.load_study(study_name=study_name, storage=storage, sampler=make_sampler(spec, worker_index),
-                              pruner=optuna.pruners.NopPruner() if confirming else make_pruner(spec))
+                              pruner=optuna.pruners.NopPruner() if confirming else make_pruner(spec.cfg))
     # confirmation runs join the search's experiment
     tracker = Tracker(tracking_uri, attrs.get("confirm_of", study_name))
     return study, spec, tracker, attrs["mlflow_parent_run_id"]

@@ -177,7 +177,7 @@ class MlflowReporter(Reporter):
         if len(self.buffer) >= 5 * MAX_BATCH:
             self.flush()
 
-    def log_eval(self, step: int, metrics: dict[str, float]) -> None:
+    def log_eval(self, step: int, metrics: dict[str, float], pair_scores=None, final: bool = False) -> None:
         self.eval_history.append((step, dict(metrics)))
         self._add(step, metrics)
         self.flush()

@@ -42,6 +42,7 @@ def test_redirected_sweep_prints_no_bars_and_one_line_per_trial(tmp_path, tiny_c
     lines = re.findall(r"^\[trial (\d+)\] (COMPLETE|PRUNED|FAIL)\b.* in [\d.]+s", out.stdout, flags=re.M)
     assert sorted(int(n) for n, _ in lines) == [0, 1], out.stdout
     assert "[trial 0] COMPLETE value=" in out.stdout and "(baseline)" in out.stdout
+    assert "\n[sweep] pruned 0 of 2\n" in out.stdout  # the pruned fraction and why (the spec's pruner: none)
     for noise in ("INFO mlflow", "Creating initial MLflow database tables", "alembic", "UserWarning",
                   "can be interpreted in multiple ways"):
         assert noise not in console, console

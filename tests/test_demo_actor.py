@@ -77,7 +77,7 @@ def test_generate_with_the_demo_actor_then_a_trial_trains_on_its_responses(tmp_p
     spec.write_text(f"data:\n  train_path: {prompts}\n  cache_dir: {cache}\n  val_fraction: 0.25\n"
                     f"  max_prompt_length: 48\n  max_response_length: 24\n"
                     f"model: {{device: cpu, torch_threads: 1}}\n"
-                    f"train: {{lr: 1.0e-3, batch_size: 4, micro_batch_size: 4, max_steps: 4}}\n"
+                    f"train: {{lr: 1.0e-3, batch_size: 4, micro_batch_size: 4, max_steps: 3}}\n"
                     f"eval: {{every_steps: 2, batch_size: 16}}\n"
                     f"student: {{model: 'demo:actor', temperature: 1.0, max_new_tokens: 12, batch_size: 16}}\n")
     parser = argparse.ArgumentParser()
@@ -99,6 +99,6 @@ def test_generate_with_the_demo_actor_then_a_trial_trains_on_its_responses(tmp_p
     monkeypatch.setattr(demo_actor, "train_demo_actor", lambda *a, **k: pytest.fail("the actor was rebuilt"))
     monkeypatch.setattr(student_mod, "generate_with_model", lambda *a, **k: pytest.fail("generated again"))
     result = run_trial(load_config(spec))
-    assert result.metrics["train/steps"] == 4 and np.isfinite(result.metrics["val/d_acc"])
+    assert result.metrics["train/steps"] == 3 and np.isfinite(result.metrics["val/d_acc"])
     assert result.metrics["data/train_pairs"] + result.metrics["data/val_pairs"] == 16
     assert result.lineage["student.actor"].startswith(f"{actor_dir.resolve()}@")  # the built directory, digested

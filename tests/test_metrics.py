@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from critic.metrics import pair_metrics, step_metrics
+from critic.metrics import MEAN_OVER_PAIRS, PAIR_METRICS, pair_metric, pair_metrics, per_pair_values, step_metrics
 from tests.helpers import PAIR_METRIC_NAMES
 
 # Four pairs: teacher wins, tie, student wins, teacher wins.
@@ -99,3 +99,21 @@ def test_step_and_pair_metrics_agree_on_shared_names(metrics):
     step = step_metrics(TEACHER, STUDENT, TEACHER_LEN, STUDENT_LEN)
     for name, value in step.items():
         assert metrics[name.removeprefix("critic/")] == pytest.approx(value)
+
+
+def test_mean_over_pairs_are_exactly_the_metrics_whose_pairs_average_to_the_set_value():
+    rng = np.random.default_rng(0)
+    teacher, student = rng.normal(size=50), rng.normal(size=50)
+    teacher_len, student_len = rng.integers(5, 60, size=50), rng.integers(5, 60, size=50)
+    averaging = set()
+    for name in PAIR_METRICS:
+        alone = PAIR_METRICS[name](*[np.asarray(a, dtype=np.float64)[:, None]
+                                     for a in (teacher, student, teacher_len, student_len)])
+        whole = pair_metric(name, teacher, student, teacher_len, student_len)
+        if np.isclose(alone.mean(), whole, rtol=0, atol=100 * 50 * np.finfo(np.float64).eps):  # 50 values of ~1
+            averaging.add(name)
+    assert averaging == set(MEAN_OVER_PAIRS)
+    values = per_pair_values("d_acc", TEACHER, STUDENT, TEACHER_LEN, STUDENT_LEN)
+    assert values.tolist() == [1.0, 0.0, 0.0, 1.0]  # each pair's own d_acc: teacher strictly above
+    with pytest.raises(KeyError, match="'auc' is not a mean over pairs"):
+        per_pair_values("auc", TEACHER, STUDENT, TEACHER_LEN, STUDENT_LEN)

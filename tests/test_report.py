@@ -83,7 +83,8 @@ def test_report_is_self_contained_with_curves_objective_and_stored_numbers(swept
     assert html.escape(format_table(confirmation)) in page and html.escape(confirmation["verdict"]) in page
 
     data = gather(study, swept["client"])
-    assert data.train_keys == ["critic/d_acc", "critic/loss", "critic/score_diff"]
+    assert data.train_keys == ["critic/avg_d_acc", "critic/avg_loss", "critic/avg_score_diff",  # the trend first
+                               "critic/d_acc", "critic/loss", "critic/score_diff"]
     assert data.heldout_keys == ["val/d_acc", "val/score_diff", "shifted/d_acc"]
     heldout = curves_figure(data, data.heldout_keys, "held-out")
     val = [t for t in heldout.data if t.meta["metric"] == "val/d_acc"]

@@ -1,6 +1,6 @@
 """Confirmation statistics on synthetic per-pair scores with a known truth (no training).
 
-The calibration tests run the estimation and decision functions that `compare` runs (pair_values ->
+The calibration tests run the estimation and decision functions that `compare` runs (per_pair_values ->
 crossed_spread -> decide / interval), vectorised over R simulated experiments at once.
 """
 
@@ -14,9 +14,8 @@ import pytest
 from scipy import integrate
 from scipy import stats as scipy_stats
 
-from critic.metrics import PAIR_METRICS, pair_metric, pair_metrics
+from critic.metrics import pair_metrics, per_pair_values
 from sweeper.stats import (
-    MEAN_METRICS,
     ConfigScores,
     Spread,
     compare,
@@ -26,7 +25,6 @@ from sweeper.stats import (
     detectable_difference,
     interval,
     p_value,
-    pair_values,
     prompt_codes,
     prompt_resamples,
     tail_probability,
@@ -60,7 +58,7 @@ def simulate(rng: np.random.Generator, effects, reps: int = REPS, seeds: int = 3
 
 def per_pair(metric: str, teacher, student) -> np.ndarray:
     lengths = np.ones(teacher.shape[-1])
-    return pair_values(metric, teacher, student, lengths, lengths)
+    return per_pair_values(metric, teacher, student, lengths, lengths)
 
 
 def as_configs(teacher, student, prompts, labels) -> dict[str, ConfigScores]:
@@ -89,17 +87,6 @@ def experiment(seed: int, effects=(0.0, 0.0), labels=("baseline", "finalist"), m
 
 
 # --- the pieces -----------------------------------------------------------------------------------
-
-def test_mean_metrics_are_exactly_the_means_of_per_pair_terms():
-    """MEAN_METRICS lists every metric of critic.metrics that equals the mean of its single-pair values."""
-    rng = np.random.default_rng(0)
-    scores, lengths = rng.normal(size=(2, 50)).round(1), rng.integers(5, 60, (2, 50))  # rounded: some ties
-    arrays = (*scores, *lengths)
-    single = [np.asarray(a, dtype=np.float64)[:, None] for a in arrays]
-    is_mean = {name: bool(np.isclose(pair_metric(name, *arrays), pair_metric(name, *single).mean(), rtol=1e-12))
-               for name in PAIR_METRICS}
-    assert {name for name, yes in is_mean.items() if yes} == MEAN_METRICS
-
 
 def test_one_seed_and_one_pair_per_prompt_is_the_textbook_standard_error():
     values = np.array([[0.0, 1.0, 1.0, 0.0, 1.0, 1.0, 1.0, 0.0]])

@@ -143,7 +143,8 @@ def check_charts_in_browser(run_output: str, tmp_path, trial_names: list[str]) -
     if chromium() is None:
         pytest.skip("chromium is not installed (apt-get install chromium; .ci/run does it): UI check not run")
     link = re.search(r"MLflow runs page: (\S+)", run_output).group(1)
-    legends = tuple(f"{trial_names[0]} ({metric})" for metric in ("critic/d_acc", "val/d_acc", "val/score_diff"))
+    legends = tuple(f"{trial_names[0]} ({metric})" for metric in ("critic/avg_d_acc", "critic/d_acc", "val/d_acc",
+                                                                  "val/score_diff"))
     with mlflow_ui(store_args(tmp_path), tmp_path) as base:
         dom = rendered_dom(link.replace("http://127.0.0.1:5000", base), expect=legends)
     table = [name for name in re.findall(r"t\d{3} [^<(]*?(?=<)", dom) if name in trial_names]

@@ -53,8 +53,8 @@ def test_length_grouped_batches_hold_similar_lengths():
     assert spread < np.ptp(lengths) / 4  # random batches of 8 would span most of the range
 
 
-@pytest.mark.parametrize("n_pairs, epochs, batch_size, max_steps, expected", [
-    (100, 1, 32, None, 4), (100, 2, 32, None, 8), (100, 2, 32, 5, 5), (64, 1, 32, 10, 2),
+@pytest.mark.parametrize("n_pairs, epochs, batch_size, max_steps, expected", [  # full batches only, as verl's loader
+    (100, 1, 32, None, 3), (100, 2, 32, None, 6), (100, 2, 32, 5, 5), (64, 1, 32, 10, 2),
 ])
 def test_total_steps(n_pairs, epochs, batch_size, max_steps, expected):
     cfg = ExperimentConfig()
@@ -131,6 +131,10 @@ def test_eval_metrics_cover_val_and_extra_sets(train_file, extra_file, tiny_cach
                   "perf/pairs_per_s", "perf/tokens_per_s"}
     assert all(step_names <= set(metrics) for _, metrics in reporter.train)
     assert all(np.isfinite(list(metrics.values())).all() for _, metrics in reporter.train)
+    for key in ("critic/d_acc", "critic/loss", "critic/score_diff"):  # beside each: its mean over the last 2 steps
+        raw = [metrics[key] for _, metrics in reporter.train]
+        trailing = [metrics[key.replace("critic/", "critic/avg_")] for _, metrics in reporter.train]
+        assert trailing == pytest.approx([raw[0], *[(a + b) / 2 for a, b in zip(raw, raw[1:])]], abs=1e-12)
 
 
 def test_micro_batches_accumulate_to_the_full_batch(train_file, tiny_cache_dir, torch_threads):

@@ -141,12 +141,44 @@ def test_verl_batches_split_each_iteration_in_order_and_repeat_it_per_ppo_epoch(
         verl_batches(6, verl, np.random.default_rng(0))
 
 
-def test_step_batches_without_verl_are_the_length_grouped_epochs():
-    pairs = hand_pair_set([([1, 2], [3] * k, [4], True, True) for k in range(1, 11)])
-    cfg = build_config({"train": {"batch_size": 4, "epochs": 2, "max_steps": 5}})
-    batches = step_batches(pairs, cfg, np.random.default_rng(0))
-    assert len(batches) == total_steps(len(pairs), cfg) == 5
-    assert [fresh for _, fresh in batches] == [True, True, True, False, False]
+def _as_lists(batches):
+    return [(index.tolist(), fresh) for index, fresh in batches]
+
+
+def test_default_batch_order_is_verls_for_a_plain_spec_and_a_verl_spec_alike():
+    # 42 pairs whose lengths rise with their index: any grouping by length would show in the batches
+    pairs = hand_pair_set([([1, 2], [3] * k, [4], True, True) for k in range(1, 43)])
+    plain = build_config({"train": {"batch_size": 8, "micro_batch_size": 4, "epochs": 2}})
+    described = build_config({"verl": {"train_batch_size": 8, "ppo_mini_batch_size": 8,  # the same warmup in
+                                       "ppo_micro_batch_size_per_gpu": 4, "critic_warmup": 11}})  # verl's units
+    verls = verl_batches(len(pairs), described.verl, np.random.default_rng(3))
+    for cfg in (plain, described):
+        assert _as_lists(step_batches(pairs, cfg, np.random.default_rng(3))) == _as_lists(verls)
+    assert len(verls) == total_steps(len(pairs), plain) == 10  # 2 passes of 5 full batches; 2 pairs left each pass
+    assert [fresh for _, fresh in verls] == [True] * 5 + [False] * 5
+    first_pass = np.concatenate([index for index, _ in verls[:5]])
+    assert len(set(first_pass.tolist())) == 40  # a shuffle: no pair twice in one pass
+    lengths = pairs.pair_lengths()
+    spread = np.mean([np.ptp(lengths[index]) for index, _ in verls])
+    assert spread > np.ptp(lengths) / 2  # shuffled batches span most lengths (grouped ones span a few)
+
+
+def test_length_grouping_is_opt_in_with_the_same_steps_and_refused_with_a_verl_section():
+    pairs = hand_pair_set([([1, 2], [3] * k, [4], True, True) for k in range(1, 43)])
+    grouped = build_config({"train": {"batch_size": 8, "micro_batch_size": 4, "epochs": 2, "length_grouping": True}})
+    batches = step_batches(pairs, grouped, np.random.default_rng(3))
+    assert len(batches) == total_steps(len(pairs), grouped) == 10 and all(len(index) == 8 for index, _ in batches)
+    assert [fresh for _, fresh in batches] == [True] * 5 + [False] * 5
+    lengths = pairs.pair_lengths()
+    assert np.mean([np.ptp(lengths[index]) for index, _ in batches]) < np.ptp(lengths) / 4
+    with pytest.raises(SpecError, match=r"train.length_grouping: true conflicts with the verl section"):
+        build_config({"train": {"length_grouping": True}, "verl": dict(USERS)})
+
+
+def test_a_plain_spec_needs_one_full_batch():
+    pairs = hand_pair_set([([1], [2], [3], True, True)] * 6)
+    with pytest.raises(SpecError, match=r"train.batch_size is 8 pairs per step, but the training split has 6"):
+        step_batches(pairs, build_config({"train": {"batch_size": 8}}), np.random.default_rng(0))
 
 
 def test_a_trial_described_in_verl_units_runs_verls_steps_and_lr(tmp_path, tiny_cache_dir):

@@ -30,6 +30,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 def main(args: argparse.Namespace) -> int:
     from sweeper.commands.report import report_quietly
     from sweeper.confirm_stage import run_confirmation
+    from sweeper.pruning import pruned_summary
     from sweeper.runner import finish_parent, run_trials
     from sweeper.stores import mask
     from sweeper.study import init_study, load_sweep_spec
@@ -63,6 +64,7 @@ def main(args: argparse.Namespace) -> int:
     if code:
         return code
     print(summary_table(study, spec))
+    print(f"\n[sweep] {pruned_summary(study)}")
     if result is not None:
         print_confirmation(result)
     elif not spec.cfg.sweep.baseline:
