@@ -54,8 +54,8 @@ def score_histograms(pair_scores: pd.DataFrame, path: Path) -> Path:
     return path
 
 
-def confirmation_intervals(table: pd.DataFrame, metric: str, path: Path) -> Path:
-    """Each finalist's difference to the baseline with its 95% interval, and the zero line."""
+def confirmation_intervals(table: pd.DataFrame, metric: str, path: Path, title: str = "Confirmation") -> Path:
+    """Each candidate's and finalist's difference to the baseline with its 95% interval, and the zero line."""
     rows = table[table["config"] != "baseline"].reset_index(drop=True)
     fig = Figure(figsize=(7, 1.2 + 0.6 * max(len(rows), 1)), layout="constrained")
     ax = fig.subplots()
@@ -65,9 +65,10 @@ def confirmation_intervals(table: pd.DataFrame, metric: str, path: Path) -> Path
         ax.errorbar(row["diff_mean"], i, xerr=error,
                     fmt="o", capsize=4, color=colours.get(row["verdict"], "black"), label=row["verdict"])
     ax.axvline(0.0, color="black", linewidth=1)
-    ax.set_yticks(range(len(rows)), [f"trial {t}" for t in rows["trial"]])
+    ax.set_yticks(range(len(rows)), list(rows["config"]))  # trial-<n>, or a candidate's name
     ax.invert_yaxis()
-    ax.set(xlabel=f"{metric}: finalist - baseline (95% interval, seeds x pairs)", title="Confirmation")
+    ax.set(xlabel=f"{metric}: config - baseline (95% interval, seeds x pairs)")
+    ax.set_title(title, fontsize=9, wrap=True)
     handles, labels = ax.get_legend_handles_labels()
     unique = dict(zip(labels, handles))
     if unique:
