@@ -87,6 +87,7 @@ def summary_table(study, spec) -> str:
     for key in keys:
         lines.append(f"{key:<34}" + "".join(f"{metrics[n].get(key, math.nan):>14.4f}" for n, _ in columns))
     for key in dict.fromkeys([e.key for e in spec.entries] + [k for _, t in columns if t for k in trial_params(t)]):
-        cells = [str(trial_params(t).get(key, "-")) if t else "-" for _, t in columns]
+        values = [trial_params(t).get(key, "-") if t else "-" for _, t in columns]
+        cells = [f"{v:.6g}" if isinstance(v, float) else str(v) for v in values]  # 5.06e-05, not a cut '5.0576407'
         lines.append(f"{key:<34}" + "".join(f"{c[:13]:>14}" for c in cells))
     return "\n".join(lines)
