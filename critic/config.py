@@ -19,6 +19,8 @@ from typing import Any
 import yaml
 
 from critic.sections import (  # noqa: F401  (re-exported: the spec's types live in critic.sections)
+    CONFIRM_SET,
+    CandidateConfig,
     ConfirmConfig,
     DataConfig,
     EvalConfig,
@@ -37,6 +39,8 @@ from critic.sections import (  # noqa: F401  (re-exported: the spec's types live
 from critic.verl_units import apply_verl
 
 SECTIONS: dict[str, type] = {f.name: f.type for f in fields(ExperimentConfig)}
+TRIAL_SECTIONS = ("data", "model", "score", "loss", "train", "verl", "eval")  # the sections that shape a trial
+RESERVED_SETS = ("val", CONFIRM_SET, "train", "critic", "perf", "sweep")  # names data.eval_sets may not use
 _SECTION_TYPES = typing.get_type_hints(ExperimentConfig)
 _NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
 
@@ -99,6 +103,30 @@ def coerce(value: Any, hint: Any, where: str) -> Any:
     raise AssertionError(f"unsupported type hint {hint!r} at {where}")
 
 
+def field_hint(key: str, where: str, verb: str = "set") -> Any:
+    """The type hint of a trial key: section.field, or section.block.field inside a nested block (model.lora.rank).
+
+    Raises SpecError naming `where`, the key and the valid choices for a key outside the trial sections, an unknown
+    field, or a whole block.
+    """
+    section, *names = key.split(".")
+    if not names:
+        raise SpecError(f"{where}: key {key!r} must be section.field, e.g. train.lr")
+    if section not in TRIAL_SECTIONS:
+        raise SpecError(f"{where}: key {key!r}: section must be one of {', '.join(TRIAL_SECTIONS)}")
+    hint, path = _SECTION_TYPES[section], section
+    for name in names:  # model.lora.rank: ModelConfig -> LoraConfig -> int
+        hints = typing.get_type_hints(hint) if dataclasses.is_dataclass(hint) else {}
+        if name not in hints:
+            raise SpecError(f"{where}: unknown key {key!r}. Valid keys in '{path}': "
+                            f"{', '.join(sorted(hints)) or 'none (it is not a block of keys)'}")
+        hint, path = hints[name], f"{path}.{name}"
+    if dataclasses.is_dataclass(hint):
+        raise SpecError(f"{where}: key {key!r} is a block; {verb} one of its keys, e.g. "
+                        f"{key}.{next(iter(typing.get_type_hints(hint)))}")
+    return hint
+
+
 def _build_section(name: str, raw: Any, source: str) -> Any:
     cls = _SECTION_TYPES[name]
     if raw is None:
@@ -138,6 +166,11 @@ def _check_values(cfg: ExperimentConfig, source: str) -> None:
     d, m, s, lo, t, e, sw = cfg.data, cfg.model, cfg.score, cfg.loss, cfg.train, cfg.eval, cfg.sweep
     p = f"{source}: "
     _require(0.0 < d.val_fraction < 1.0, f"{p}data.val_fraction must be in (0, 1), got {d.val_fraction}")
+    _require(0.0 <= d.confirm_fraction < 1.0 and d.val_fraction + d.confirm_fraction < 1.0,
+             f"{p}data.confirm_fraction must be in [0, 1) and leave training prompts: val_fraction + confirm_fraction "
+             f"< 1, got {d.val_fraction} + {d.confirm_fraction}")
+    _require(not e.confirm_split or d.confirm_fraction > 0,
+             f"{p}eval.confirm_split needs a confirmation split: set data.confirm_fraction > 0 (e.g. 0.1)")
     _require(d.max_prompt_length > 0, f"{p}data.max_prompt_length must be > 0, got {d.max_prompt_length}")
     _require(d.max_response_length > 1, f"{p}data.max_response_length must be > 1, got {d.max_response_length}")
     _require(m.path is not None or m.preset == "tiny",
@@ -187,14 +220,14 @@ def _check_values(cfg: ExperimentConfig, source: str) -> None:
     _require(sw.confirm.n_resamples >= 100,
              f"{p}sweep.confirm.n_resamples must be >= 100, got {sw.confirm.n_resamples}")
     for name in d.eval_sets:
-        _require(name not in ("val", "train", "critic", "perf", "sweep"),
-                 f"{p}data.eval_sets name '{name}' is reserved; rename it")
+        _require(name not in RESERVED_SETS, f"{p}data.eval_sets name '{name}' is reserved; rename it")
     _require(d.n_folds >= 2, f"{p}data.n_folds must be >= 2, got {d.n_folds}")
     _require(d.fold is None or 0 <= d.fold < d.n_folds,
              f"{p}data.fold must be null or in 0..{d.n_folds - 1} (data.n_folds={d.n_folds}), got {d.fold}")
     _require(d.fold is None or "fold" not in d.eval_sets,
              f"{p}data.eval_sets name 'fold' is reserved while data.fold is set; rename it")
     _check_student(cfg.student, p)
+    _check_candidates(sw, p)
     _check_demo_names(cfg, p)
     _check_lora(m.lora, p)
 
@@ -208,6 +241,30 @@ def _check_lora(lora: LoraConfig, p: str) -> None:
     _require(bool(lora.target_modules) and all(name.strip() for name in lora.target_modules),
              f"{p}model.lora.target_modules must be a non-empty list of module names, e.g. [q_proj, k_proj, "
              f"v_proj, o_proj, gate_proj, up_proj, down_proj]; got {lora.target_modules}")
+
+
+def _check_candidates(sw: SweepConfig, p: str) -> None:
+    """sweep.candidates: named, distinct, each changing known trial keys (values are checked with the trial config)."""
+    where = f"{p}sweep.candidates"
+    _require(not sw.candidates or bool(sw.baseline),
+             f"{where} are changes to your current setting, compared with it: set sweep.baseline too")
+    names: dict[str, int] = {}
+    for index, candidate in enumerate(sw.candidates):
+        here = f"{where}[{index}]"
+        _require(bool(candidate.params), f"{here} has no params; give the keys it changes, e.g. "
+                 f"{{name: 3 epochs, params: {{train.epochs: 3}}}}")
+        for key, value in candidate.params.items():
+            coerce(value, field_hint(key, f"{here}.params"), f"{here}.params.{key}")
+        label = candidate.label
+        _require(bool(label.strip()), f"{here}.name is empty; name the change, e.g. name: 3 epochs")
+        _require(label != "baseline" and not re.fullmatch(r"trial-\d+", label),
+                 f"{here}.name {label!r} is reserved (the confirmation's own labels); rename it")
+        _require(label not in names, f"{here}: the name {label!r} is also candidate {names.get(label)}'s; give each "
+                 f"candidate its own name")
+        names[label] = index
+        _require({**sw.baseline, **candidate.params} != sw.baseline,
+                 f"{here} ({label!r}) changes nothing: each of its params equals sweep.baseline's; change a value "
+                 f"or drop it")
 
 
 def _check_demo_names(cfg: ExperimentConfig, p: str) -> None:
@@ -337,8 +394,7 @@ def to_dict(cfg: ExperimentConfig) -> dict[str, Any]:
     return {name: plain(dataclasses.asdict(getattr(cfg, name))) for name in SECTIONS}
 
 
-def flatten(cfg: ExperimentConfig,
-            sections: tuple[str, ...] = ("data", "model", "score", "loss", "train", "verl", "eval")) -> dict[str, Any]:
+def flatten(cfg: ExperimentConfig, sections: tuple[str, ...] = TRIAL_SECTIONS) -> dict[str, Any]:
     """{'train.lr': 3e-6, 'model.lora.rank': 0, ...} for the trial-relevant sections (nested blocks flattened)."""
     out: dict[str, Any] = {}
     for name, values in to_dict(cfg).items():

@@ -20,7 +20,7 @@ from critic.config import DataConfig, StudentConfig
 from critic.demo import demo_path
 from critic.files import atomic_write, atomic_write_text, file_digest
 from critic.prompts import prompt_messages, prompt_text
-from critic.sections import DataError
+from critic.sections import CONFIRM_SET, DataError
 from critic.student import student_responses
 
 DROP_REASONS = ("null", "non_string", "empty")  # counted as data/<set>_dropped_<reason>
@@ -134,13 +134,21 @@ def describe_load(source: Path, n_pairs: int, stats: dict[str, float]) -> list[s
     return lines
 
 
-def split_by_prompt(prompts: list[str], val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Indices (train, val): a prompt goes wholly to one side, decided by a seeded hash of its text."""
+def split_by_prompt(prompts: list[str], val_fraction: float, seed: int,
+                    confirm_fraction: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Indices (train, val, confirm): a prompt goes wholly to one part, decided by a seeded hash of its text.
+
+    The hash is a position in [0, 1): below val_fraction is val, the next confirm_fraction is confirm, the rest train.
+    So val does not depend on confirm_fraction (confirm is carved out of what was training), and
+    confirm_fraction = 0 gives the two-way split.
+    """
     def bucket(text: str) -> float:
         digest = hashlib.sha256(f"{seed}\x00{text}".encode()).digest()
         return int.from_bytes(digest[:8], "big") / 2**64
-    is_val = np.array([bucket(p) < val_fraction for p in prompts], dtype=bool)
-    return np.flatnonzero(~is_val), np.flatnonzero(is_val)
+    position = np.array([bucket(p) for p in prompts])
+    is_val = position < val_fraction
+    is_confirm = (position >= val_fraction) & (position < val_fraction + confirm_fraction)
+    return np.flatnonzero(~is_val & ~is_confirm), np.flatnonzero(is_val), np.flatnonzero(is_confirm)
 
 
 def split_fold(prompts: list[str], index: np.ndarray, fold: int, n_folds: int,
@@ -257,10 +265,20 @@ def load_pair_set(path_spec: str, cfg: DataConfig, tokenizer, tokenizer_id: str,
 @dataclass
 class TrialData:
     train: PairSet
-    eval_sets: dict[str, PairSet]  # "val" first, then the named extra sets
+    eval_sets: dict[str, PairSet]  # the selection sets: "val" first, then "fold" and the named extra sets
     stats: dict[str, float]
     digests: dict[str, str]
     lineage: dict[str, str] = field(default_factory=dict)  # student.* of generated responses, for tracking
+    confirm: PairSet | None = None  # the confirmation split (data.confirm_fraction), scored only when asked
+
+    def heldout(self, confirm_split: bool) -> dict[str, PairSet]:
+        """The sets an evaluation scores: the selection sets, and the confirmation split after val when asked
+        (eval.confirm_split: the confirmation stage's runs; a search trial never scores it)."""
+        if not confirm_split:
+            return dict(self.eval_sets)
+        assert self.confirm is not None, "eval.confirm_split without data.confirm_fraction passed the spec check"
+        val, *rest = self.eval_sets.items()
+        return dict([val, (CONFIRM_SET, self.confirm), *rest])
 
 
 def _student_lineage(name: str, lineage: dict[str, str]) -> dict[str, str]:
@@ -271,10 +289,15 @@ def _student_lineage(name: str, lineage: dict[str, str]) -> dict[str, str]:
 def load_trial_data(cfg: DataConfig, tokenizer, tokenizer_id: str, student: StudentConfig | None = None) -> TrialData:
     """The training split, the held-out val split (by prompt) and every extra evaluation set."""
     full = load_pair_set(cfg.train_path, cfg, tokenizer, tokenizer_id, "train", student)
-    train_idx, val_idx = split_by_prompt(full.prompt_text, cfg.val_fraction, cfg.split_seed)
+    train_idx, val_idx, confirm_idx = split_by_prompt(full.prompt_text, cfg.val_fraction, cfg.split_seed,
+                                                      cfg.confirm_fraction)
     if len(train_idx) == 0 or len(val_idx) == 0:
         raise DataError(f"{cfg.train_path}: splitting {len(full)} pairs by prompt with val_fraction="
                         f"{cfg.val_fraction} leaves an empty side; use more distinct prompts or change val_fraction")
+    if cfg.confirm_fraction > 0 and len(confirm_idx) == 0:
+        raise DataError(f"{cfg.train_path}: data.confirm_fraction={cfg.confirm_fraction} of {len(full)} pairs leaves "
+                        f"the confirmation split empty; use more distinct prompts, raise data.confirm_fraction, or "
+                        f"set it to 0 (the confirmation then re-scores the val pairs that selected its finalists)")
     eval_sets = {"val": full.subset(val_idx, "val")}
     if cfg.fold is not None:  # cross-validation: train on the other folds, evaluate on this one
         train_idx, fold_idx = split_fold(full.prompt_text, train_idx, cfg.fold, cfg.n_folds, cfg.split_seed)
@@ -283,7 +306,8 @@ def load_trial_data(cfg: DataConfig, tokenizer, tokenizer_id: str, student: Stud
                             f"{len(train_idx) + len(fold_idx)} training pairs; use fewer data.n_folds")
         eval_sets["fold"] = full.subset(fold_idx, "fold")
     stats = {f"data/train_{k}": v for k, v in full.stats.items()}
-    stats.update({"data/train_pairs": float(len(train_idx)), "data/val_pairs": float(len(val_idx))})
+    stats.update({"data/train_pairs": float(len(train_idx)), "data/val_pairs": float(len(val_idx)),
+                  f"data/{CONFIRM_SET}_pairs": float(len(confirm_idx))})
     if cfg.fold is not None:
         stats["data/fold_pairs"] = float(len(eval_sets["fold"]))
     digests = {"train": full.digest}
@@ -295,4 +319,5 @@ def load_trial_data(cfg: DataConfig, tokenizer, tokenizer_id: str, student: Stud
         stats.update({f"data/{name}_{k}": v for k, v in extra.stats.items()})
         stats[f"data/{name}_pairs"] = float(len(extra))
         digests[name] = extra.digest
-    return TrialData(full.subset(train_idx, "train"), eval_sets, stats, digests, lineage)
+    confirm = full.subset(confirm_idx, CONFIRM_SET) if len(confirm_idx) else None
+    return TrialData(full.subset(train_idx, "train"), eval_sets, stats, digests, lineage, confirm)

@@ -199,7 +199,8 @@ def run_sharded_trial(cfg: ExperimentConfig, reporter: Reporter, device: torch.d
     pad_id = base.tokenizer.pad_token_id
     seed_everything(cfg.train.seed)
     model = shard_critic(fresh_critic(base, cfg.model, device))  # after LoRA: FSDP shards what will train
-    evaluator = ShardedEvaluator(data.eval_sets, cfg.score, cfg.eval.batch_size, device, pad_id)
+    evaluator = ShardedEvaluator(data.heldout(cfg.eval.confirm_split), cfg.score, cfg.eval.batch_size, device,
+                                 pad_id)
     setup_seconds = time.perf_counter() - started
     with warnings.catch_warnings():  # FSDP2 warns that the critic returns a view; nothing edits it in place
         warnings.filterwarnings("ignore", message=".*returned a view tensor.*")

@@ -18,6 +18,7 @@ Scheduler = Literal["constant", "linear", "cosine"]
 Sampler = Literal["tpe", "random", "gp", "cmaes", "nsga2"]
 Pruner = Literal["paired", "median", "hyperband", "none"]  # sweeper/pruning.py
 ExportFormat = Literal["yaml", "json", "verl"]  # `sweep.py export --format`
+CONFIRM_SET = "confirm"  # the held-out part (data.confirm_fraction) that only the confirmation stage scores
 
 
 class SpecError(ValueError):
@@ -35,6 +36,9 @@ class DataConfig:
     teacher_key: str = "teacher_response"
     student_key: str = "student_response"
     val_fraction: float = 0.1
+    # Prompts held out for the confirmation stage only (the search never trains on, scores or selects with them);
+    # 0 = none: the confirmation then re-scores the val pairs that selected its finalists.
+    confirm_fraction: float = 0.1
     split_seed: int = 0
     eval_sets: dict[str, str] = field(default_factory=dict)  # name -> parquet path
     max_prompt_length: int = 256  # keeps the end of the prompt
@@ -141,14 +145,38 @@ class EvalConfig:
     every_steps: int = 20
     before_train: bool = False
     batch_size: int = 64  # pairs per inference forward
+    # Also score the confirmation split (`confirm/<metric>`). The confirmation stage sets it on its own runs; a sweep
+    # spec may not, so search trials never see those pairs.
+    confirm_split: bool = False
 
 
 @dataclass(frozen=True)
 class ConfirmConfig:
     """After the search: re-run the top_k finalists and the baseline with `seeds` new seeds each."""
-    top_k: int = 2  # 0 = no confirmation stage
+    top_k: int = 2  # 0 = no search finalists (sweep.candidates are still confirmed)
     seeds: int = 3  # seed indices 1..seeds (the search ran seed index 0): train.seed and model.init_seed + index
     n_resamples: int = 1000  # bootstrap resamples of the held-out pairs
+
+
+def short_params(params: dict[str, Any]) -> str:
+    """{'train.lr': 0.000312345, 'loss.adaptive_temperature': False} -> 'lr=0.000312 adaptive_temperature=off'."""
+    def short(value: Any) -> str:
+        if isinstance(value, bool):
+            return "on" if value else "off"
+        return f"{value:.3g}" if isinstance(value, float) else str(value)
+    return " ".join(f"{key.rsplit('.', 1)[-1]}={short(value)}" for key, value in params.items())
+
+
+@dataclass(frozen=True)
+class CandidateConfig:
+    """A sweep.candidates entry: a change you plan to make to your current setting (sweep.baseline). It runs right
+    after the baseline in a new study, is never pruned and is always confirmed against the baseline."""
+    params: dict[str, Any] = field(default_factory=dict)  # section.key -> value, applied on top of sweep.baseline
+    name: str | None = None  # default: the params, e.g. "epochs=3"
+
+    @property
+    def label(self) -> str:
+        return self.name if self.name is not None else short_params(self.params)
 
 
 @dataclass(frozen=True)
@@ -162,6 +190,7 @@ class SweepConfig:
     seed: int = 0
     search_space: dict[str, Any] = field(default_factory=dict)
     baseline: dict[str, Any] = field(default_factory=dict)
+    candidates: list[CandidateConfig] = field(default_factory=list)  # your planned changes to the baseline
     save_best_checkpoint: bool = False
     max_failures: int = 0  # 0 = no bound
     heartbeat_interval: int = 60

@@ -70,7 +70,7 @@ def run_trial(cfg: ExperimentConfig, reporter: Reporter | None = None, progress:
     pad_id = base.tokenizer.pad_token_id
     seed_everything(cfg.train.seed)
     model = fresh_critic(base, cfg.model, device)
-    evaluator = Evaluator(data.eval_sets, cfg.score, cfg.eval.batch_size, device, pad_id)
+    evaluator = Evaluator(data.heldout(cfg.eval.confirm_split), cfg.score, cfg.eval.batch_size, device, pad_id)
     setup_seconds = time.perf_counter() - started
     outcome = train_critic(model, data.train, cfg, device, pad_id, reporter, evaluator, progress)
     metrics = trial_metrics(outcome, data)

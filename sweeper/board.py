@@ -37,6 +37,17 @@ def load_study(storage_url: str, study_name: str | None = None) -> optuna.Study:
     return optuna.load_study(study_name=name, storage=storage)
 
 
+def trial_params(trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
+    """What sets a trial's config apart from the spec: its Optuna params, then the values a candidate fixes outside
+    the search space or its ranges (user attr `extra_params`, sweeper/candidates.py)."""
+    return {**trial.params, **trial.user_attrs.get("extra_params", {})}
+
+
+def candidate_name(trial: optuna.trial.FrozenTrial) -> str | None:
+    """The sweep.candidates name of a trial that runs one of your planned changes, else None."""
+    return trial.user_attrs.get("candidate")
+
+
 def state_counts(study: optuna.Study) -> dict[str, int]:
     counts = {s.name: 0 for s in TrialState}
     for trial in study.get_trials(deepcopy=False):
@@ -48,15 +59,17 @@ def leaderboard(study: optuna.Study) -> pd.DataFrame:
     """One row per trial: number, state, value(s), params, reason, duration, baseline flag."""
     rows = []
     trials = study.get_trials(deepcopy=False)
+    named = any(candidate_name(t) is not None for t in trials)  # a column only where the study has candidates
     retried = {t.user_attrs["retry_of"]: t.number for t in trials if "retry_of" in t.user_attrs}  # see CloseAndRetry
     for t in trials:
         row = {"number": t.number, "state": t.state.name,
                "baseline": bool(t.user_attrs.get("baseline", False)),
+               **({"candidate": candidate_name(t) or ""} if named else {}),
                "duration_s": t.duration.total_seconds() if t.duration else math.nan}
         values = t.values or [math.nan] * len(study.directions)
         for i, value in enumerate(values):
             row["value" if len(values) == 1 else f"value_{i}"] = value
-        row.update({f"param:{k}": v for k, v in t.params.items()})
+        row.update({f"param:{k}": v for k, v in trial_params(t).items()})
         row["reason"] = t.user_attrs.get("fail_reason") or t.user_attrs.get("prune_reason") or (
             f"worker died (no heartbeat); re-run as trial {retried[t.number]}" if t.number in retried else "")
         rows.append(row)
@@ -79,6 +92,13 @@ def stored_confirmation(study: optuna.Study) -> dict[str, Any] | None:
     """The confirmation result stored on the search study (or None)."""
     text = study.user_attrs.get("confirmation")
     return json.loads(text) if text else None
+
+
+def split_text(result: dict[str, Any]) -> str:
+    """Which pairs a stored confirmation scored, in the words every place that shows it uses (sweeper/confirm.py)."""
+    if "split" in result:
+        return result["split"]["text"]
+    return "on the held-out pairs that also selected the finalists"  # stored before the confirmation split existed
 
 
 def format_table(result: dict[str, Any]) -> str:
@@ -108,7 +128,9 @@ def trial_line(trial: optuna.trial.FrozenTrial) -> str:
              " values=[" + ", ".join(f"{v:.4f}" for v in values) + "]" if values else "")
     duration = f" in {trial.duration.total_seconds():.1f}s" if trial.duration else ""
     baseline = " (baseline)" if trial.user_attrs.get("baseline") else ""
-    params = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in trial.params.items())
+    if candidate_name(trial) is not None:
+        baseline = f" (candidate {candidate_name(trial)!r})"
+    params = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in trial_params(trial).items())
     reason = trial.user_attrs.get("fail_reason") or trial.user_attrs.get("prune_reason") or ""
     reason = f" -- {' '.join(reason.split())[:160]}" if reason and trial.state != TrialState.COMPLETE else ""
     label = f"trial {trial.number}"

@@ -1,24 +1,26 @@
-"""The confirmation stage: re-run the finalists and the baseline with new seeds, then compare them.
+"""The confirmation stage: re-run the finalists, your candidates and the baseline with new seeds, then compare them.
 
-A search trial is one seed; the best of many noisy trials is the one whose seed was luckiest. So the
-top-K distinct configurations and the baseline are re-run with seed indices 1..S (the search ran
-index 0, whose result selected the finalists and would bias them upward), each index setting both
-train.seed (data order) and model.init_seed (value head / tiny critic) to base + index, on the same
-held-out pairs. The runs live in a second Optuna study `<study>.confirm` in the same storage: one
-enqueued trial per (configuration, seed) with the configuration's params fixed, so workers claim
-them like search trials, an interrupted run is enqueued again and a finished one is never repeated.
+A search trial is one seed scored on the val pairs; the best of many noisy trials is the one whose seed, and
+whose luck on those pairs, was best. So the top-K distinct configurations, every sweep.candidates entry (your
+planned changes, whatever their search rank) and the baseline are re-run with seed indices 1..S (the search ran
+index 0, whose result selected the finalists and would bias them upward), each index setting both train.seed
+(data order) and model.init_seed (value head / tiny critic) to base + index, and scored on the confirmation split
+(data.confirm_fraction: prompts no search trial trained on, scored or selected with). The runs live in a second
+Optuna study `<study>.confirm` in the same storage: one enqueued trial per (configuration, seed) with the
+configuration's params fixed, so workers claim them like search trials, an interrupted run is enqueued again and
+a finished one is never repeated.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from critic.config import ExperimentConfig, SpecError
-from sweeper.board import stored_confirmation  # noqa: F401  (re-exported; `best` reads it without the engine)
+from critic.config import CONFIRM_SET, DataConfig, ExperimentConfig, SpecError
+from sweeper.board import candidate_name, stored_confirmation, trial_params  # noqa: F401  (re-exported)
 from sweeper.stores import make_storage
 from sweeper.study import CONFIRM_SUFFIX, FINISHED, SweepSpec
 
@@ -29,31 +31,69 @@ def confirm_study_name(search_study: str) -> str:
     return search_study + CONFIRM_SUFFIX
 
 
-def seed_overrides(cfg: ExperimentConfig, seed_index: int) -> dict[str, int]:
-    """Seed index -> the spec values it sets (index 0 = the spec's own seeds, as in the search)."""
+# A confirmation run is judged on its final scores only, and scoring val, the confirmation split and shifted every
+# eval.every_steps is half of a demo confirmation run (8.2 of 16.8 s measured; once at the end: 2.6 of 11.3 s): it
+# evaluates once, after its last step. Its training is the search run's (evaluation draws no random numbers;
+# tests/test_candidates.py checks that the final scores are equal).
+EVALUATE_AT_THE_END = 10**9
+
+
+def confirmation_overrides(cfg: ExperimentConfig, seed_index: int) -> dict[str, Any]:
+    """What a confirmation run changes in its config: seed index i sets train.seed and model.init_seed to the spec's
+    value + i; the run scores the confirmation split (when the spec carves one), once, after its last step.
+    Index 0 is the search's own run."""
     if not seed_index:
         return {}
-    return {"train.seed": cfg.train.seed + seed_index, "model.init_seed": cfg.model.init_seed + seed_index}
+    seeds = {"train.seed": cfg.train.seed + seed_index, "model.init_seed": cfg.model.init_seed + seed_index}
+    split = {"eval.confirm_split": True} if cfg.data.confirm_fraction > 0 else {}
+    return {**seeds, **split, "eval.every_steps": EVALUATE_AT_THE_END}
+
+
+def confirmation_metric(objective: str, data: DataConfig) -> str:
+    """The metric the confirmation compares for a search objective: val/<m> becomes confirm/<m>, the same metric on
+    the confirmation split (when data.confirm_fraction > 0); any other metric is compared as the search measured it."""
+    set_name, _, metric = objective.partition("/")
+    return f"{CONFIRM_SET}/{metric}" if set_name == "val" and data.confirm_fraction > 0 else objective
+
+
+def describe_split(objective: str, metric: str, data: DataConfig, n_pairs: int) -> dict[str, Any]:
+    """Which pairs the confirmation scores, with the words every output uses (sweeper.board.split_text prints it)."""
+    set_name = metric.partition("/")[0]
+    fresh = set_name == CONFIRM_SET
+    if fresh:
+        text = (f"on the confirmation split: {n_pairs} pairs never seen by the search (data.confirm_fraction "
+                f"{data.confirm_fraction:g} of the prompts; the search selected on val)")
+    elif not n_pairs:
+        text = f"on {metric}, a training metric (no held-out pairs)"
+    else:
+        why = ("data.confirm_fraction is 0; set it > 0 for pairs the search never saw" if set_name == "val" else
+               "only val/<metric> objectives are confirmed on the confirmation split")
+        text = (f"on the {n_pairs} {set_name} pairs that also selected the finalists, so their luck there is "
+                f"re-measured ({why})")
+    return {"set": set_name, "objective": objective, "n_pairs": n_pairs, "fresh": fresh, "text": text}
 
 
 @dataclass(frozen=True)
 class PlanItem:
-    config: str  # "baseline" or "trial-<n>"
+    config: str  # "baseline", a candidate's name, or "trial-<n>"
     trial: int  # the search trial whose parameters are replicated
-    params: dict[str, Any]
+    params: dict[str, Any]  # its Optuna params
     seed: int  # seed index, >= 1
+    extra: dict[str, Any] = field(default_factory=dict)  # a candidate's values outside the space (extra_params)
+    kind: str = "finalist"  # baseline | candidate | finalist
 
 
-def _label(trial: FrozenTrial, is_baseline: bool) -> str:
-    return "baseline" if is_baseline else f"trial-{trial.number}"
+def _label(trial: FrozenTrial, kind: str) -> str:
+    return {"baseline": "baseline", "candidate": candidate_name(trial)}.get(kind) or f"trial-{trial.number}"
 
 
 def choose_finalists(study: optuna.Study, top_k: int, numbers: list[int] | None = None
-                     ) -> tuple[FrozenTrial, list[FrozenTrial]]:
-    """The baseline trial and the finalists: the given trial numbers, or the top_k distinct COMPLETE configs.
+                     ) -> tuple[FrozenTrial, list[FrozenTrial], list[FrozenTrial]]:
+    """The baseline trial, the candidates' trials, and the finalists: the given trial numbers, or the top_k
+    distinct COMPLETE configs the search found.
 
-    Automatic choice skips the baseline and trials whose params equal it or an earlier finalist:
-    re-running them would only re-measure the same configuration.
+    Candidates are confirmed whatever their rank, so the automatic choice skips them, the baseline, and trials
+    whose params equal one of those or an earlier finalist: re-running them would only re-measure a configuration.
     """
     trials = study.get_trials(deepcopy=False)
     baselines = [t for t in trials if t.user_attrs.get("baseline") and t.state == TrialState.COMPLETE]
@@ -62,28 +102,33 @@ def choose_finalists(study: optuna.Study, top_k: int, numbers: list[int] | None 
                         f"finalists to sweep.baseline (the setting you use today): set it in the spec and "
                         f"run the sweep with --new-study")
     baseline = baselines[0]
+    candidates = list({candidate_name(t): t for t in trials if candidate_name(t) is not None}.values())  # latest
+    seen = [trial_params(t) for t in (baseline, *candidates)]
     if numbers:
         by_number = {t.number: t for t in trials}
         missing = [n for n in numbers if n not in by_number or by_number[n].state != TrialState.COMPLETE]
         if missing:
             raise SpecError(f"--trials: {missing} are not COMPLETE trials of study {study.study_name!r}")
-        return baseline, [by_number[n] for n in numbers if n != baseline.number]
+        confirmed_anyway = {t.number for t in (baseline, *candidates)}
+        return baseline, candidates, [by_number[n] for n in numbers if n not in confirmed_anyway]
     complete = [t for t in trials if t.state == TrialState.COMPLETE and not t.user_attrs.get("baseline")]
     maximize = study.directions[0] == optuna.study.StudyDirection.MAXIMIZE
     complete.sort(key=lambda t: (-t.values[0] if maximize else t.values[0], t.number))
-    finalists, seen = [], [baseline.params]
+    finalists = []
     for trial in complete:
-        if trial.params not in seen:
-            finalists.append(trial)
-            seen.append(trial.params)
         if len(finalists) == top_k:
             break
-    return baseline, finalists
+        if trial_params(trial) not in seen:
+            finalists.append(trial)
+            seen.append(trial_params(trial))
+    return baseline, candidates, finalists
 
 
-def make_plan(baseline: FrozenTrial, finalists: list[FrozenTrial], seeds: int) -> list[PlanItem]:
-    configs = [(baseline, True)] + [(t, False) for t in finalists]
-    return [PlanItem(_label(t, b), t.number, dict(t.params), s) for s in range(1, seeds + 1) for t, b in configs]
+def make_plan(baseline: FrozenTrial, candidates: list[FrozenTrial], finalists: list[FrozenTrial],
+              seeds: int) -> list[PlanItem]:
+    configs = [(baseline, "baseline"), *((t, "candidate") for t in candidates), *((t, "finalist") for t in finalists)]
+    return [PlanItem(_label(t, kind), t.number, dict(t.params), s, dict(t.user_attrs.get("extra_params", {})), kind)
+            for s in range(1, seeds + 1) for t, kind in configs]
 
 
 class ConfirmPlan:
@@ -119,10 +164,11 @@ class ConfirmPlan:
                 if self._settled(t) or t.state in (TrialState.WAITING, TrialState.RUNNING)}
         for item in self.items:
             if (item.config, item.seed) not in busy:
+                identity = {"candidate": item.config} if item.kind == "candidate" else {}
                 study.enqueue_trial(item.params, user_attrs={
                     "stage": "confirm", "confirm_config": item.config, "config_trial": item.trial,
-                    "seed_index": item.seed,
-                    "baseline": item.config == "baseline"})
+                    "seed_index": item.seed, "baseline": item.kind == "baseline", "extra_params": item.extra,
+                    **identity})
 
 
 def open_confirm_study(search: optuna.Study, spec: SweepSpec, storage_url: str, items: list[PlanItem]

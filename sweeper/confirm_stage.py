@@ -18,12 +18,18 @@ import optuna
 import pandas as pd
 from optuna.trial import TrialState
 
+from critic.config import DataConfig
 from critic.metrics import PAIR_METRICS, pair_metric
 from sweeper import figures
-from sweeper.board import format_table  # noqa: F401  (re-exported; `best` prints it without the engine)
+from sweeper.board import (
+    format_table,  # noqa: F401  (re-exported; `best` prints it without the engine)
+    split_text,
+)
 from sweeper.confirm import (
     ConfirmPlan,
     choose_finalists,
+    confirmation_metric,
+    describe_split,
     make_plan,
     open_confirm_study,
     params_text,
@@ -75,18 +81,20 @@ def gather(confirm: optuna.Study, metric: str, tracker: Tracker) -> tuple[dict[s
     return configs, sorted({item.seed for item in plan.items})
 
 
-def analyse(confirm: optuna.Study, metric: str, direction: str, tracker: Tracker, n_resamples: int,
-            unconfirmed: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
-    """The confirmation result as one JSON-able dict: rows, verdict, noise floor.
+def analyse(confirm: optuna.Study, objective: str, direction: str, tracker: Tracker, n_resamples: int,
+            data: DataConfig, unconfirmed: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+    """The confirmation of the search objective as one JSON-able dict: rows, verdict, noise floor, scored split.
 
     `unconfirmed`: the study's other objectives, which the verdict names as not confirmed.
     """
+    metric = confirmation_metric(objective, data)  # val/d_acc -> confirm/d_acc: pairs the search never saw
     configs, seeds = gather(confirm, metric, tracker)
     plan = {item.config: item for item in ConfirmPlan.of(confirm).items}  # label -> trial number and params
     baseline = configs.pop("baseline")
-    pair_name = metric.partition("/")[2]  # e.g. val/d_acc -> d_acc, on the val set's pair scores
+    pair_name = metric.partition("/")[2]  # e.g. confirm/d_acc -> d_acc, on the confirmation split's pair scores
     base_row, rows = compare(pair_name, direction, baseline, list(configs.values()), seeds, n_resamples)
-    table = [{**row.row(), "trial": plan[row.label].trial, "params": params_text(plan[row.label].params)}
+    table = [{**row.row(), "trial": plan[row.label].trial, "kind": plan[row.label].kind,
+              "params": params_text({**plan[row.label].params, **plan[row.label].extra})}
              for row in (base_row, *rows)]
     base_values = [baseline.seed_values[s] for s in base_row.seeds]
     noise = {"baseline_seed_sd": float(np.std(base_values, ddof=1)) if len(base_values) > 1 else math.nan,
@@ -96,7 +104,8 @@ def analyse(confirm: optuna.Study, metric: str, direction: str, tracker: Tracker
     winners = sorted((r for r in rows if r.verdict == "better"),
                      key=lambda r: -r.diff.mean if direction == "maximize" else r.diff.mean)
     result = {"metric": metric, "direction": direction, "seeds": seeds, "table": table, "noise": noise,
-              "winner": plan[winners[0].label].trial if winners else None, "unconfirmed": list(unconfirmed)}
+              "winner": plan[winners[0].label].trial if winners else None, "unconfirmed": list(unconfirmed),
+              "split": describe_split(objective, metric, data, base_row.n_pairs)}
     result["verdict"] = verdict_text(result)
     return result
 
@@ -107,37 +116,46 @@ def _interval(row: dict[str, Any]) -> str:
             f"[{row['diff_low']:+.4f}, {row['diff_high']:+.4f}]")
 
 
+def _who(row: dict[str, Any]) -> str:
+    if row.get("kind") == "candidate":
+        return f"your planned change {row['config']!r} (trial {row['trial']})"
+    return f"finalist trial {row['trial']} ({row['params']})"
+
+
+def _judgement(row: dict[str, Any]) -> str:
+    """One config against the baseline, in words, with its difference and Bonferroni-adjusted p."""
+    p = f"(p={row['p_adjusted']:.3g})"
+    if row["verdict"] == "unstable":
+        return (f"is unstable: no result for seed(s) {row['missing_seeds']} (diverged or failed); "
+                f"not recommended")
+    if row["verdict"] in ("better", "worse"):
+        return f"is {row['verdict']} than the baseline by {_interval(row)} {p}"
+    return f"shows no difference from the baseline beyond noise: {_interval(row)} {p}"
+
+
 def verdict_text(result: dict[str, Any]) -> str:
-    """Plain words: who beats the baseline by how much, or that nothing does; then the noise floor."""
-    metric, rows = result["metric"], result["table"][1:]
-    noise = result["noise"]
+    """Plain words: the conclusion; then each planned change and each finalist; the pairs scored; the noise floor."""
+    metric, rows, noise = result["metric"], result["table"][1:], result["noise"]
     scale = (f"{noise['seeds']} seeds x {noise['n_pairs']} pairs from {noise['n_prompts']} prompts"
              if noise["n_pairs"] else f"{noise['seeds']} seeds")
-    lines = []
+    kinds = {row.get("kind", "finalist") for row in rows}
+    what = " or ".join(name for kind, name in (("candidate", "planned change"), ("finalist", "finalist"))
+                       if kind in kinds)
     better = [r for r in rows if r["verdict"] == "better"]
     if better:
         best = next(r for r in better if r["trial"] == result["winner"])
-        lines.append(f"{best['params']} (trial {best['trial']}) beats the baseline on {metric} by {_interval(best)} "
-                     f"(p={best['p_adjusted']:.3g}, Bonferroni over {len(rows)} finalists, {scale})")
-        lines += [f"also better: trial {r['trial']} by {_interval(r)} (p={r['p_adjusted']:.3g})"
-                  for r in better if r is not best]
+        lines = [f"{_who(best)} beats the baseline on {metric} by {_interval(best)} (p={best['p_adjusted']:.3g}, "
+                 f"Bonferroni over {len(rows)} comparisons, {scale})"]
     elif rows:
-        comparable = [r for r in rows if math.isfinite(r["diff_mean"])]
-        sign = 1 if result["direction"] == "maximize" else -1
-        top = max(comparable, key=lambda r: sign * r["diff_mean"]) if comparable else None
-        lines.append("no finalist beats the baseline beyond noise" +
-                     (f": best trial {top['trial']} {_interval(top)} (p={top['p_adjusted']:.3g}, Bonferroni over "
-                      f"{len(rows)}, {scale})" if top else "")
-                     + "; keep your current setting or widen the search")
+        lines = [f"no {what} beats the baseline beyond noise on {metric} ({scale}, Bonferroni over {len(rows)} "
+                 f"comparisons); keep your current setting" + (" or widen the search" if "finalist" in kinds else "")]
     else:
-        lines.append("no finalist to confirm (no COMPLETE trial other than the baseline)")
-    lines += [f"worse than the baseline: trial {r['trial']} by {_interval(r)} (p={r['p_adjusted']:.3g})"
-              for r in rows if r["verdict"] == "worse"]
-    lines += [f"unstable: trial {r['trial']} has no result for seed(s) {r['missing_seeds']} (diverged or failed); "
-              f"not recommended" for r in rows if r["verdict"] == "unstable"]
-    if result["unconfirmed"]:
+        lines = ["no finalist to confirm (no COMPLETE trial other than the baseline)"]
+    lines += [f"{_who(row)} {_judgement(row)}" for row in rows]
+    if result.get("unconfirmed"):
         lines.append(f"confirmed on {metric} only, the first objective; not confirmed: "
                      f"{', '.join(result['unconfirmed'])}")
+    lines.append(f"scored {split_text(result)}")
     lines.append(f"noise floor: the baseline's {metric} varies by {noise['baseline_seed_sd']:.4f} (sd over "
                  f"{noise['seeds']} seeds); the smallest difference these seeds and prompts detect (80% power, at the "
                  f"verdict's level) is about {noise['detectable_difference']:.4f}. Add seeds when the seed part "
@@ -151,13 +169,17 @@ def store(result: dict[str, Any], search: optuna.Study, confirm: optuna.Study, t
     text = json.dumps(result, default=float)
     search.set_user_attr("confirmation", text)
     confirm.set_user_attr("confirmation", text)
-    frame = pd.DataFrame(result["table"])
+    split = result["split"]
+    frame = pd.DataFrame(result["table"]).assign(scored_on=f"{split['set']} ({split['n_pairs']} pairs"
+                                                 + (", never seen by the search)" if split["fresh"] else ")"))
     tracker.log_frame(parent_id, frame, "confirmation/confirmation.csv")
     tracker.log_text(parent_id, result["verdict"] + "\n", "confirmation/verdict.txt")
     with tempfile.TemporaryDirectory() as tmp:
-        path = figures.confirmation_intervals(frame, result["metric"], Path(tmp) / "confirmation.png")
+        path = figures.confirmation_intervals(frame, result["metric"], Path(tmp) / "confirmation.png",
+                                              title=f"Confirmation {split_text(result)}")
         tracker.log_file(parent_id, path, "confirmation")
     tracker.set_tags(parent_id, {"confirm.verdict": result["verdict"].splitlines()[0][:5000],
+                                 "confirm.split": split_text(result)[:5000],
                                  "confirm.winner": result["winner"] if result["winner"] is not None else "none"})
 
 
@@ -165,11 +187,16 @@ def run_confirmation(search: optuna.Study, spec: SweepSpec, storage_url: str, tr
                      top_k: int, seeds: int, trial_numbers: list[int] | None = None, workers: int = 1,
                      progress: bool = True) -> dict[str, Any]:
     """Plan, run (resuming what is done) and analyse the confirmation; store and return the result."""
-    baseline, finalists = choose_finalists(search, top_k, trial_numbers)
-    items = make_plan(baseline, finalists, seeds)
+    baseline, candidates, finalists = choose_finalists(search, top_k, trial_numbers)
+    tested = {t.user_attrs["candidate"] for t in candidates}
+    for name in [c.name for c in spec.candidates if c.name not in tested]:
+        print(f"[confirm] candidate {name!r} is not in study {search.study_name!r} (candidates are enqueued when a "
+              f"study is created); run the sweep with --new-study to test it")
+    items = make_plan(baseline, candidates, finalists, seeds)
     confirm = open_confirm_study(search, spec, storage_url, items)
     plan = ConfirmPlan.of(confirm)
-    print(f"[confirm] {plan_summary(items)}; study {confirm.study_name!r}")
+    where = "the confirmation split" if spec.cfg.data.confirm_fraction > 0 else "the val pairs (no confirmation split)"
+    print(f"[confirm] {plan_summary(items)}, scored on {where}; study {confirm.study_name!r}")
     if workers > 1:
         from sweeper.workers import launch_workers
         with StorageLock(storage_url):
@@ -180,6 +207,6 @@ def run_confirmation(search: optuna.Study, spec: SweepSpec, storage_url: str, tr
                    storage_url=storage_url)
     direction = "maximize" if search.directions[0] == optuna.study.StudyDirection.MAXIMIZE else "minimize"
     metric, *others = objectives(spec.cfg)
-    result = analyse(confirm, metric, direction, tracker, spec.cfg.sweep.confirm.n_resamples, others)
+    result = analyse(confirm, metric, direction, tracker, spec.cfg.sweep.confirm.n_resamples, spec.cfg.data, others)
     store(result, search, confirm, tracker, parent_id)
     return result

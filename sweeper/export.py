@@ -12,7 +12,7 @@ import yaml
 
 from critic.config import SpecError, one_of, to_dict
 from critic.sections import ExportFormat
-from sweeper.board import best_trials
+from sweeper.board import best_trials, candidate_name, split_text, trial_params
 from sweeper.confirm import stored_confirmation
 from sweeper.study import SweepSpec, config_for
 from sweeper.verl_export import verl_export
@@ -46,7 +46,7 @@ def confirmation_note(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> t
         confirmed = ", ".join(str(r["trial"]) for r in result["table"])
         return False, [f"NOT CONFIRMED: trial {trial.number} is not among the confirmed trials ({confirmed}); "
                        f"run `sweep.py confirm --trials {trial.number}`"]
-    measured = (f"confirmed over {row['seeds']} seeds x {row['n_pairs']} held-out pairs: {metric} = "
+    measured = (f"confirmed over {row['seeds']} seeds {split_text(result)}: {metric} = "
                 f"{row['mean_mean']:.4f} [{row['mean_low']:.4f}, {row['mean_high']:.4f}]")
     if row["config"] == "baseline":
         return True, [measured + " (this is the baseline)"]
@@ -65,7 +65,7 @@ def _baseline_trial(result: dict) -> int:
 
 def trial_spec(spec: SweepSpec, trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
     """The complete spec of a trial: base spec + its params, without the sweep section's search."""
-    out = to_dict(config_for(spec, trial.params, f"trial {trial.number}"))
+    out = to_dict(config_for(spec, trial_params(trial), f"trial {trial.number}"))
     out.pop("sweep", None)
     return out
 
@@ -76,13 +76,14 @@ def render(spec: SweepSpec, trial: optuna.trial.FrozenTrial, fmt: str, verl_vers
 
     `weights`: the directory the trial's saved critic was written to (a LoRA trial's adapter is in weights/adapter).
     """
-    header = (f"trial {trial.number} of study {spec.cfg.sweep.study_name}: search value(s) {trial.values} (one seed), "
-              f"params {trial.params}" + "".join(f"\n# {line}" for line in confirmation))
+    name = f" (your planned change {candidate_name(trial)!r})" if candidate_name(trial) is not None else ""
+    header = (f"trial {trial.number}{name} of study {spec.cfg.sweep.study_name}: search value(s) {trial.values} "
+              f"(one seed), params {trial_params(trial)}" + "".join(f"\n# {line}" for line in confirmation))
     if fmt == "yaml":
         return f"# {header}\n# Runs as is: python sweep.py train THIS_FILE\n" + yaml.safe_dump(
             trial_spec(spec, trial), sort_keys=False)
     if fmt == "json":
-        return json.dumps({"trial": trial.number, "values": trial.values, "params": trial.params,
+        return json.dumps({"trial": trial.number, "values": trial.values, "params": trial_params(trial),
                            "confirmation": list(confirmation), "spec": trial_spec(spec, trial)}, indent=2)
     if fmt == "verl":  # sweeper/verl_export.py: verl's keys for that version, in verl's units
         exported = verl_export(spec, trial, verl_version, verl_worker, weights)

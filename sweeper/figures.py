@@ -58,8 +58,8 @@ def score_histograms(pair_scores: pd.DataFrame, path: Path) -> Path:
     return path
 
 
-def confirmation_intervals(table: pd.DataFrame, metric: str, path: Path) -> Path:
-    """Each finalist's difference to the baseline with its simultaneous interval (the verdict's), and zero."""
+def confirmation_intervals(table: pd.DataFrame, metric: str, path: Path, title: str = "Confirmation") -> Path:
+    """Each candidate's and finalist's difference to the baseline with its simultaneous interval (the verdict's)."""
     rows = table[table["config"] != "baseline"].reset_index(drop=True)
     fig = Figure(figsize=(7, 1.2 + 0.6 * max(len(rows), 1)), layout="constrained")
     ax = fig.subplots()
@@ -69,10 +69,11 @@ def confirmation_intervals(table: pd.DataFrame, metric: str, path: Path) -> Path
         ax.errorbar(row["diff_mean"], i, xerr=error,
                     fmt="o", capsize=4, color=colours.get(row["verdict"], "black"), label=row["verdict"])
     ax.axvline(0.0, color="black", linewidth=1)
-    ax.set_yticks(range(len(rows)), [f"trial {t}" for t in rows["trial"]])
+    ax.set_yticks(range(len(rows)), list(rows["config"]))  # trial-<n>, or a candidate's name
     ax.invert_yaxis()
     level = f"{rows['diff_level'].iloc[0]:.1%} simultaneous" if len(rows) and "diff_level" in rows else "95%"
-    ax.set(xlabel=f"{metric}: finalist - baseline ({level} interval, seeds x prompts)", title="Confirmation")
+    ax.set(xlabel=f"{metric}: config - baseline ({level} interval, seeds x prompts)")
+    ax.set_title(title, fontsize=9, wrap=True)
     handles, labels = ax.get_legend_handles_labels()
     unique = dict(zip(labels, handles))
     if unique:

@@ -24,14 +24,14 @@ import pandas as pd
 import torch
 import yaml
 
-from critic.config import ExperimentConfig, SpecError, flatten, to_dict
+from critic.config import CONFIRM_SET, ExperimentConfig, SpecError, flatten, to_dict
 from critic.data import resolve_path
 from critic.reporting import FanoutReporter, Reporter
 from critic.train import NonFiniteError, TrialOutOfMemory
 from critic.trial import TrialResult, run_trial
 from sweeper import figures, pruning
-from sweeper.confirm import seed_overrides
-from sweeper.runs_view import SORT_TAG, run_color, run_name, sort_key
+from sweeper.confirm import confirmation_metric, confirmation_overrides
+from sweeper.runs_view import SORT_TAG, confirm_run_name, run_color, run_name, sort_key
 from sweeper.signals import raise_if_stop_requested, resume_signals
 from sweeper.space import suggest
 from sweeper.stores import mask
@@ -49,15 +49,18 @@ class TrialFailure(RuntimeError):
 class OptunaReporter(Reporter):
     """Reports the objective at every evaluation and raises TrialPruned, with the pruner's reason, when it says so.
 
-    The trial carries what the pruner needs (sweeper/pruning.py): the first step it may be compared at (its own
-    lr warmup plus one evaluation) and, for the paired test, its per-prompt held-out outcomes at each evaluation.
+    `report`: single-objective studies only (Optuna's intermediate values); `prune`: whether the pruner may stop
+    this trial (never your own configs: the baseline and the candidates run to the end). Every reporting trial
+    carries what the pruner needs (sweeper/pruning.py), protected ones too since others are compared with them:
+    the first step it may be compared at (its own lr warmup plus one evaluation) and, for the paired test, its
+    per-prompt held-out outcomes at each evaluation.
     """
 
-    def __init__(self, trial: optuna.Trial, objective: str, prune: bool, cfg: ExperimentConfig) -> None:
-        self.trial, self.objective, self.prune = trial, objective, prune
+    def __init__(self, trial: optuna.Trial, objective: str, report: bool, prune: bool, cfg: ExperimentConfig) -> None:
+        self.trial, self.objective, self.report, self.prune = trial, objective, report, prune
         self.last_step = 0
-        self.prompt_values = prune and pruning.wants_prompt_values(trial.study.pruner)
-        if prune:
+        self.prompt_values = report and pruning.wants_prompt_values(trial.study.pruner)
+        if report:
             trial.set_user_attr(pruning.FROM_STEP_ATTR, pruning.first_comparable_step(cfg))
 
     def log_train(self, step: int, metrics: dict[str, float]) -> None:
@@ -67,12 +70,12 @@ class OptunaReporter(Reporter):
                  final: bool = False) -> None:
         self.last_step = step
         value = metrics.get(self.objective)
-        if not self.prune or value is None or not math.isfinite(value):
+        if not self.report or value is None or not math.isfinite(value):
             return
         if self.prompt_values and pair_scores is not None:
             pruning.record_prompt_values(self.trial, step, pair_scores, self.objective)
         self.trial.report(value, step)
-        if not final and self.trial.should_prune():  # the final evaluation: trained to the end, a complete result
+        if self.prune and not final and self.trial.should_prune():  # final: trained to the end, a complete result
             decision = pruning.decision_for(self.trial.study.pruner, self.trial.number)
             if decision is None:  # a pruner built elsewhere (tests)
                 decision = pruning.Decision("pruned by the pruner",
@@ -101,21 +104,29 @@ class Objective:
         self.raw, self.cfg, self.entries, self.tracker = raw, cfg, entries, tracker
         self.parent_run_id, self.tags, self.progress = parent_run_id, tags, progress
         self.names = objectives(cfg)
-        self.prune = len(self.names) == 1  # report even without a pruner: intermediate-value plots use it
+        self.report = len(self.names) == 1  # report even without a pruner: intermediate-value plots use it
+
+    def _names(self, trial: optuna.Trial) -> list[str]:
+        """The metrics this trial returns: the objectives; a confirmation run's on the confirmation split."""
+        if trial.user_attrs.get("stage") == "confirm":
+            return [confirmation_metric(name, self.cfg.data) for name in self.names]
+        return self.names
 
     def __call__(self, trial: optuna.Trial) -> float | list[float]:
         run_id: str | None = None  # everything below is inside `try`: an interrupt at any point is recorded
         status, state, started = "FAILED", "FAIL", time.time()
         try:
-            sampled = suggest(trial, self.entries, flatten(self.cfg))
-            seeds = seed_overrides(self.cfg, int(trial.user_attrs.get("seed_index", 0)))  # confirmation runs
-            cfg = trial_config(self.raw, {**sampled, **seeds}, "sweep")
+            extra = trial.user_attrs.get("extra_params", {})  # a candidate's values outside the space: not sampled
+            sampled = suggest(trial, self.entries, flatten(self.cfg), fixed=extra)
+            confirming = confirmation_overrides(self.cfg, int(trial.user_attrs.get("seed_index", 0)))
+            cfg = trial_config(self.raw, {**sampled, **extra, **confirming}, "sweep")
             run_id = self._open_run(trial, cfg, sampled)
             resume_signals()  # signals were deferred since the claim (runner.py): now the run exists to be KILLED
             result = self._run_with_oom_retry(trial, cfg, run_id)
-            values = [result.metrics.get(name, math.nan) for name in self.names]
+            names = self._names(trial)
+            values = [result.metrics.get(name, math.nan) for name in names]
             if not all(math.isfinite(v) for v in values):
-                raise TrialFailure(f"non-finite objective {dict(zip(self.names, values))}")
+                raise TrialFailure(f"non-finite objective {dict(zip(names, values))}")
             self._record_success(trial, cfg, run_id, result)
             status, state = "FINISHED", "COMPLETE"
             return values[0] if len(values) == 1 else values
@@ -151,15 +162,17 @@ class Objective:
         """The trial's MLflow child run, with the resolved config as params; its id goes to the trial's attrs."""
         stage = trial.user_attrs.get("stage", "search")
         baseline = bool(trial.user_attrs.get("baseline", False))
+        candidate = trial.user_attrs.get("candidate")
         tags = {**self.tags, "sweep.sampled_params": ",".join(sampled), "sweep.stage": stage,
                 "sweep.baseline": str(baseline).lower(), SORT_TAG: self._sort_key(trial, "RUNNING"),
-                "mlflow.runColor": run_color(trial.number, baseline)}
-        name = run_name(trial.number, sampled, baseline)
+                "mlflow.runColor": run_color(trial.number, baseline),
+                **({"sweep.candidate": candidate} if candidate is not None else {})}
+        name = run_name(trial.number, sampled, baseline, candidate)
         if stage == "confirm":
             seed = trial.user_attrs["seed_index"]
             tags.update({"sweep.seed_index": seed, "sweep.confirm_config": trial.user_attrs["confirm_config"],
                          "sweep.confirm_of_trial": trial.user_attrs["config_trial"]})
-            name = f"confirm-{trial.user_attrs['confirm_config']}-seed{seed}"
+            name = confirm_run_name(trial.user_attrs["confirm_config"], seed)
         run_id = self.tracker.child_run(self.parent_run_id, trial.number, tags, run_name=name,
                                         nested=stage == "confirm")
         trial.set_user_attr("mlflow_run_id", run_id)
@@ -178,6 +191,8 @@ class Objective:
             return sort_key("confirm")
         if trial.user_attrs.get("baseline", False):
             return sort_key("baseline")
+        if trial.user_attrs.get("candidate") is not None:
+            return sort_key("candidate", trial.number)
         if state != "COMPLETE":
             return sort_key({"RUNNING": "running", "PRUNED": "pruned"}.get(state, "failed"))
         value = json.loads(trial.user_attrs.get("metrics", "{}")).get(self.names[0])
@@ -192,7 +207,9 @@ class Objective:
         """
         for attempt in range(2):
             mlflow_reporter = MlflowReporter(self.tracker, run_id)
-            reporter = FanoutReporter(mlflow_reporter, OptunaReporter(trial, self.names[0], self.prune, cfg))
+            protected = trial.user_attrs.get("baseline") or trial.user_attrs.get("candidate") is not None
+            reporter = FanoutReporter(mlflow_reporter, OptunaReporter(trial, self._names(trial)[0], self.report,
+                                                                      self.report and not protected, cfg))
             try:
                 result = self._run_engine(cfg, reporter)
                 result.train_history = mlflow_reporter.train_history  # type: ignore[attr-defined]
@@ -222,10 +239,12 @@ class Objective:
                          keep_model=cfg.train.save_checkpoint or self.cfg.sweep.save_best_checkpoint)
 
     def _log_datasets(self, cfg: ExperimentConfig, run_id: str, result: TrialResult) -> None:
-        """Each data file as an MLflow dataset input with its digest (val is a split of the train file)."""
-        specs = {"train": cfg.data.train_path, "val": cfg.data.train_path, **cfg.data.eval_sets}
+        """Each data file as an MLflow dataset input with its digest (val and confirm are splits of the train file)."""
+        splits = ["val", *([CONFIRM_SET] if cfg.eval.confirm_split else [])]
+        specs = {"train": cfg.data.train_path, **{name: cfg.data.train_path for name in splits}, **cfg.data.eval_sets}
         frames = {}
-        for name, digest in {"val": result.data_digests.get("train", ""), **result.data_digests}.items():
+        for name, digest in {**{s: result.data_digests.get("train", "") for s in splits},
+                             **result.data_digests}.items():
             path = str(resolve_path(specs[name], cfg.data.cache_dir))  # demo:<name> -> its parquet file
             frames[name] = (pd.DataFrame({"path": [path], "digest": [digest]}), path, digest)
         self.tracker.log_datasets(run_id, frames)
@@ -246,7 +265,7 @@ class Objective:
         summary = {k: result.metrics[k] for k in SUMMARY_KEYS if k in result.metrics}
         self.tracker.log_metrics(run_id, [_metric(k, v, int(result.metrics["train/steps"])) for k, v in summary.items()]
                                  + [_metric(f"timing/{k}", v, 0) for k, v in result.timings.items()])
-        key_metrics = {k: v for k, v in result.metrics.items() if k.endswith("/d_acc") or k in self.names}
+        key_metrics = {k: v for k, v in result.metrics.items() if k.endswith("/d_acc") or k in self._names(trial)}
         key_metrics.update(summary)
         trial.set_user_attr("metrics", json.dumps(key_metrics))
         eval_sets = list(dict.fromkeys(result.pair_scores["set"]))

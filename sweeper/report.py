@@ -21,12 +21,14 @@ from mlflow import MlflowClient
 from optuna.trial import TrialState
 from plotly.subplots import make_subplots
 
+from sweeper.board import trial_params
 from sweeper.report_data import KINDS, ReportData, gather, running_best
 from sweeper.stores import DEFAULT_ROOT
 
 # kind -> (legend label, colour, width, opacity): highlighted lines stand out, pruned and failed fade
 STYLE = {
     "baseline": ("baseline", "black", 3.5, 1.0),
+    "candidate": ("candidate", "#2ca02c", 2.5, 1.0),
     "best": ("best", "#d62728", 2.5, 1.0),
     "complete": ("complete", "#1f77b4", 1.2, 0.55),
     "pruned": ("pruned", "#7f7f7f", 1.0, 0.25),
@@ -34,6 +36,7 @@ STYLE = {
     "running": ("running", "#bcbd22", 1.0, 0.35),
 }
 _COLUMNS = 3
+CANDIDATE_COLOURS = ("#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b", "#e377c2")  # one per planned change
 
 
 def report_path(storage_url: str, study_name: str) -> Path:
@@ -44,9 +47,11 @@ def report_path(storage_url: str, study_name: str) -> Path:
     return folder / f"{study_name}-report.html"
 
 
-def _label(kind: str, number: int, multi: bool) -> str:
+def _label(kind: str, number: int, multi: bool, data: ReportData) -> str:
     if kind == "baseline":
         return f"baseline (trial {number})"
+    if kind == "candidate":
+        return f"candidate {data.candidates[number]!r} (trial {number})"
     if kind == "best":
         return "Pareto front" if multi else f"best (trial {number})"
     return STYLE[kind][0]
@@ -67,7 +72,9 @@ def curves_figure(data: ReportData, keys: list[str], title: str) -> go.Figure:
                 continue
             steps, values = trial.curves[key]
             _, colour, width, opacity = STYLE[trial.kind]
-            label = _label(trial.kind, trial.number, multi)
+            if trial.kind == "candidate":  # each planned change its own colour
+                colour = CANDIDATE_COLOURS[sorted(data.candidates).index(trial.number) % len(CANDIDATE_COLOURS)]
+            label = _label(trial.kind, trial.number, multi, data)
             figure.add_trace(go.Scattergl(
                 x=steps, y=values, mode="lines", name=label, legendgroup=trial.kind, showlegend=label not in shown,
                 line={"color": colour, "width": width}, opacity=opacity, meta={"trial": trial.number,
@@ -87,12 +94,14 @@ def objective_figure(data: ReportData) -> go.Figure:
     for index, (name, direction) in enumerate(zip(data.objectives, data.directions)):
         values = [t.values[index] if t.state == TrialState.COMPLETE and t.values else math.nan for t in data.trials]
         numbers = [t.number for t in data.trials]
-        for kind in ("complete", "best", "baseline"):
+        for kind in ("complete", "candidate", "best", "baseline"):
             chosen = [(n, v) for n, v in zip(numbers, values) if data.kinds[n] == kind and math.isfinite(v)]
             if chosen:
                 figure.add_trace(go.Scatter(
                     x=[n for n, _ in chosen], y=[v for _, v in chosen], mode="markers",
-                    name=_label(kind, chosen[0][0], len(data.objectives) > 1) if kind != "complete" else "complete",
+                    name=_label(kind, chosen[0][0], len(data.objectives) > 1, data) if kind in ("best", "baseline")
+                    else {"complete": "complete", "candidate": "your planned changes"}[kind],
+                    text=[data.candidates.get(n, "") for n, _ in chosen],
                     legendgroup=kind, showlegend=index == 0, meta={"kind": kind, "objective": name},
                     marker={"color": STYLE[kind][1], "size": 11 if kind != "complete" else 7}), row=index + 1, col=1)
         pruned = [(t.number, t.intermediate_values[max(t.intermediate_values)]) for t in data.trials
@@ -129,13 +138,13 @@ def optuna_figure(study: optuna.Study, data: ReportData, name: str) -> tuple[go.
 
 
 def comparison_table(data: ReportData) -> str:
-    """Best vs baseline: the numbers and layout of `run`'s summary table, as HTML."""
+    """Best vs baseline and your candidates: the numbers and layout of `run`'s summary table, as HTML."""
     head = "".join(f"<th>{html.escape(name)}</th>" for name, _, _ in data.comparison)
     rows = [("trial", [str(t.number) if t else "-" for _, t, _ in data.comparison]),
             ("state", [t.state.name if t else "-" for _, t, _ in data.comparison])]
     keys = sorted(set().union(*[m.keys() for _, _, m in data.comparison]))
     rows += [(key, [f"{m.get(key, math.nan):.4f}" for _, _, m in data.comparison]) for key in keys]
-    rows += [(key, [str(t.params.get(key, "-")) if t else "-" for _, t, _ in data.comparison])
+    rows += [(key, [str(trial_params(t).get(key, "-")) if t else "-" for _, t, _ in data.comparison])
              for key in data.param_keys]
     body = "".join(f"<tr><th>{html.escape(k)}</th>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>"
                    for k, cells in rows)
@@ -146,10 +155,10 @@ def confirmation_section(data: ReportData) -> str:
     if not data.confirmation:
         return "<p class='note'>not confirmed yet: `sweep.py confirm` re-runs the finalists and the baseline " \
                "with new seeds and gives a verdict.</p>"
-    from sweeper.board import format_table
+    from sweeper.board import format_table, split_text
     result = data.confirmation
     return (f"<p>on {html.escape(result['metric'])}, {len(result['seeds'])} new seeds per config, paired with the "
-            f"baseline; 95% intervals over seeds and held-out pairs</p>"
+            f"baseline; 95% intervals over seeds and held-out pairs; scored {html.escape(split_text(result))}</p>"
             f"<pre id='confirmation-table'>{html.escape(format_table(result))}</pre>"
             f"<pre id='verdict'>{html.escape(result['verdict'])}</pre>")
 
@@ -172,7 +181,8 @@ def render(study: optuna.Study, data: ReportData) -> str:
     sections = [f"<h1>Study {html.escape(data.study_name)}</h1><p>{len(data.trials)} trials: {_counts(data)}. "
                 f"Objective: " + ", ".join(f"{html.escape(o)} ({d})" for o, d in zip(data.objectives, data.directions))
                 + f". Generated {time.strftime('%Y-%m-%d %H:%M:%S')}.</p>"]
-    sections.append("<h2>Best vs baseline (search, one seed per trial)</h2>" + comparison_table(data))
+    sections.append("<h2>Best vs baseline and your planned changes (search, one seed per trial)</h2>"
+                    + comparison_table(data))
     sections.append("<h2>Confirmation</h2>" + confirmation_section(data))
     sections.append("<h2>Objective</h2>" + fig(objective_figure(data), "objective"))
     for keys, title, div_id in ((data.train_keys, "Training curves (first row: critic/avg_*, the mean over the last "

@@ -18,14 +18,14 @@ from mlflow import MlflowClient
 from optuna.trial import FrozenTrial, TrialState
 
 from critic.reporting import TRAILING, trailing_name
-from sweeper.board import best_trials
+from sweeper.board import best_trials, candidate_name, trial_params
 
 TRAIN_CURVES = (*map(trailing_name, TRAILING), *TRAILING)  # the trailing means first (the trend), then each step
 MAX_POINTS = 150  # per curve: enough to see a trend, small enough for hundreds of trials
 _RUN_PAGE = 1000
 _IDS_PER_QUERY = 500  # run ids per SQL `IN (...)`
 _NOT_HELD_OUT = ("critic", "train", "perf", "timing", "data", "sweep")  # metric prefixes that are not eval sets
-KINDS = ("baseline", "best", "complete", "pruned", "failed", "running")  # drawing order: highlighted last
+KINDS = ("baseline", "candidate", "best", "complete", "pruned", "failed", "running")  # drawing order: highlighted last
 
 
 @dataclass(frozen=True)
@@ -43,6 +43,7 @@ class ReportData:
     directions: list[str]
     trials: list[FrozenTrial]
     kinds: dict[int, str]  # trial number -> one of KINDS
+    candidates: dict[int, str]  # trial number -> the name of the planned change it runs (sweep.candidates)
     curves: list[TrialCurves]
     train_keys: list[str]
     heldout_keys: list[str]
@@ -52,21 +53,26 @@ class ReportData:
 
 
 def best_vs_baseline(study: optuna.Study) -> list[tuple[str, FrozenTrial | None, dict[str, float]]]:
-    """[("best", trial, metrics), ("baseline", trial, metrics)]: the trials' stored metrics (user attr `metrics`)."""
+    """[("best", trial, metrics), ("baseline", trial, metrics), then (name, trial, metrics) per candidate]: the
+    trials' stored metrics (user attr `metrics`)."""
     best = best_trials(study)
-    baseline = [t for t in study.get_trials(deepcopy=False) if t.user_attrs.get("baseline")]
+    trials = study.get_trials(deepcopy=False)
+    baseline = [t for t in trials if t.user_attrs.get("baseline")]
     columns = [("best", best[0] if best else None), ("baseline", baseline[0] if baseline else None)]
+    columns += list({candidate_name(t): t for t in trials if candidate_name(t) is not None}.items())
     return [(name, t, json.loads(t.user_attrs.get("metrics", "{}")) if t else {}) for name, t in columns]
 
 
 def trial_kinds(study: optuna.Study) -> dict[int, str]:
-    """baseline and best (the Pareto front when multi-objective) first, else by state."""
+    """baseline, candidates and best (the Pareto front when multi-objective) first, else by state."""
     best = {t.number for t in best_trials(study)}
     by_state = {TrialState.COMPLETE: "complete", TrialState.PRUNED: "pruned", TrialState.FAIL: "failed"}
     kinds = {}
     for trial in study.get_trials(deepcopy=False):
         if trial.user_attrs.get("baseline"):
             kinds[trial.number] = "baseline"
+        elif candidate_name(trial) is not None:
+            kinds[trial.number] = "candidate"
         elif trial.number in best:
             kinds[trial.number] = "best"
         else:
@@ -131,7 +137,7 @@ def param_order(study: optuna.Study) -> list[str]:
     except (KeyError, TypeError, ValueError):
         keys = []
     for trial in study.get_trials(deepcopy=False):
-        keys += [k for k in trial.params if k not in keys]
+        keys += [k for k in trial_params(trial) if k not in keys]
     return keys
 
 
@@ -163,8 +169,9 @@ def gather(study: optuna.Study, client: MlflowClient) -> ReportData:
     except (KeyError, TypeError, ValueError):
         names = [f"objective {i}" for i in range(len(directions))]
     names = names if isinstance(names, list) else [names]
-    return ReportData(study.study_name, names, directions, trials, kinds, curves, train_keys, heldout_keys,
-                      best_vs_baseline(study), param_order(study), stored_confirmation(study))
+    candidates = {t.number: candidate_name(t) for t in trials if candidate_name(t) is not None}
+    return ReportData(study.study_name, names, directions, trials, kinds, candidates, curves, train_keys,
+                      heldout_keys, best_vs_baseline(study), param_order(study), stored_confirmation(study))
 
 
 def running_best(values: list[float], maximize: bool) -> list[float]:

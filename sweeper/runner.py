@@ -17,7 +17,7 @@ from mlflow.entities import Metric
 from optuna.trial import TrialState
 from tqdm.auto import tqdm
 
-from sweeper.board import best_trials, count_failures, leaderboard, show_bars, trial_line  # noqa: F401
+from sweeper.board import best_trials, count_failures, leaderboard, show_bars, trial_line, trial_params  # noqa: F401
 from sweeper.objective import Objective, TrialFailure, save_checkpoint_dir
 from sweeper.signals import defer_signals, raise_if_stop_requested, resume_signals
 from sweeper.stores import StorageLock
@@ -138,7 +138,7 @@ def _maybe_save_best(study, objective: Objective, spec: SweepSpec, tracker: Trac
     last = study.trials[-1]
     best = best_trials(study)
     if last.state == TrialState.COMPLETE and best and best[0].number == last.number:
-        cfg = config_for(spec, last.params, "best trial")
+        cfg = config_for(spec, trial_params(last), "best trial")
         with tempfile.TemporaryDirectory() as tmp:
             folder = save_checkpoint_dir(result, cfg, Path(tmp) / "best_checkpoint")
             tracker.log_dir(parent_id, folder, "best_checkpoint")

@@ -10,19 +10,16 @@ matches every listed value.
 
 from __future__ import annotations
 
-import dataclasses
-import typing
 from dataclasses import dataclass
 from typing import Any
 
 import optuna
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 
-from critic.config import ExperimentConfig, SpecError, coerce
+from critic.config import SpecError, coerce, field_hint
 
 _ENTRY_KEYS = {"float": {"low", "high", "log", "step"}, "int": {"low", "high", "log", "step"},
                "categorical": {"choices"}}
-TUNABLE_SECTIONS = ("data", "model", "score", "loss", "train", "verl", "eval")
 
 
 @dataclass(frozen=True)
@@ -34,22 +31,7 @@ class SpaceEntry:
 
 def _field_hint(key: str) -> Any:
     """The type hint of a search-space key: section.field, or section.block.field inside a nested block."""
-    if key.count(".") < 1:
-        raise SpecError(f"sweep.search_space: key {key!r} must be section.field, e.g. train.lr")
-    section, *names = key.split(".")
-    if section not in TUNABLE_SECTIONS:
-        raise SpecError(f"sweep.search_space: key {key!r}: section must be one of {', '.join(TUNABLE_SECTIONS)}")
-    hint, where = typing.get_type_hints(ExperimentConfig)[section], section
-    for name in names:  # model.lora.rank: ModelConfig -> LoraConfig -> int
-        hints = typing.get_type_hints(hint) if dataclasses.is_dataclass(hint) else {}
-        if name not in hints:
-            raise SpecError(f"sweep.search_space: unknown key {key!r}. Valid keys in '{where}': "
-                            f"{', '.join(sorted(hints)) or 'none (it is not a block of keys)'}")
-        hint, where = hints[name], f"{where}.{name}"
-    if dataclasses.is_dataclass(hint):
-        raise SpecError(f"sweep.search_space: key {key!r} is a block; sample one of its keys, e.g. "
-                        f"{key}.{next(iter(typing.get_type_hints(hint)))}")
-    return hint
+    return field_hint(key, "sweep.search_space", verb="sample")
 
 
 def to_distribution(key: str, entry: Any) -> BaseDistribution:
@@ -116,11 +98,17 @@ def condition_holds(entry: SpaceEntry, resolved: dict[str, Any]) -> bool:
     return all(resolved.get(k) == v for k, v in entry.when)
 
 
-def suggest(trial: optuna.Trial, entries: list[SpaceEntry], base_flat: dict[str, Any]) -> dict[str, Any]:
-    """Sample the active parameters of one trial; returns {key: value} overrides."""
-    resolved, sampled = dict(base_flat), {}
+def suggest(trial: optuna.Trial, entries: list[SpaceEntry], base_flat: dict[str, Any],
+            fixed: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Sample the active parameters of one trial; returns {key: value} overrides.
+
+    `fixed`: values this trial sets outside Optuna (a candidate's keys outside the space or its ranges): they are
+    not sampled, and `when` conditions see them.
+    """
+    fixed = fixed or {}
+    resolved, sampled = {**base_flat, **fixed}, {}
     for entry in entries:
-        if not condition_holds(entry, resolved):
+        if entry.key in fixed or not condition_holds(entry, resolved):
             continue
         value = _suggest_one(trial, entry.key, entry.distribution)
         resolved[entry.key] = sampled[entry.key] = value

@@ -17,6 +17,7 @@ import optuna
 from optuna.trial import TrialState
 
 from critic.config import (
+    CONFIRM_SET,
     ExperimentConfig,
     SpecError,
     SweepConfig,
@@ -28,6 +29,7 @@ from critic.config import (
 )
 from critic.metrics import PAIR_METRICS
 from sweeper.board import CONFIRM_SUFFIX, load_study, state_counts  # noqa: F401  (re-exported; board reads studies)
+from sweeper.candidates import Candidate, check_fixed_keys, enqueue_candidates, resolve_candidates
 from sweeper.pruning import check_pruner, make_pruner
 from sweeper.space import SpaceEntry, check_effective, check_in_space, parse_space, space_signature
 from sweeper.stores import StorageLock, make_storage, mask
@@ -46,6 +48,7 @@ class SweepSpec:
     entries: list[SpaceEntry]
     source: str
     warnings: list[str] = field(default_factory=list)  # ranges that partly cannot take effect (printed by run/init)
+    candidates: list[Candidate] = field(default_factory=list)  # sweep.candidates, as enqueued
 
 
 def _check_objectives(cfg: ExperimentConfig, source: str) -> None:
@@ -56,6 +59,10 @@ def _check_objectives(cfg: ExperimentConfig, source: str) -> None:
     sets = {"val", *cfg.data.eval_sets}
     for name in names:
         set_name, _, metric = name.partition("/")
+        if set_name == CONFIRM_SET:
+            raise SpecError(f"{source}: sweep.objective {name!r}: the search never scores the confirmation split "
+                            f"(it is kept for the confirmation stage, which compares val/<metric> there); use "
+                            f"val/{metric}")
         if name not in _TRAIN_METRICS and not (set_name in sets and metric in _EVAL_METRICS):
             raise SpecError(f"{source}: sweep.objective {name!r} is not a metric the engine reports; use "
                             f"<set>/<metric> with set in {sorted(sets)} and metric in {sorted(_EVAL_METRICS)}, "
@@ -85,6 +92,11 @@ def load_sweep_spec(path: str, overrides: list[str] | None = None, raw: dict | N
     raw = apply_overrides(raw if raw is not None else read_spec(path), overrides or [])
     cfg = build_config(raw, source)
     _check_objectives(cfg, source)
+    check_fixed_keys(list(cfg.sweep.search_space), f"{source}: sweep.search_space")
+    check_fixed_keys(list(cfg.sweep.baseline), f"{source}: sweep.baseline")
+    if cfg.eval.confirm_split:
+        raise SpecError(f"{source}: eval.confirm_split is for the confirmation stage's own runs (search trials never "
+                        f"score the confirmation split); remove it from the spec")
     entries = parse_space(cfg.sweep.search_space)
     if not entries:
         raise SpecError(f"{source}: sweep.search_space is empty; add entries like "
@@ -97,7 +109,8 @@ def load_sweep_spec(path: str, overrides: list[str] | None = None, raw: dict | N
         for value in values:
             build_config(apply_overrides(raw, {entry.key: value}), f"{source} (search_space {entry.key}={value})")
     build_config(apply_overrides(raw, cfg.sweep.baseline), f"{source} (sweep.baseline)")
-    return SweepSpec(raw, cfg, entries, source, warnings_)
+    candidates = resolve_candidates(raw, cfg, entries, source)
+    return SweepSpec(raw, cfg, entries, source, warnings_, candidates)
 
 
 def config_for(spec: SweepSpec | dict[str, Any], params: dict[str, Any], source: str) -> ExperimentConfig:
@@ -179,6 +192,7 @@ def _init_study(spec: SweepSpec, storage_url: str, tracking_uri: str, study_name
         study.set_user_attr("mlflow_experiment_id", tracker.experiment_id)
         if spec.cfg.sweep.baseline:
             study.enqueue_trial(spec.cfg.sweep.baseline, user_attrs={"baseline": True})
+        enqueue_candidates(study, spec.candidates)  # right after the baseline
         tracker.log_params(parent_id, {"study": name, "n_trials": spec.cfg.sweep.n_trials,
                                        "storage": mask(storage_url), "search_space": spec.cfg.sweep.search_space})
     return study, tracker, parent_id

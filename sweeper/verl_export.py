@@ -16,6 +16,7 @@ import optuna
 
 from critic.config import ExperimentConfig, SpecError, flatten
 from critic.verl_units import verl_steps
+from sweeper.board import trial_params
 from sweeper.study import SweepSpec, config_for
 
 DEFAULT_VERSION = "0.9"  # the current verl release (0.9.1 on PyPI)
@@ -205,8 +206,8 @@ def verl_export(spec: SweepSpec, trial: optuna.trial.FrozenTrial, version: str |
     `weights`: a directory holding the trial's saved critic (`sweep.py export --weights`), for a LoRA trial's adapter.
     """
     short, keys, worker = resolve_version(version, worker)
-    cfg = config_for(spec, trial.params, f"trial {trial.number}")
-    swept = set(trial.params)
+    cfg = config_for(spec, trial_params(trial), f"trial {trial.number}")
+    swept = set(trial_params(trial))
     out = VerlExport(short, worker)
     t = cfg.train
     out.add("critic.optim.lr", t.lr)

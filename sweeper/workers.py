@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from sweeper import study as study_mod
 from sweeper.board import show_bars, trial_line
+from sweeper.candidates import ATTRS as CANDIDATE_ATTRS
 from sweeper.confirm import STAGE_ATTRS, ConfirmPlan
 from sweeper.runner import SweepStopped, best_trials, run_trials
 from sweeper.signals import stop_on_signals
@@ -33,7 +34,7 @@ from sweeper.stores import without_password
 
 ROOT = Path(__file__).resolve().parents[1]
 # user attrs a re-queued trial inherits; the rest belong to the dead attempt
-_KEEP_ON_RETRY = ("baseline", *STAGE_ATTRS)
+_KEEP_ON_RETRY = ("baseline", *CANDIDATE_ATTRS, *STAGE_ATTRS)
 
 
 class CloseAndRetry:

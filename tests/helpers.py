@@ -35,8 +35,9 @@ def demo_pairs(path: Path, n: int, name: str = "train") -> Path:
 def tiny_config(train_path: Path, cache_dir: Path, overrides: dict[str, Any] | None = None) -> ExperimentConfig:
     """A spec small enough for a CPU test: tiny preset, short sequences, 4-pair steps, one torch thread."""
     raw = {
+        # No confirmation split: an engine test's 16-48 pairs would leave it a pair or two (or none, an error).
         "data": {"train_path": str(train_path), "cache_dir": str(cache_dir), "val_fraction": 0.25,
-                 "max_prompt_length": 32, "max_response_length": 24},
+                 "confirm_fraction": 0.0, "max_prompt_length": 32, "max_response_length": 24},
         "model": {"preset": "tiny", "device": "cpu", "torch_threads": 1},
         "train": {"lr": 1e-3, "batch_size": 4, "micro_batch_size": 4, "max_steps": 3},
         "eval": {"every_steps": 2, "batch_size": 16},

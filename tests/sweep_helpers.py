@@ -19,11 +19,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def tiny_sweep_spec(tmp_path: Path, sweep: dict[str, Any] | None = None, n_pairs: int = 120,
                     extra: dict[str, Any] | None = None) -> Path:
-    """A spec whose trials take a few seconds: 120 demo pairs, short sequences, 6 steps, eval every 2."""
+    """A spec whose trials take a few seconds: 120 demo pairs (a quarter each for val and the confirmation split),
+    short sequences, 6 steps, eval every 2."""
     train = demo_pairs(tmp_path / "data" / "train.parquet", n_pairs)
     shifted = demo_pairs(tmp_path / "data" / "shifted.parquet", 40, name="shifted")
     spec = {
         "data": {"train_path": str(train), "eval_sets": {"shifted": str(shifted)}, "val_fraction": 0.25,
+                 "confirm_fraction": 0.25,
                  "max_prompt_length": 48, "max_response_length": 40, "cache_dir": str(tmp_path / "cache")},
         "model": {"preset": "tiny", "device": "cpu", "torch_threads": 1},
         "loss": {"adaptive_temperature": True},

@@ -136,6 +136,10 @@ def test_wrong_type_names_the_key_and_the_value(tmp_path, text, message):
     ("train.max_steps=0", r"train\.max_steps must be >= 1 or null, got 0"),
     ("model.preset=null", r"set model\.path to a local checkpoint directory, or model\.preset: tiny"),
     ("data.eval_sets={val: other.parquet}", r"data\.eval_sets name 'val' is reserved; rename it"),
+    ("data.eval_sets={confirm: other.parquet}", r"data\.eval_sets name 'confirm' is reserved; rename it"),
+    ("data.confirm_fraction=-0.1", r"data\.confirm_fraction must be in \[0, 1\)"),
+    ("data.confirm_fraction=0.9", r"data\.confirm_fraction must be in \[0, 1\) and leave training prompts: "
+                                  r"val_fraction \+ confirm_fraction < 1, got 0\.1 \+ 0\.9"),
 ])
 def test_impossible_value_names_the_key_and_the_file(tmp_path, override, message):
     path = write_spec(tmp_path, "")
@@ -171,3 +175,51 @@ def test_invalid_yaml_file_is_a_spec_error(tmp_path):
 def test_spec_root_must_be_a_mapping(tmp_path):
     with pytest.raises(SpecError, match=r"the spec must be a mapping of sections, got list"):
         read_spec(write_spec(tmp_path, "- train\n- lr\n"))
+
+
+def test_scoring_the_confirmation_split_needs_one(tmp_path):
+    path = write_spec(tmp_path, "data:\n  confirm_fraction: 0\neval:\n  confirm_split: true\n")
+    with pytest.raises(SpecError, match=r"eval\.confirm_split needs a confirmation split: set data\.confirm_fraction"):
+        load_config(path)
+    assert load_config(path, ["data.confirm_fraction=0.1"]).eval.confirm_split is True
+
+
+# --- sweep.candidates: your planned changes ---------------------------------------------------------------------
+
+BASELINE = "  baseline: {train.lr: 3.0e-4, train.epochs: 1}\n"
+
+
+@pytest.mark.parametrize("candidates, message", [
+    ("[{params: {train.lrr: 1.0e-4}}]", r"sweep\.candidates\[0\]\.params: unknown key 'train\.lrr'\. Valid keys in "
+                                        r"'train': batch_size, betas"),
+    ("[{params: {sweep.n_trials: 3}}]", r"sweep\.candidates\[0\]\.params: key 'sweep\.n_trials': section must be "
+                                        r"one of data, model, score, loss, train, verl, eval"),
+    ("[{params: {model.lora: 8}}]", r"sweep\.candidates\[0\]\.params: key 'model\.lora' is a block; "
+                                     r"set one of its keys, e\.g\. model\.lora\."),
+    ("[{params: {train.epochs: 1.5}}]", r"sweep\.candidates\[0\]\.params\.train\.epochs must be an integer"),
+    ("[{name: x, parms: {train.epochs: 3}}]", r"sweep\.candidates\[0\]: unknown key\(s\) \['parms'\]\. Valid keys: "
+                                              r"name, params"),
+    ("[{name: x}]", r"sweep\.candidates\[0\] has no params; give the keys it changes"),
+    ("[{name: x, params: {train.epochs: 3}}, {name: x, params: {train.epochs: 2}}]",
+     r"sweep\.candidates\[1\]: the name 'x' is also candidate 0's; give each candidate its own name"),
+    ("[{params: {train.epochs: 3}}, {params: {train.epochs: 3}}]", r"sweep\.candidates\[1\]: the name 'epochs=3' is "
+                                                                     r"also candidate 0's"),
+    ("[{name: baseline, params: {train.epochs: 3}}]", r"sweep\.candidates\[0\]\.name 'baseline' is reserved"),
+    ("[{name: trial-4, params: {train.epochs: 3}}]", r"sweep\.candidates\[0\]\.name 'trial-4' is reserved"),
+    ("[{name: same, params: {train.epochs: 1}}]", r"sweep\.candidates\[0\] \('same'\) changes nothing: each of its "
+                                                  r"params equals sweep\.baseline's"),
+])
+def test_bad_candidates_name_the_entry_and_the_fix(tmp_path, candidates, message):
+    path = write_spec(tmp_path, f"sweep:\n{BASELINE}  candidates: {candidates}\n")
+    with pytest.raises(SpecError, match=rf"^{re.escape(str(path))}: {message}"):
+        load_config(path)
+
+
+def test_candidates_need_a_baseline_and_get_a_name_from_their_params(tmp_path):
+    with pytest.raises(SpecError, match=r"sweep\.candidates are changes to your current setting, compared with it: "
+                                        r"set sweep\.baseline too"):
+        load_config(write_spec(tmp_path, "sweep:\n  candidates: [{params: {train.epochs: 3}}]\n"))
+    cfg = load_config(write_spec(tmp_path, f"sweep:\n{BASELINE}  candidates: [{{params: {{train.lr: 1.0e-4, "
+                                           f"loss.adaptive_temperature: false}}}}, {{name: 3 epochs, params: "
+                                           f"{{train.epochs: 3}}}}]\n"))
+    assert [c.label for c in cfg.sweep.candidates] == ["lr=0.0001 adaptive_temperature=off", "3 epochs"]

@@ -50,7 +50,9 @@ def test_frozen_finalist_is_worse_and_a_twin_of_the_baseline_is_no_different(tmp
     assert rows[1]["verdict"] == "worse" and rows[1]["diff_high"] < 0, rows[1]
     assert rows[2]["diff_mean"] == 0.0 and rows[2]["verdict"] == "no difference"
     assert result["winner"] is None and "no finalist beats the baseline" in out.stdout
-    assert "worse than the baseline: trial 1" in out.stdout and "noise floor" in out.stdout
+    assert "finalist trial 1 (train.lr=1e-09) is worse than the baseline by" in out.stdout
+    assert "finalist trial 2 (train.lr=0.003) shows no difference from the baseline" in out.stdout
+    assert "noise floor" in out.stdout and "scored on the confirmation split" in out.stdout
 
     # Every confirmation run is a child of the study's parent run, tagged with stage and seed.
     client = MlflowClient(store_args(tmp_path)[3])

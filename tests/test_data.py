@@ -143,14 +143,28 @@ def repeated_prompts(n_distinct: int) -> list[str]:
 
 def test_split_puts_each_prompt_on_one_side_only():
     prompts = repeated_prompts(300)
-    train, val = split_by_prompt(prompts, 0.2, seed=0)
+    train, val, confirm = split_by_prompt(prompts, 0.2, seed=0)
+    assert len(confirm) == 0  # no confirm_fraction: the two-way split
     assert sorted(np.concatenate([train, val]).tolist()) == list(range(len(prompts)))
     assert not {prompts[i] for i in train} & {prompts[i] for i in val}
+
+
+def test_confirmation_split_shares_no_prompt_with_training_or_selection_data():
+    prompts = repeated_prompts(600)
+    train, val, confirm = split_by_prompt(prompts, 0.2, seed=0, confirm_fraction=0.15)
+    assert sorted(np.concatenate([train, val, confirm]).tolist()) == list(range(len(prompts)))
+    parts = [{prompts[i] for i in part} for part in (train, val, confirm)]
+    assert not parts[0] & parts[1] and not parts[0] & parts[2] and not parts[1] & parts[2]
+    assert abs(len(parts[2]) / 600 - 0.15) < 0.06  # binomial sd 0.015 over 600 distinct prompts
+    # Carving it leaves val as it was; the confirmation prompts come out of training.
+    old_train, old_val, _ = split_by_prompt(prompts, 0.2, seed=0)
+    assert np.array_equal(val, old_val) and sorted(np.concatenate([train, confirm])) == sorted(old_train)
 
 
 def test_split_is_deterministic_for_a_seed_and_changes_with_it():
     prompts = repeated_prompts(300)
     first, again = split_by_prompt(prompts, 0.2, seed=3), split_by_prompt(prompts, 0.2, seed=3)
+    assert np.array_equal(split_by_prompt(prompts, 0.2, 3, 0.1)[2], split_by_prompt(prompts, 0.2, 3, 0.1)[2])
     assert np.array_equal(first[1], again[1]) and np.array_equal(first[0], again[0])
     assert not np.array_equal(split_by_prompt(prompts, 0.2, seed=4)[1], first[1])
 
@@ -165,7 +179,7 @@ def test_split_does_not_depend_on_row_order():
 @pytest.mark.parametrize("val_fraction", [0.05, 0.2, 0.5])
 def test_split_holds_out_roughly_val_fraction_of_prompts(val_fraction):
     prompts = [f"prompt {i}" for i in range(4000)]
-    _, val = split_by_prompt(prompts, val_fraction, seed=0)
+    _, val, _ = split_by_prompt(prompts, val_fraction, seed=0)
     assert abs(len(val) / len(prompts) - val_fraction) < 0.03  # binomial sd is at most 0.008 here
 
 
@@ -173,13 +187,31 @@ def test_trial_data_splits_by_prompt_and_reports_counts(tmp_path, tiny_tokenizer
     rows = [(f"What is {i} + {i}?", f"{i} + {i} = {2 * i}.", f"Maybe {i}?") for i in range(40)]
     rows += rows[:10]  # ten prompts twice
     path = write_pairs(tmp_path / "pairs.parquet", rows)
-    data = load_trial_data(data_config(path, tmp_path, val_fraction=0.3), tiny_tokenizer, "tiny")
-    assert list(data.eval_sets) == ["val"]
-    assert not set(data.train.prompt_text) & set(data.eval_sets["val"].prompt_text)
-    assert len(data.train) + len(data.eval_sets["val"]) == 50
-    assert data.stats["data/train_pairs"] == len(data.train)
-    assert data.stats["data/val_pairs"] == len(data.eval_sets["val"])
+    data = load_trial_data(data_config(path, tmp_path, val_fraction=0.3, confirm_fraction=0.3), tiny_tokenizer,
+                           "tiny")
+    train, val, confirm = data.train, data.eval_sets["val"], data.confirm
+    assert list(data.eval_sets) == ["val"]  # what a search trial scores: the confirmation split is apart
+    assert list(data.heldout(confirm_split=True)) == ["val", "confirm"]
+    assert data.heldout(confirm_split=True)["confirm"] is confirm and confirm.name == "confirm"
+    texts = [set(part.prompt_text) for part in (train, val, confirm)]
+    assert not texts[0] & texts[1] and not texts[0] & texts[2] and not texts[1] & texts[2]
+    assert len(train) + len(val) + len(confirm) == 50 and min(len(train), len(val), len(confirm)) > 0
+    assert data.stats["data/train_pairs"] == len(train)
+    assert data.stats["data/val_pairs"] == len(val) and data.stats["data/confirm_pairs"] == len(confirm)
     assert data.stats["data/train_rows"] == 50.0 and data.stats["data/train_dropped_rows"] == 0.0
+
+
+def test_an_empty_confirmation_split_is_an_error_that_names_the_fix(tmp_path, tiny_tokenizer):
+    rows = [(f"prompt {i}", f"answer {i}", f"other {i}") for i in range(6)]
+    path = write_pairs(tmp_path / "pairs.parquet", rows)
+    train, val, confirm = split_by_prompt([r[0] for r in rows], 0.5, 0, confirm_fraction=0.01)
+    assert len(train) and len(val) and not len(confirm)  # six prompts: none lands in a 1% slice
+    with pytest.raises(DataError, match=r"confirm_fraction=0\.01 of 6 pairs leaves the confirmation split empty;"
+                                        r".*or set it to 0"):
+        load_trial_data(data_config(path, tmp_path, val_fraction=0.5, confirm_fraction=0.01), tiny_tokenizer, "tiny")
+    no_split = load_trial_data(data_config(path, tmp_path, val_fraction=0.5, confirm_fraction=0.0), tiny_tokenizer,
+                               "tiny")
+    assert no_split.confirm is None and no_split.stats["data/confirm_pairs"] == 0.0
 
 
 def test_too_few_prompts_to_split_is_an_error(tmp_path, tiny_tokenizer):

@@ -75,6 +75,7 @@ def test_generate_with_the_demo_actor_then_a_trial_trains_on_its_responses(tmp_p
                           make_demo_frame("train").head(16)[["content", "teacher_response"]])
     spec = tmp_path / "spec.yaml"
     spec.write_text(f"data:\n  train_path: {prompts}\n  cache_dir: {cache}\n  val_fraction: 0.25\n"
+                    f"  confirm_fraction: 0.0\n"
                     f"  max_prompt_length: 48\n  max_response_length: 24\n"
                     f"model: {{device: cpu, torch_threads: 1}}\n"
                     f"train: {{lr: 1.0e-3, batch_size: 4, micro_batch_size: 4, max_steps: 3}}\n"

@@ -243,7 +243,7 @@ def test_fold_fields_are_validated(data, match):
 
 def test_folds_partition_the_training_split_by_prompt(cache_dir, tmp_path):
     prompts = [f"prompt {i}" for i in range(300)]
-    train_idx, _ = split_by_prompt(prompts, 0.2, seed=0)
+    train_idx, _, _ = split_by_prompt(prompts, 0.2, seed=0)
     parts = [split_fold(prompts, train_idx, fold, 3, seed=0) for fold in range(3)]
     held_out = np.concatenate([held for _, held in parts])
     assert sorted(held_out) == sorted(train_idx)  # every training pair is held out exactly once

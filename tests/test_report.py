@@ -60,7 +60,8 @@ def test_run_writes_the_report_beside_the_stores_and_on_the_parent_run(swept):
     artifacts = {a.path for a in swept["client"].list_artifacts(_parent(swept["client"], swept["study"]).info.run_id,
                                                                 "report")}
     assert "report/tiny-report.html" in artifacts
-    assert "Confirmation on val/d_acc" in swept["run"].stdout and "id='verdict'" in path.read_text()
+    assert "Confirmation on confirm/d_acc" in swept["run"].stdout and "id='verdict'" in path.read_text()
+    assert "scored on the confirmation split" in path.read_text()  # the report says which pairs
 
 
 def test_report_is_self_contained_with_curves_objective_and_stored_numbers(swept, capsys):

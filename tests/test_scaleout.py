@@ -218,7 +218,8 @@ def test_sigint_stops_all_workers_cleanly_and_rerun_completes(tmp_path, tiny_cac
     # Every claimed trial has its run, KILLED, wherever the signal landed (before the claim's run existed, the
     # signal waits for it: sweeper/signals.py defer_signals; test_signal_between_claim_and_run_... below).
     statuses = {t.number: client.get_run(t.user_attrs["mlflow_run_id"]).info.status for t in interrupted}
-    assert set(statuses.values()) == {"KILLED"}, (statuses, [(t.number, t.state.name, t.user_attrs) for t in study.trials])
+    assert set(statuses.values()) == {"KILLED"}, (statuses, [(t.number, t.state.name, t.user_attrs)
+                                                             for t in study.trials])
     assert all(r.info.status != "RUNNING" for r in parents + children)
 
     rerun = cli(*command, cwd=tmp_path)

@@ -35,6 +35,9 @@ def main(args: argparse.Namespace) -> int:
     top = complete.sort_values("value", ascending=ascending).head(args.top)
     print("search (one seed per trial):")
     print(top.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    if "candidate" in board:  # your planned changes, whatever their rank
+        print("\nyour planned changes (sweep.candidates; search, one seed each):")
+        print(board[board["candidate"] != ""].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     confirmed = stored_confirmation(study)
     if confirmed:
         print_confirmation(confirmed)

@@ -135,9 +135,9 @@ def guarded(stages, study, tracker, parent_id: str):
 
 
 def print_confirmation(result: dict) -> None:
-    from sweeper.board import format_table
+    from sweeper.board import format_table, split_text
     print(f"\nConfirmation on {result['metric']} ({len(result['seeds'])} new seeds per config, paired with the "
-          f"baseline; 95% intervals over seeds and held-out pairs):")
+          f"baseline; 95% intervals over seeds and held-out pairs),\nscored {split_text(result)}:")
     print(format_table(result))
     print("\n" + result["verdict"])
 

@@ -43,8 +43,9 @@ def main(args: argparse.Namespace) -> int:
     confirm = spec.cfg.sweep.confirm
     top_k = confirm.top_k if args.top_k is None else args.top_k
     seeds = confirm.seeds if args.seeds is None else args.seeds
-    if seeds < 2 or (top_k < 1 and not args.trials):
-        raise SpecError(f"confirm needs --seeds >= 2 and --top-k >= 1 (or --trials); got seeds={seeds}, top_k={top_k}")
+    if seeds < 2 or (top_k < 1 and not args.trials and not spec.candidates):
+        raise SpecError(f"confirm needs --seeds >= 2 and --top-k >= 1 (or --trials, or sweep.candidates); got "
+                        f"seeds={seeds}, top_k={top_k}")
     handle_signals(args.workers)
 
     def stages() -> dict:

@@ -46,7 +46,7 @@ def main(args: argparse.Namespace) -> int:
           f"(after `python sweep.py ui`)")
     handle_signals(args.workers)
     confirm = spec.cfg.sweep.confirm
-    confirming = confirm.top_k > 0 and bool(spec.cfg.sweep.baseline)
+    confirming = (confirm.top_k > 0 or bool(spec.candidates)) and bool(spec.cfg.sweep.baseline)
 
     def stages() -> dict | None:
         if args.workers > 1:
@@ -74,20 +74,22 @@ def main(args: argparse.Namespace) -> int:
 
 
 def summary_table(study, spec) -> str:
-    """Best trial vs the baseline on every tracked metric, plus their params."""
+    """Best trial vs the baseline (and your candidates) on every tracked metric, plus their params."""
     import math
 
+    from sweeper.board import trial_params
     from sweeper.report_data import best_vs_baseline
     compared = best_vs_baseline(study)  # the report's table reads the same trials and numbers
     columns = [(name, t) for name, t, _ in compared]
     metrics = {name: values for name, _, values in compared}
     keys = sorted(set().union(*[m.keys() for m in metrics.values()]))
-    lines = [f"{'':<34}{'best':>14}{'baseline':>14}"]
+    lines = [f"{'':<34}" + "".join(f"{name[:13]:>14}" for name, _ in columns)]
     lines.append(f"{'trial':<34}" + "".join(f"{(t.number if t else '-'):>14}" for _, t in columns))
     lines.append(f"{'state':<34}" + "".join(f"{(t.state.name if t else '-'):>14}" for _, t in columns))
     for key in keys:
         lines.append(f"{key:<34}" + "".join(f"{metrics[n].get(key, math.nan):>14.4f}" for n, _ in columns))
-    for key in [e.key for e in spec.entries]:
-        cells = [str(t.params.get(key, "-")) if t else "-" for _, t in columns]
+    for key in dict.fromkeys([e.key for e in spec.entries] + [k for _, t in columns if t for k in trial_params(t)]):
+        values = [trial_params(t).get(key, "-") if t else "-" for _, t in columns]
+        cells = [f"{v:.6g}" if isinstance(v, float) else str(v) for v in values]  # 5.06e-05, not a cut '5.0576407'
         lines.append(f"{key:<34}" + "".join(f"{c[:13]:>14}" for c in cells))
     return "\n".join(lines)
