@@ -10,7 +10,7 @@ import yaml
 from mlflow import MlflowClient
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
-from critic.config import DataConfig, SpecError
+from critic.config import DataConfig, SpecError, build_config
 from sweeper.confirm import EVALUATE_AT_THE_END, confirmation_metric
 from sweeper.objective import OptunaReporter
 from sweeper.study import load_sweep_spec
@@ -78,10 +78,11 @@ def test_a_confirmation_run_evaluated_only_at_the_end_trains_like_the_search_run
 
 def test_a_protected_trial_reports_but_is_never_pruned():
     study = optuna.create_study(direction="maximize", pruner=optuna.pruners.ThresholdPruner(lower=0.99))
-    OptunaReporter(study.ask(), "val/d_acc", report=True, prune=False).log_eval(2, {"val/d_acc": 0.5})
+    cfg = build_config({"train": {"warmup_steps": 0}, "eval": {"every_steps": 2}})  # comparable from step 2 on
+    OptunaReporter(study.ask(), "val/d_acc", report=True, prune=False, cfg=cfg).log_eval(2, {"val/d_acc": 0.5})
     assert study.trials[0].intermediate_values == {2: 0.5}  # reported: plots and the pruner's peers see it
     with pytest.raises(optuna.TrialPruned):  # the same value prunes a trial that is not protected
-        OptunaReporter(study.ask(), "val/d_acc", report=True, prune=True).log_eval(2, {"val/d_acc": 0.5})
+        OptunaReporter(study.ask(), "val/d_acc", report=True, prune=True, cfg=cfg).log_eval(2, {"val/d_acc": 0.5})
 
 
 def _add_strong_trials(study: optuna.Study, count: int) -> None:
