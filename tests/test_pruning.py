@@ -51,7 +51,7 @@ def run(study, warmup_steps: int, curve: list[np.ndarray]) -> tuple[optuna.trial
     """One trial: its outcomes at steps 20, 40, ..., the last one its final evaluation, reported as the objective
     does; (trial, step it was cut at)."""
     trial = study.ask()
-    reporter = OptunaReporter(trial, "val/d_acc", True, spec_config(warmup_steps))
+    reporter = OptunaReporter(trial, "val/d_acc", report=True, prune=True, cfg=spec_config(warmup_steps))
     for index, correct in enumerate(curve):
         step = EVERY * (index + 1)
         try:
