@@ -102,7 +102,8 @@ def test_three_workers_on_postgres_finish_exactly_n_trials(three_worker_sweep):
     study = optuna.load_study(study_name="three", storage=result["storage"])
     numbers = [t.number for t in study.trials]
     assert len(finished(study)) == 6 and len(set(numbers)) == len(numbers)
-    assert len(study.trials) == 6  # workers finishing together never start a 7th trial
+    # workers finishing together never start a 7th trial
+    assert len(study.trials) == 6, [(t.number, t.state.name, t.user_attrs.get("fail_reason")) for t in study.trials]
     client = MlflowClient(result["tracking"])
     parents, children = trial_runs(client, "three")
     assert len(parents) == 1 and len(children) == 6
