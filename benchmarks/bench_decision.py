@@ -15,7 +15,7 @@ Per run: the claim, the answer's true improvement (its fresh/d_acc over new seed
 baseline), trial-seconds (every trial's datetime_complete - datetime_start, search and confirmation). Out:
 benchmarks/results/decision.jsonl (one line per run), decision.md (the table), decision.png (the figure).
 
-  OMP_NUM_THREADS=1 .venv/bin/python -m benchmarks.bench_decision [--quick] [--repeats 5] [--truth]
+  OMP_NUM_THREADS=1 .venv/bin/python -m benchmarks.bench_decision [--quick] [--repeats 5] [--append] [--truth]
 """
 
 from __future__ import annotations
@@ -144,17 +144,24 @@ def same_params(a: dict[str, Any], b: dict[str, Any]) -> bool:
         math.isclose(a[k], b[k], rel_tol=1e-9) if isinstance(a[k], float) else a[k] == b[k] for k in a)
 
 
-def run_benchmark(size: Size, repeats: int, out: Path, budget_s: float = math.inf, log=print) -> list[dict]:
-    """Every (repetition, scenario, policy) pipeline, interleaved; returns the aggregated table rows."""
+def run_benchmark(size: Size, repeats: int, out: Path, budget_s: float = math.inf, log=print,
+                  append: bool = False, first_seed: int | None = None) -> list[dict]:
+    """Every (repetition, scenario, policy) pipeline, interleaved; returns the aggregated table rows.
+
+    append: keep the runs already in out/decision.jsonl and add repetitions with the next sweep seeds (repeats 0:
+    only table and figure again). first_seed: the first repetition's sweep seed (default: 0, or the next one)."""
     out.mkdir(parents=True, exist_ok=True)
     truth = load_truth(size, log=log)
     improvement = TrueImprovement(truth, size)
     planted = truth["scenarios"]["planted"]["margin"]
     runs, started = [], time.perf_counter()
-    (out / "decision.jsonl").write_text("")
-    for rep in range(repeats):
+    if append and (out / "decision.jsonl").exists():
+        runs = [r for r in map(json.loads, (out / "decision.jsonl").read_text().splitlines()) if "claim" in r]
+    (out / "decision.jsonl").write_text("".join(json.dumps(r) + "\n" for r in runs))
+    first = max((r["sweep_seed"] for r in runs), default=-1) + 1 if first_seed is None else first_seed
+    for rep in range(first, first + repeats):
         if time.perf_counter() - started > budget_s:
-            log(f"[bench] budget of {budget_s:.0f} s spent: stopped after {rep} repetition(s)")
+            log(f"[bench] budget of {budget_s:.0f} s spent: stopped before sweep seed {rep}")
             break
         for scenario in SCENARIOS:
             for policy in POLICIES:
@@ -169,7 +176,8 @@ def run_benchmark(size: Size, repeats: int, out: Path, budget_s: float = math.in
                     f.write(json.dumps(run, default=str) + "\n")
     rows = aggregate(runs)
     meta = {"size": asdict(size), "repetitions": len({r["sweep_seed"] for r in runs}),
-            "wall_s": round(time.perf_counter() - started, 1), "answer_seeds": size.answer_seeds,
+            "wall_s": round(time.perf_counter() - started, 1),
+            "pipelines_wall_s": round(sum(r["wall_s"] for r in runs)), "answer_seeds": size.answer_seeds,
             "truth": {s: {k: e[k] for k in ("margin", "noise_se", "margin_in_noise")}
                       for s, e in truth["scenarios"].items()}}
     (out / "decision.md").write_text(table_markdown(rows, meta))
@@ -208,7 +216,8 @@ def aggregate(runs: list[dict]) -> list[dict]:
 
 
 def table_markdown(rows: list[dict], meta: dict) -> str:
-    lines = [f"R = {meta['repetitions']} repetitions, wall {meta['wall_s']:.0f} s; true improvement over "
+    lines = [f"R = {meta['repetitions']} repetitions, wall {meta['wall_s']:.0f} s (this invocation; the pipelines "
+             f"alone {meta['pipelines_wall_s']} s); true improvement over "
              f"{meta['answer_seeds']} fresh seeds; truth margins {json.dumps(meta['truth'], default=float)}", "",
              "| policy | scenario | claims better | power (planted) / false claims (null) | true improvement "
              "mean ± sd [min, max] | trial-seconds mean ± sd [min, max] |", "|---|---|---|---|---|---|"]
@@ -248,6 +257,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="repetitions (sweep seeds 0..R-1)")
     parser.add_argument("--budget-s", type=float, default=math.inf, help="start no repetition after this many s")
     parser.add_argument("--truth", action="store_true", help="recompute benchmarks/decision_truth.json and stop")
+    parser.add_argument("--append", action="store_true", help="keep the runs in --out and add --repeats more")
+    parser.add_argument("--first-seed", type=int, help="sweep seed of the first repetition (default 0, or the next)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -255,7 +266,7 @@ def main() -> None:
         print(json.dumps(load_truth(FULL, recompute=True)["scenarios"], default=float, indent=1))
         return
     size, repeats = (QUICK, 1) if args.quick else (FULL, args.repeats)
-    run_benchmark(size, repeats, args.out, args.budget_s)
+    run_benchmark(size, repeats, args.out, args.budget_s, append=args.append, first_seed=args.first_seed)
     print((args.out / "decision.md").read_text())
 
 

@@ -39,10 +39,12 @@ class Size:
     fresh_pairs: int = 1000
     truth_seeds: int = 8
     answer_seeds: int = 3
+    held_out_fraction: float = 0.2  # data.val_fraction and data.confirm_fraction: ~600 pairs each
 
 
 FULL, QUICK = Size(), Size(n_trials=3, truth_seeds=3, answer_seeds=2)
-TINY = Size(n_trials=2, max_steps=6, eval_every=3, max_length=48, fresh_pairs=300, truth_seeds=2, answer_seeds=2)
+TINY = Size(n_trials=2, max_steps=6, eval_every=3, max_length=48, fresh_pairs=300, truth_seeds=2, answer_seeds=2,
+            held_out_fraction=0.05)
 
 # One search space for both scenarios; only the baseline differs. The lr range is the demo's.
 SPACE = {
@@ -62,7 +64,8 @@ SCENARIOS = {
 def scenario_raw(scenario: str, size: Size) -> dict[str, Any]:
     """The scenario's sweep spec as a raw YAML mapping (no policy settings yet)."""
     return {
-        "data": {"train_path": "demo:train", "val_fraction": 0.2, "confirm_fraction": 0.2,
+        "data": {"train_path": "demo:train", "val_fraction": size.held_out_fraction,
+                 "confirm_fraction": size.held_out_fraction,
                  "max_prompt_length": size.max_length, "max_response_length": size.max_length},
         "model": {"preset": "tiny", "torch_threads": 1},
         "score": {"reduction": "mean", "exclude_eos": True},
@@ -128,7 +131,7 @@ def compute_truth(size: Size, log=print) -> dict[str, Any]:
 
 def same_trials(a: dict[str, Any], b: dict[str, Any]) -> bool:
     """Whether two sizes train and score a config the same way (the search's size does not change the truth)."""
-    return all(a[key] == b[key] for key in ("max_steps", "max_length", "fresh_pairs"))
+    return all(a.get(key) == b.get(key) for key in ("max_steps", "max_length", "fresh_pairs", "held_out_fraction"))
 
 
 def load_truth(size: Size, recompute: bool = False, log=print) -> dict[str, Any]:
