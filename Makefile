@@ -6,7 +6,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install sweep gad-demo train test lint smoke bench bench-scale bench-gpu ui export clean
+.PHONY: install sweep gad-demo train test lint smoke bench bench-decision bench-scale bench-gpu ui export clean
 
 install: .venv/.installed .venv/.verl-extra
 
@@ -51,6 +51,11 @@ smoke: install
 bench: install
 	$(PY) benchmarks/bench_trainer.py
 	$(PY) benchmarks/bench_sweep.py
+
+# Decision quality per trial-second: tool defaults vs Optuna defaults vs careful-by-hand, planted and null scenarios
+# (docs/benchmarks.md, "Decision benchmark"). BENCH_ARGS=--quick: one repetition, a smoke check.
+bench-decision: install
+	OMP_NUM_THREADS=1 $(PY) -m benchmarks.bench_decision $(BENCH_ARGS)
 
 bench-scale: install
 	$(PY) -m benchmarks.bench_scale
