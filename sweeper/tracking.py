@@ -122,7 +122,13 @@ class Tracker:
             inputs.append(DatasetInput(entity,
                                        tags=[InputTag("mlflow.data.context", "train" if name == "train" else "eval")]))
         if inputs:
-            self.client.log_inputs(run_id, datasets=inputs)
+            try:
+                self.client.log_inputs(run_id, datasets=inputs)
+            except mlflow.exceptions.MlflowException:
+                # Runs that finish together log the same dataset at once and race on MLflow's get-or-create of its
+                # row (a tracking server on PostgreSQL answers the loser with a UniqueViolation, and the loser's
+                # whole request is rolled back); the row exists now, so the same request links this run to it.
+                self.client.log_inputs(run_id, datasets=inputs)
 
     def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
         self.client.log_text(run_id, text, artifact_file)
