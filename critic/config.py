@@ -217,6 +217,8 @@ def _check_values(cfg: ExperimentConfig, source: str) -> None:
              f"{p}sweep.confirm.top_k must be >= 0 (0 = no confirmation), got {sw.confirm.top_k}")
     _require(sw.confirm.seeds >= 2, f"{p}sweep.confirm.seeds must be >= 2: one seed cannot show seed-to-seed "
              f"variation; got {sw.confirm.seeds}")
+    _require(sw.confirm.max_seeds >= 0, f"{p}sweep.confirm.max_seeds must be >= 0 (at most sweep.confirm.seeds: "
+             f"no added seeds), got {sw.confirm.max_seeds}")
     _require(sw.confirm.n_resamples >= 100,
              f"{p}sweep.confirm.n_resamples must be >= 100, got {sw.confirm.n_resamples}")
     for name in d.eval_sets:

@@ -152,9 +152,11 @@ class EvalConfig:
 
 @dataclass(frozen=True)
 class ConfirmConfig:
-    """After the search: re-run the top_k finalists and the baseline with `seeds` new seeds each."""
-    top_k: int = 2  # 0 = no search finalists (sweep.candidates are still confirmed)
+    """After the search: re-run the top_k finalists, the candidates and the baseline with `seeds` new seeds each;
+    a config that looks better than the baseline after them gets more seeds, up to `max_seeds`, before its verdict."""
+    top_k: int = 1  # 0 = no search finalists (sweep.candidates are still confirmed)
     seeds: int = 3  # seed indices 1..seeds (the search ran seed index 0): train.seed and model.init_seed + index
+    max_seeds: int = 8  # seed indices seeds+1..max_seeds for promising configs and the baseline; <= seeds: none
     n_resamples: int = 1000  # bootstrap resamples of the held-out pairs
 
 

@@ -9,11 +9,22 @@ index 0, whose result selected the finalists and would bias them upward), each i
 Optuna study `<study>.confirm` in the same storage: one enqueued trial per (configuration, seed) with the
 configuration's params fixed, so workers claim them like search trials, an interrupted run is enqueued again and
 a finished one is never repeated.
+
+Two looks, one verdict. After seed indices 1..seeds, a config whose mean is better than the baseline's over the
+same seeds (and that has all its seeds) is promising: it and the baseline get indices seeds+1..max_seeds, and its
+verdict is read once, on all of them. The others are judged on their first seeds; they look no better, so their
+verdict can only be "worse" or "no difference". Extending only what looks better is futility stopping: a "better"
+claim still needs the final test on all seeds to pass, so its error rate is at most that test's (alpha/2 per side;
+tests/test_stats.py measures it by simulation), and no alpha is spent on the first look. Three seeds are too few
+when the baseline's own seed noise is large (the decision benchmark's under-trained critic: sd 0.049 over seeds,
+docs/benchmarks.md); eight resolve a margin of ~4.5 noise standard errors, and the added runs go only where a
+"better" verdict is possible.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import statistics
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import optuna
@@ -126,9 +137,36 @@ def choose_finalists(study: optuna.Study, top_k: int, numbers: list[int] | None 
 
 def make_plan(baseline: FrozenTrial, candidates: list[FrozenTrial], finalists: list[FrozenTrial],
               seeds: int) -> list[PlanItem]:
+    """The first look: every config with seed indices 1..seeds."""
     configs = [(baseline, "baseline"), *((t, "candidate") for t in candidates), *((t, "finalist") for t in finalists)]
     return [PlanItem(_label(t, kind), t.number, dict(t.params), s, dict(t.user_attrs.get("extra_params", {})), kind)
             for s in range(1, seeds + 1) for t, kind in configs]
+
+
+def promising(study: optuna.Study, items: list[PlanItem], maximize: bool) -> list[str]:
+    """The configs of the plan that look better than the baseline: a higher (lower) mean over the seeds both have,
+    and a result for every seed planned for them (a config that diverged on one is not given more)."""
+    values: dict[str, dict[int, float]] = {}
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        label, seed = ConfirmPlan.key(trial)
+        values.setdefault(label, {})[seed] = trial.values[0]
+    base = values.get("baseline", {})
+    chosen = []
+    for label in dict.fromkeys(i.config for i in items if i.kind != "baseline"):
+        own = values.get(label, {})
+        planned = {i.seed for i in items if i.config == label}
+        shared = sorted(planned & own.keys() & base.keys())
+        if planned <= own.keys() and len(shared) >= 2:
+            diff = statistics.fmean(own[s] - base[s] for s in shared)
+            if (diff > 0) == maximize and diff != 0:
+                chosen.append(label)
+    return chosen
+
+
+def extend_plan(items: list[PlanItem], labels: list[str], seeds: range) -> list[PlanItem]:
+    """The second look: the given configs and the baseline with the seed indices `seeds` added."""
+    first = {i.config: i for i in items if i.config in ("baseline", *labels)}
+    return items + [replace(item, seed=s) for s in seeds for item in first.values()]
 
 
 class ConfirmPlan:

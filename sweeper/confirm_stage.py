@@ -30,10 +30,12 @@ from sweeper.confirm import (
     choose_finalists,
     confirmation_metric,
     describe_split,
+    extend_plan,
     make_plan,
     open_confirm_study,
     params_text,
     plan_summary,
+    promising,
 )
 from sweeper.objective import objectives
 from sweeper.runner import run_trials
@@ -77,7 +79,8 @@ def gather(confirm: optuna.Study, metric: str, tracker: Tracker) -> tuple[dict[s
                         raise RuntimeError(f"{label} seed {item.seed}: {metric} from the logged pair scores is "
                                            f"{recomputed}, the trial reported {trial.values[0]}")
                     frames[item.seed] = frame
-            configs[label] = ConfigScores(label, values, frames if per_pair else None)
+            planned = tuple(item.seed for item in plan.items if item.config == label)
+            configs[label] = ConfigScores(label, values, frames if per_pair else None, planned)
     return configs, sorted({item.seed for item in plan.items})
 
 
@@ -151,7 +154,9 @@ def verdict_text(result: dict[str, Any]) -> str:
                  f"comparisons); keep your current setting" + (" or widen the search" if "finalist" in kinds else "")]
     else:
         lines = ["no finalist to confirm (no COMPLETE trial other than the baseline)"]
-    lines += [f"{_who(row)} {_judgement(row)}" for row in rows]
+    lines += [f"{_who(row)} {_judgement(row)}" + (f" (on {row['seeds']} seeds: after them it looked no better, so "
+              f"it got no more)" if row["seeds"] < noise["seeds"] and row["verdict"] != "unstable" else "")
+              for row in rows]
     if result.get("unconfirmed"):
         lines.append(f"confirmed on {metric} only, the first objective; not confirmed: "
                      f"{', '.join(result['unconfirmed'])}")
@@ -185,8 +190,10 @@ def store(result: dict[str, Any], search: optuna.Study, confirm: optuna.Study, t
 
 def run_confirmation(search: optuna.Study, spec: SweepSpec, storage_url: str, tracker: Tracker, parent_id: str,
                      top_k: int, seeds: int, trial_numbers: list[int] | None = None, workers: int = 1,
-                     progress: bool = True) -> dict[str, Any]:
-    """Plan, run (resuming what is done) and analyse the confirmation; store and return the result."""
+                     progress: bool = True, max_seeds: int | None = None) -> dict[str, Any]:
+    """Plan, run (resuming what is done) and analyse the confirmation; store and return the result.
+
+    max_seeds (default: the spec's sweep.confirm.max_seeds): the second look's last seed index (sweeper.confirm)."""
     baseline, candidates, finalists = choose_finalists(search, top_k, trial_numbers)
     tested = {t.user_attrs["candidate"] for t in candidates}
     for name in [c.name for c in spec.candidates if c.name not in tested]:
@@ -194,9 +201,33 @@ def run_confirmation(search: optuna.Study, spec: SweepSpec, storage_url: str, tr
               f"study is created); run the sweep with --new-study to test it")
     items = make_plan(baseline, candidates, finalists, seeds)
     confirm = open_confirm_study(search, spec, storage_url, items)
-    plan = ConfirmPlan.of(confirm)
     where = "the confirmation split" if spec.cfg.data.confirm_fraction > 0 else "the val pairs (no confirmation split)"
     print(f"[confirm] {plan_summary(items)}, scored on {where}; study {confirm.study_name!r}")
+    _run_plan(confirm, items, spec, storage_url, tracker, parent_id, workers, progress)
+    maximize = search.directions[0] == optuna.study.StudyDirection.MAXIMIZE
+    more = range(seeds + 1, max(seeds, spec.cfg.sweep.confirm.max_seeds if max_seeds is None else max_seeds) + 1)
+    if more:
+        chosen = promising(confirm, items, maximize)
+        if chosen:
+            items = extend_plan(items, chosen, more)
+            confirm.set_user_attr("confirm_plan", [item.__dict__ for item in items])
+            print(f"[confirm] after {seeds} seeds {', '.join(chosen)} look{'s' * (len(chosen) == 1)} better than the "
+                  f"baseline: seed indices {more.start}..{more.stop - 1} for them and the baseline "
+                  f"({len(more) * (len(chosen) + 1)} runs) before their verdict")
+            _run_plan(confirm, items, spec, storage_url, tracker, parent_id, workers, progress)
+        else:
+            print(f"[confirm] after {seeds} seeds no config looks better than the baseline: no more seeds")
+    direction = "maximize" if maximize else "minimize"
+    metric, *others = objectives(spec.cfg)
+    result = analyse(confirm, metric, direction, tracker, spec.cfg.sweep.confirm.n_resamples, spec.cfg.data, others)
+    store(result, search, confirm, tracker, parent_id)
+    return result
+
+
+def _run_plan(confirm: optuna.Study, items: list, spec: SweepSpec, storage_url: str, tracker: Tracker,
+              parent_id: str, workers: int, progress: bool) -> None:
+    """Run every planned (config, seed) not yet settled, in this process or in `workers` worker processes."""
+    plan = ConfirmPlan(items)
     if workers > 1:
         from sweeper.workers import launch_workers
         with StorageLock(storage_url):
@@ -205,8 +236,3 @@ def run_confirmation(search: optuna.Study, spec: SweepSpec, storage_url: str, tr
     else:
         run_trials(confirm, spec, tracker, parent_id, plan.n_trials, progress=progress, plan=plan,
                    storage_url=storage_url)
-    direction = "maximize" if search.directions[0] == optuna.study.StudyDirection.MAXIMIZE else "minimize"
-    metric, *others = objectives(spec.cfg)
-    result = analyse(confirm, metric, direction, tracker, spec.cfg.sweep.confirm.n_resamples, spec.cfg.data, others)
-    store(result, search, confirm, tracker, parent_id)
-    return result

@@ -248,6 +248,7 @@ class ConfigScores:
     label: str
     seed_values: dict[int, float]  # seed index -> metric on all held-out pairs (the trial's reported value)
     pair_frames: dict[int, pd.DataFrame] | None  # seed index -> per-pair scores of the objective's set
+    planned: tuple[int, ...] | None = None  # its planned seed indices (default: compare's planned_seeds)
 
 
 def _scores(configs: list[ConfigScores], seeds: list[int]) -> tuple[np.ndarray, np.ndarray]:
@@ -359,7 +360,7 @@ def compare(metric: str, direction: str, baseline: ConfigScores, finalists: list
     comparisons = []
     for finalist in finalists:
         seeds = [s for s in base_seeds if s in finalist.seed_values]
-        missing = [s for s in planned_seeds if s not in finalist.seed_values]
+        missing = [s for s in (finalist.planned or planned_seeds) if s not in finalist.seed_values]
         if len(seeds) < 2:
             nan = Estimate.missing()
             comparisons.append(Comparison(finalist.label, seeds, 0, 0, "", nan, Estimate.missing(simultaneous), nan,

@@ -101,7 +101,7 @@ def _add_strong_trials(study: optuna.Study, count: int) -> None:
 def test_candidates_run_after_the_baseline_are_never_pruned_and_are_confirmed_by_name(tmp_path):
     fixed_t = {"loss.adaptive_temperature": False, "loss.temperature": 2.0}
     spec = tiny_sweep_spec(tmp_path, n_pairs=160, sweep={
-        "n_trials": 9, "pruner": "median", "confirm": {"top_k": 1, "seeds": 2, "n_resamples": 200},
+        "n_trials": 9, "pruner": "median", "confirm": {"top_k": 1, "seeds": 2, "max_seeds": 2, "n_resamples": 200},
         "candidates": [{"name": "frozen", "params": {"train.lr": FROZEN}}, {"params": fixed_t}]})
     assert cli("init", str(spec), *store_args(tmp_path), cwd=tmp_path).returncode == 0
     storage = store_args(tmp_path)[1]

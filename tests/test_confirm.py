@@ -53,6 +53,8 @@ def test_frozen_finalist_is_worse_and_a_twin_of_the_baseline_is_no_different(tmp
     assert "finalist trial 1 (train.lr=1e-09) is worse than the baseline by" in out.stdout
     assert "finalist trial 2 (train.lr=0.003) shows no difference from the baseline" in out.stdout
     assert "noise floor" in out.stdout and "scored on the confirmation split" in out.stdout
+    # Neither looks better after the first 4 seeds: no second look (max_seeds 8 by default).
+    assert "after 4 seeds no config looks better than the baseline: no more seeds" in out.stdout
 
     # Every confirmation run is a child of the study's parent run, tagged with stage and seed.
     client = MlflowClient(store_args(tmp_path)[3])
@@ -74,12 +76,19 @@ def test_frozen_finalist_is_worse_and_a_twin_of_the_baseline_is_no_different(tmp
     assert "warning" not in base.stderr and "confirmed over 4 seeds" in base.stdout
 
 
-def test_export_of_a_confirmed_winner_records_its_numbers(tmp_path):
+def test_a_config_that_looks_better_gets_more_seeds_and_its_export_records_its_numbers(tmp_path):
     _study_with(tmp_path, FROZEN, [LEARNS])  # the "current setting" cannot learn; trial 1 can
-    out = cli("confirm", "--top-k", "1", "--seeds", "4", *store_args(tmp_path), "--no-progress", cwd=tmp_path)
+    out = cli("confirm", "--top-k", "1", "--seeds", "2", "--max-seeds", "4", *store_args(tmp_path), "--no-progress",
+              cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
+    # Better after 2 seeds: trial 1 and the baseline get seed indices 3 and 4, and the verdict is read on all 4.
+    assert "after 2 seeds trial-1 looks better than the baseline: seed indices 3..4" in out.stdout
+    confirm = optuna.load_study(study_name="tiny.confirm", storage=store_args(tmp_path)[1])
+    keys = sorted(ConfirmPlan.key(t) for t in confirm.trials if t.state.name == "COMPLETE")
+    assert keys == [(config, s) for config in ("baseline", "trial-1") for s in (1, 2, 3, 4)]
     result = _confirmation(tmp_path)
     assert result["winner"] == 1 and "beats the baseline" in out.stdout
+    assert [row["seeds"] for row in result["table"]] == [4, 4] and result["seeds"] == [1, 2, 3, 4]
     exported = cli("export", "--format", "json", *store_args(tmp_path), cwd=tmp_path)  # picks the winner
     assert exported.returncode == 0 and "warning" not in exported.stderr
     document = json.loads(exported.stdout)

@@ -20,6 +20,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     add_store_args(p)
     p.add_argument("--top-k", type=int, help="finalists to confirm (default: the spec's sweep.confirm.top_k)")
     p.add_argument("--seeds", type=int, help="new seeds per config (default: the spec's sweep.confirm.seeds)")
+    p.add_argument("--max-seeds", type=int, help="seeds for configs that look better after --seeds, and the "
+                   "baseline (default: the spec's sweep.confirm.max_seeds; at most --seeds: none added)")
     p.add_argument("--trials", type=lambda text: [int(x) for x in text.split(",")], metavar="N,M",
                    help="confirm these trial numbers instead of the top-k")
     p.add_argument("--workers", type=int, default=1, help="worker processes on this machine")
@@ -50,7 +52,7 @@ def main(args: argparse.Namespace) -> int:
 
     def stages() -> dict:
         result = run_confirmation(study, spec, storage, tracker, parent_id, top_k, seeds, args.trials, args.workers,
-                                  not args.no_progress)
+                                  not args.no_progress, args.max_seeds)
         report_quietly(study, tracker, parent_id, storage)  # the study's report, now with the verdict
         return result
 
