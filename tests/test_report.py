@@ -34,7 +34,8 @@ def swept(tmp_path_factory):
     """2 search trials and a 1-finalist x 2-seed confirmation; the dashboard starts first (its start-up overlaps)."""
     folder = tmp_path_factory.mktemp("report")
     spec = tiny_sweep_spec(folder, n_pairs=80, extra={"train": {"max_steps": 4}},
-                           sweep={"n_trials": 2, "confirm": {"top_k": 1, "seeds": 2, "max_seeds": 2, "n_resamples": 100}})
+                           sweep={"n_trials": 2,
+                                  "confirm": {"top_k": 1, "seeds": 2, "max_seeds": 2, "n_resamples": 100}})
     port = _free_port()
     dashboard = subprocess.Popen([sys.executable, str(ROOT / "sweep.py"), "dashboard", "--storage",
                                   store_args(folder)[1], "--port", str(port)], cwd=folder,
