@@ -50,8 +50,11 @@ def confirmation_note(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> t
                 f"{row['mean_mean']:.4f} [{row['mean_low']:.4f}, {row['mean_high']:.4f}]")
     if row["config"] == "baseline":
         return True, [measured + " (this is the baseline)"]
-    versus = (f"vs baseline: {row['diff_mean']:+.4f} [{row['diff_low']:+.4f}, {row['diff_high']:+.4f}], "
-              f"{row['diff_level']:.1%} simultaneous interval, p={row['p_adjusted']:.3g} (Bonferroni), "
+    if "p_adjusted" in row:
+        how = f"{row['diff_level']:.1%} simultaneous interval, p={row['p_adjusted']:.3g} (Bonferroni)"
+    else:  # stored before issue 18: a 95% interval per comparison and Holm-adjusted p
+        how = f"95% interval, p={row['p_holm']:.3g} (Holm)"
+    versus = (f"vs baseline: {row['diff_mean']:+.4f} [{row['diff_low']:+.4f}, {row['diff_high']:+.4f}], {how}, "
               f"verdict: {row['verdict']}")
     if row["verdict"] != "better":
         return False, [f"NOT SHOWN BETTER than the baseline (trial {_baseline_trial(result)}): {versus}",

@@ -125,9 +125,19 @@ def finished_count(counts: dict[str, int]) -> int:
 
 
 def fingerprint(spec: SweepSpec) -> dict[str, Any]:
-    """What must match to resume a study: objective(s), direction(s) and the search space."""
+    """What must match to resume a study: objective(s), direction(s), the search space, and the held-out split
+    (another val or confirmation split scores the resumed trials on other pairs than the stored ones)."""
+    d = spec.cfg.data
+    split = {"train_path": d.train_path, "val_fraction": d.val_fraction, "confirm_fraction": d.confirm_fraction,
+             "split_seed": d.split_seed, "fold": d.fold, "n_folds": d.n_folds}
     return {"objective": spec.cfg.sweep.objective, "direction": spec.cfg.sweep.direction,
-            "search_space": space_signature(spec.entries)}
+            "search_space": space_signature(spec.entries), "split": split}
+
+
+def fingerprint_differs(stored: dict[str, Any], spec: SweepSpec) -> bool:
+    """Compared on the keys the stored fingerprint has: studies made before "split" existed resume as before."""
+    current = json.loads(json.dumps(fingerprint(spec)))
+    return any(json.loads(json.dumps(value)) != current.get(key) for key, value in stored.items())
 
 
 def make_sampler(spec: SweepSpec, worker_index: int = 0) -> optuna.samplers.BaseSampler:
@@ -170,11 +180,12 @@ def _init_study(spec: SweepSpec, storage_url: str, tracking_uri: str, study_name
     existing = {s.study_name: s for s in optuna.get_all_study_summaries(storage, include_best_trial=False)}
     if name in existing:
         old = existing[name].user_attrs.get("fingerprint")
-        if old is not None and json.loads(json.dumps(old)) != json.loads(json.dumps(fingerprint(spec))):
+        if old is not None and fingerprint_differs(old, spec):
             if not new_study:
                 raise SpecError(
-                    f"study {name!r} already exists with a different objective, direction or search space "
-                    f"(stored: objective={old['objective']}, direction={old['direction']}). Resuming it would mix "
+                    f"study {name!r} already exists with a different objective, direction, search space or data "
+                    f"split (stored: objective={old['objective']}, direction={old['direction']}, split="
+                    f"{old.get('split', 'not recorded')}). Resuming it would mix "
                     f"incomparable trials. Pass --new-study to start a fresh study, or --study NAME to pick another "
                     f"name.")
         if new_study:

@@ -159,3 +159,21 @@ def test_confirm_needs_a_baseline(tmp_path):
     assert cli("run", str(spec), *store_args(tmp_path), "--no-progress", cwd=tmp_path).returncode == 0
     out = cli("confirm", "--top-k", "1", "--seeds", "2", *store_args(tmp_path), cwd=tmp_path)
     assert out.returncode != 0 and "no COMPLETE baseline trial" in out.stderr
+
+
+def test_export_reads_a_confirmation_stored_before_the_bonferroni_rows():
+    """Studies confirmed before issue 18 stored p_holm and no diff_level: export still says what was measured."""
+    from sweeper.export import confirmation_note
+
+    study = optuna.create_study(direction="maximize")
+    for lr in (3e-4, 1e-4):
+        study.enqueue_trial({"train.lr": lr})
+        study.optimize(lambda t: t.suggest_float("train.lr", 1e-5, 1e-3, log=True), n_trials=1)
+    old_row = {"diff_mean": 0.01, "diff_low": -0.02, "diff_high": 0.04, "diff_se": 0.015, "p_value": 0.5,
+               "mean_mean": 0.9, "mean_low": 0.88, "mean_high": 0.92, "seeds": 3, "n_pairs": 485}
+    study.set_user_attr("confirmation", json.dumps({"metric": "val/d_acc", "table": [
+        {**old_row, "config": "baseline", "trial": 0, "p_holm": 1.0, "verdict": "baseline"},
+        {**old_row, "config": "trial-1", "trial": 1, "p_holm": 0.6, "verdict": "no difference"}]}))
+    shown, lines = confirmation_note(study, study.trials[1])
+    assert not shown and "95% interval, p=0.6 (Holm), verdict: no difference" in lines[0]
+    assert "on the held-out pairs that also selected the finalists" in lines[1]

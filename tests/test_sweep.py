@@ -212,10 +212,22 @@ def test_resuming_with_a_different_direction_is_refused(tmp_path):
     spec, storage, tracking = _in_process(tmp_path)
     study_mod.init_study(spec, storage, tracking)
     other = study_mod.load_sweep_spec(str(tiny_sweep_spec(tmp_path, sweep={"direction": "minimize"})))
-    with pytest.raises(SpecError, match="different objective, direction or search space"):
+    with pytest.raises(SpecError, match="different objective, direction, search space or data split"):
         study_mod.init_study(other, storage, tracking)
     study, _, _ = study_mod.init_study(other, storage, tracking, new_study=True)
     assert study.study_name.startswith("tiny-") and study.direction == optuna.study.StudyDirection.MINIMIZE
+
+
+def test_resuming_with_another_held_out_split_is_refused_and_old_fingerprints_still_resume(tmp_path):
+    spec, storage, tracking = _in_process(tmp_path)
+    study, _, _ = study_mod.init_study(spec, storage, tracking)
+    moved = study_mod.load_sweep_spec(str(tiny_sweep_spec(tmp_path, extra={"data": {"split_seed": 7}})))
+    with pytest.raises(SpecError, match=r"data split \(stored: .*split=\{'train_path'"):
+        study_mod.init_study(moved, storage, tracking)
+    # A study stored before the split was fingerprinted: compared on what it recorded, so it resumes.
+    old = {k: v for k, v in study.user_attrs["fingerprint"].items() if k != "split"}
+    study.set_user_attr("fingerprint", old)
+    assert study_mod.init_study(moved, storage, tracking)[0].study_name == "tiny"
 
 
 def test_interrupted_run_resumes_without_duplicate_parent(tmp_path):
