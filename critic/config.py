@@ -20,6 +20,7 @@ import yaml
 
 from critic.sections import (  # noqa: F401  (re-exported: the spec's types live in critic.sections)
     CONFIRM_SET,
+    RESERVED_SETS,
     CandidateConfig,
     ConfirmConfig,
     DataConfig,
@@ -40,7 +41,6 @@ from critic.verl_units import apply_verl
 
 SECTIONS: dict[str, type] = {f.name: f.type for f in fields(ExperimentConfig)}
 TRIAL_SECTIONS = ("data", "model", "score", "loss", "train", "verl", "eval")  # the sections that shape a trial
-RESERVED_SETS = ("val", CONFIRM_SET, "train", "critic", "perf", "sweep")  # names data.eval_sets may not use
 _SECTION_TYPES = typing.get_type_hints(ExperimentConfig)
 _NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
 
@@ -60,8 +60,10 @@ def coerce(value: Any, hint: Any, where: str) -> Any:
         raise SpecError(errors[0])
     if hint is Any:
         return value
-    if origin is typing.Literal:  # the type here; which values are allowed is checked with the section's rules
-        return coerce(value, type(args[0]), where)
+    if origin is typing.Literal:  # one of the listed values, e.g. sweep.sampler
+        if value not in args:
+            raise SpecError(f"{where} must be {one_of(args)}; got {value!r}")
+        return value
     if dataclasses.is_dataclass(hint):  # a nested block such as sweep.confirm
         if not isinstance(value, dict):
             raise SpecError(f"{where} must be a mapping, got {value!r}")
@@ -157,11 +159,6 @@ def one_of(values: tuple[str, ...]) -> str:
     return " or ".join(values) if len(values) == 2 else f"one of {', '.join(values)}"
 
 
-def _require_choice(section: Any, name: str, where: str) -> None:
-    allowed, value = allowed_values(type(section), name), getattr(section, name)
-    _require(value in allowed, f"{where}.{name} must be {one_of(allowed)}; got {value!r}")
-
-
 def _check_values(cfg: ExperimentConfig, source: str) -> None:
     d, m, s, lo, t, e, sw = cfg.data, cfg.model, cfg.score, cfg.loss, cfg.train, cfg.eval, cfg.sweep
     p = f"{source}: "
@@ -175,10 +172,6 @@ def _check_values(cfg: ExperimentConfig, source: str) -> None:
     _require(d.max_response_length > 1, f"{p}data.max_response_length must be > 1, got {d.max_response_length}")
     _require(m.path is not None or m.preset == "tiny",
              f"{p}set model.path to a local checkpoint directory, or model.preset: tiny")
-    _require_choice(s, "reduction", f"{p}score")
-    _require_choice(s, "layout", f"{p}score")
-    _require_choice(s, "eos_rule", f"{p}score")
-    _require_choice(s, "attention", f"{p}score")
     _require(s.attention == "sdpa_per_pair" or s.layout == "packed",
              f"{p}score.attention: {s.attention} applies to score.layout: packed only; set score.layout: packed "
              f"or leave score.attention at sdpa_per_pair")
@@ -196,7 +189,6 @@ def _check_values(cfg: ExperimentConfig, source: str) -> None:
     _require(t.weight_decay >= 0, f"{p}train.weight_decay must be >= 0, got {t.weight_decay}")
     _require(all(0 <= b < 1 for b in t.betas), f"{p}train.betas must be in [0, 1), got {list(t.betas)}")
     _require(t.grad_clip > 0, f"{p}train.grad_clip must be > 0, got {t.grad_clip}")
-    _require_choice(t, "scheduler", f"{p}train")
     _require(t.warmup_steps >= 0, f"{p}train.warmup_steps must be >= 0, got {t.warmup_steps}")
     _require(t.epochs >= 1, f"{p}train.epochs must be >= 1, got {t.epochs}")
     _require(t.batch_size >= 1 and t.micro_batch_size >= 1,
@@ -208,6 +200,14 @@ def _check_values(cfg: ExperimentConfig, source: str) -> None:
     _require(e.every_steps >= 1, f"{p}eval.every_steps must be >= 1, got {e.every_steps}")
     _require(e.batch_size >= 1, f"{p}eval.batch_size must be >= 1, got {e.batch_size}")
     _require(sw.n_trials >= 1, f"{p}sweep.n_trials must be >= 1, got {sw.n_trials}")
+    _require(sw.max_failures >= 0, f"{p}sweep.max_failures must be >= 0 (0 = up to sweep.n_trials failures), got "
+             f"{sw.max_failures}")
+    _require(sw.heartbeat_interval >= 1, f"{p}sweep.heartbeat_interval must be >= 1 second, got "
+             f"{sw.heartbeat_interval}")
+    # A live worker's heartbeat can be a little late; a grace shorter than two beats reaps live trials.
+    _require(sw.grace_period >= 2 * sw.heartbeat_interval,
+             f"{p}sweep.grace_period ({sw.grace_period}) must be at least twice sweep.heartbeat_interval "
+             f"({sw.heartbeat_interval}); the defaults are 600 and 60 seconds")
     _require(isinstance(sw.gpus_per_trial, int) and sw.gpus_per_trial >= 1,
              f"{p}sweep.gpus_per_trial must be an integer >= 1 (1 = one process per trial), got {sw.gpus_per_trial}")
     _require(sw.gpus_per_trial == 1 or not (t.save_checkpoint or sw.save_best_checkpoint),
@@ -222,12 +222,11 @@ def _check_values(cfg: ExperimentConfig, source: str) -> None:
     _require(sw.confirm.n_resamples >= 100,
              f"{p}sweep.confirm.n_resamples must be >= 100, got {sw.confirm.n_resamples}")
     for name in d.eval_sets:
-        _require(name not in RESERVED_SETS, f"{p}data.eval_sets name '{name}' is reserved; rename it")
+        _require(name not in RESERVED_SETS, f"{p}data.eval_sets name '{name}' is reserved (metric names start with "
+                 f"{', '.join(RESERVED_SETS)}); rename it")
     _require(d.n_folds >= 2, f"{p}data.n_folds must be >= 2, got {d.n_folds}")
     _require(d.fold is None or 0 <= d.fold < d.n_folds,
              f"{p}data.fold must be null or in 0..{d.n_folds - 1} (data.n_folds={d.n_folds}), got {d.fold}")
-    _require(d.fold is None or "fold" not in d.eval_sets,
-             f"{p}data.eval_sets name 'fold' is reserved while data.fold is set; rename it")
     _check_student(cfg.student, p)
     _check_candidates(sw, p)
     _check_demo_names(cfg, p)

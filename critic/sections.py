@@ -19,6 +19,11 @@ Sampler = Literal["tpe", "random", "gp", "cmaes", "nsga2"]
 Pruner = Literal["paired", "median", "hyperband", "none"]  # sweeper/pruning.py
 ExportFormat = Literal["yaml", "json", "verl"]  # `sweep.py export --format`
 CONFIRM_SET = "confirm"  # the held-out part (data.confirm_fraction) that only the confirmation stage scores
+# Metric-name prefixes logged beside the eval sets' `<set>/<metric>`: critic/train.py (train/, critic/, perf/),
+# critic/data.py (data/), critic/model.py (model/), the sweep's objective (timing/, sweep/). An eval set named like
+# one would mix its curves with them, so data.eval_sets and diagnose --data refuse these names and the held-out ones.
+LOGGED_PREFIXES = ("train", "critic", "perf", "data", "model", "timing", "sweep")
+RESERVED_SETS = ("val", CONFIRM_SET, "fold", *LOGGED_PREFIXES)  # fold: data.fold's held-out fold
 
 
 class SpecError(ValueError):
@@ -194,7 +199,7 @@ class SweepConfig:
     baseline: dict[str, Any] = field(default_factory=dict)
     candidates: list[CandidateConfig] = field(default_factory=list)  # your planned changes to the baseline
     save_best_checkpoint: bool = False
-    max_failures: int = 0  # 0 = no bound
+    max_failures: int = 0  # the sweep stops after this many failed trials; 0 = n_trials
     heartbeat_interval: int = 60
     grace_period: int = 600
     # GPUs (ranks) per trial: > 1 runs each trial as a torchrun job with FSDP2 (critic/distributed.py)

@@ -18,7 +18,7 @@ import pandas as pd
 import torch
 
 from critic.checkpoint import Histories, load_checkpoint
-from critic.config import ExperimentConfig, SpecError, apply_overrides, build_config, to_dict
+from critic.config import RESERVED_SETS, ExperimentConfig, SpecError, apply_overrides, build_config, to_dict
 from critic.data import PairSet, load_pair_set, load_trial_data, resolve_path
 from critic.evaluate import metrics_from_scores, score_set
 from critic.model import select_device, tokenizer_digest
@@ -35,7 +35,6 @@ from diagnose.stats import (
 )
 from diagnose.verdicts import LINEAGE_COLUMN, HealthCheck, Verdict, gap_bridge, judge, training_health
 
-RESERVED_NAMES = ("train", "val", "fold", "critic", "perf", "sweep")
 SUBSAMPLE_SEED = 0
 
 
@@ -78,8 +77,8 @@ def parse_data_args(items: list[str]) -> dict[str, str]:
         name = name.strip()
         if not sep or not name or not path.strip():
             raise SpecError(f"--data expects NAME=PATH (e.g. test=data/test.parquet), got {item!r}")
-        if name in RESERVED_NAMES:
-            raise SpecError(f"--data name {name!r} is reserved ({', '.join(RESERVED_NAMES)}); choose another name")
+        if name in RESERVED_SETS:
+            raise SpecError(f"--data name {name!r} is reserved ({', '.join(RESERVED_SETS)}); choose another name")
         if name in out:
             raise SpecError(f"--data name {name!r} is given twice; give each file its own name")
         out[name] = path.strip()

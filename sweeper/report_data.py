@@ -18,13 +18,13 @@ from mlflow import MlflowClient
 from optuna.trial import FrozenTrial, TrialState
 
 from critic.reporting import TRAILING, trailing_name
+from critic.sections import LOGGED_PREFIXES
 from sweeper.board import best_trials, candidate_name, trial_params
 
 TRAIN_CURVES = (*map(trailing_name, TRAILING), *TRAILING)  # the trailing means first (the trend), then each step
 MAX_POINTS = 150  # per curve: enough to see a trend, small enough for hundreds of trials
 _RUN_PAGE = 1000
 _IDS_PER_QUERY = 500  # run ids per SQL `IN (...)`
-_NOT_HELD_OUT = ("critic", "train", "perf", "timing", "data", "sweep")  # metric prefixes that are not eval sets
 KINDS = ("baseline", "candidate", "best", "complete", "pruned", "failed", "running")  # drawing order: highlighted last
 
 
@@ -125,7 +125,7 @@ def downsample(steps: np.ndarray, values: np.ndarray, max_points: int = MAX_POIN
 def curve_keys(logged: set[str]) -> tuple[list[str], list[str]]:
     """(training curves, held-out curves) among the logged keys: val first, then the other sets' d_acc."""
     train = [k for k in TRAIN_CURVES if k in logged]
-    sets = sorted({k.split("/", 1)[0] for k in logged if k.endswith("/d_acc")} - {*_NOT_HELD_OUT, "val"})
+    sets = sorted({k.split("/", 1)[0] for k in logged if k.endswith("/d_acc")} - {*LOGGED_PREFIXES, "val"})
     heldout = [k for k in ("val/d_acc", "val/score_diff", *(f"{s}/d_acc" for s in sets)) if k in logged]
     return train, heldout
 

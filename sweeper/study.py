@@ -76,10 +76,6 @@ def _check_objectives(cfg: ExperimentConfig, source: str) -> None:
     if cfg.sweep.sampler not in samplers:
         raise SpecError(f"{source}: sweep.sampler {cfg.sweep.sampler!r} is not available for a "
                         f"{'multi' if multi else 'single'}-objective study; choose one of {', '.join(samplers)}")
-    pruners = allowed_values(SweepConfig, "pruner")
-    if cfg.sweep.pruner not in pruners:
-        raise SpecError(f"{source}: sweep.pruner must be {', '.join(pruners[:-1])} or {pruners[-1]}; "
-                        f"got {cfg.sweep.pruner!r}")
     check_pruner(cfg, names, source)
     if not re.fullmatch(r"[A-Za-z0-9_.\-]+", cfg.sweep.study_name):
         raise SpecError(f"{source}: sweep.study_name may use letters, digits, '-', '_' and '.', got "

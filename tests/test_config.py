@@ -135,8 +135,22 @@ def test_wrong_type_names_the_key_and_the_value(tmp_path, text, message):
     ("train.scheduler=step", r"train\.scheduler must be one of constant, linear, cosine"),
     ("train.max_steps=0", r"train\.max_steps must be >= 1 or null, got 0"),
     ("model.preset=null", r"set model\.path to a local checkpoint directory, or model\.preset: tiny"),
-    ("data.eval_sets={val: other.parquet}", r"data\.eval_sets name 'val' is reserved; rename it"),
-    ("data.eval_sets={confirm: other.parquet}", r"data\.eval_sets name 'confirm' is reserved; rename it"),
+    ("data.eval_sets={val: other.parquet}", r"data\.eval_sets name 'val' is reserved \(metric names start with "
+                                            r"val, confirm, fold, train, critic, perf, data, model, timing, sweep\)"),
+    ("data.eval_sets={confirm: other.parquet}", r"data\.eval_sets name 'confirm' is reserved"),
+    # the report would drop their curves (data/, timing/) or mix them with model/trainable_*
+    ("data.eval_sets={data: other.parquet}", r"data\.eval_sets name 'data' is reserved"),
+    ("data.eval_sets={timing: other.parquet}", r"data\.eval_sets name 'timing' is reserved"),
+    ("data.eval_sets={model: other.parquet}", r"data\.eval_sets name 'model' is reserved"),
+    ("data.eval_sets={fold: other.parquet}", r"data\.eval_sets name 'fold' is reserved"),
+    # checked for every command (train, generate, sweep), not only when a study is made
+    ("sweep.sampler=foo", r"sweep\.sampler must be one of tpe, random, gp, cmaes, nsga2; got 'foo'"),
+    ("sweep.pruner=asha", r"sweep\.pruner must be one of paired, median, hyperband, none; got 'asha'"),
+    ("sweep.max_failures=-1", r"sweep\.max_failures must be >= 0 \(0 = up to sweep\.n_trials failures\), got -1"),
+    ("sweep.heartbeat_interval=0", r"sweep\.heartbeat_interval must be >= 1 second, got 0"),
+    ("sweep.grace_period=100", r"sweep\.grace_period \(100\) must be at least twice sweep\.heartbeat_interval "
+                               r"\(60\)"),
+    ("sweep.confirm.max_seeds=-1", r"sweep\.confirm\.max_seeds must be >= 0"),
     ("data.confirm_fraction=-0.1", r"data\.confirm_fraction must be in \[0, 1\)"),
     ("data.confirm_fraction=0.9", r"data\.confirm_fraction must be in \[0, 1\) and leave training prompts: "
                                   r"val_fraction \+ confirm_fraction < 1, got 0\.1 \+ 0\.9"),

@@ -234,7 +234,7 @@ def test_load_checkpoint_names_what_is_missing(tmp_path):
     ({"n_folds": 1}, "n_folds must be >= 2"),
     ({"fold": 3, "n_folds": 3}, r"data.fold must be null or in 0..2"),
     ({"fold": -1}, r"data.fold must be null or in 0..4"),
-    ({"fold": 0, "eval_sets": {"fold": "x.parquet"}}, "'fold' is reserved while data.fold is set"),
+    ({"fold": 0, "eval_sets": {"fold": "x.parquet"}}, "data.eval_sets name 'fold' is reserved"),
 ])
 def test_fold_fields_are_validated(data, match):
     with pytest.raises(SpecError, match=match):

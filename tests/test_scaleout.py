@@ -302,7 +302,7 @@ def test_password_from_environment_is_quoted_and_kept_out_of_argv(monkeypatch):
     assert credentials_from_env("postgresql://alice:given@db/optuna") == "postgresql://alice:given@db/optuna"
 
 
-def test_grace_period_shorter_than_two_heartbeats_is_refused(tmp_path):
-    from sweeper.stores import make_storage
-    with pytest.raises(SpecError, match=r"grace_period \(3\) must be at least twice"):
-        make_storage(f"sqlite:///{tmp_path / 'o.db'}", heartbeat_interval=2, grace_period=3)
+def test_grace_period_shorter_than_two_heartbeats_is_refused_at_load():
+    from critic.config import build_config
+    with pytest.raises(SpecError, match=r"spec.yaml: sweep\.grace_period \(3\) must be at least twice"):
+        build_config({"sweep": {"heartbeat_interval": 2, "grace_period": 3}}, source="spec.yaml")
