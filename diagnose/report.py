@@ -12,7 +12,6 @@ from matplotlib.figure import Figure  # the object API: no pyplot state, no disp
 from diagnose.diagnosis import Diagnosis, fold_spread
 from diagnose.stats import LENGTH_MATCH_TOLERANCE
 from diagnose.verdicts import MIN_GAP, NOISE_Z
-from sweeper.figures import training_progress  # the sweep's training figure, one for both
 
 FIGURES = "figures"
 METRIC_ROWS = ["n_pairs", "d_acc", "d_acc_ties_correct", "tie_rate", "identical_rate", "auc", "teacher_score_mean",
@@ -182,15 +181,18 @@ def _hist_pair(ax, teacher, student, title: str) -> None:
     ax.legend(fontsize=7)
 
 
-def plot_figures(d: Diagnosis, folder: Path) -> None:
-    """d_acc.png, scores.png, lengths.png, score_vs_length.png and (with a history) training.png."""
+def plot_figures(d: Diagnosis, folder: Path, training_figure=None) -> None:
+    """d_acc.png, scores.png, lengths.png, score_vs_length.png and (with a history and a training_figure) training.png.
+
+    training_figure: the sweep's training figure (sweeper.figures.training_progress, passed in by the command so that
+    diagnose imports nothing from sweeper): the same panels for a diagnosed critic as for a sweep trial."""
     folder.mkdir(parents=True, exist_ok=True)
     for name, plot in (("d_acc", _plot_d_acc), ("scores", _plot_scores), ("lengths", _plot_lengths),
                        ("score_vs_length", _plot_score_vs_length)):
         fig = plot(d)
         fig.savefig(folder / f"{name}.png", dpi=110)
-    if d.histories.train:
-        training_progress(d.histories.train, d.histories.eval, ["val", *d.others], folder / "training.png", dpi=110)
+    if d.histories.train and training_figure is not None:
+        training_figure(d.histories.train, d.histories.eval, ["val", *d.others], folder / "training.png", dpi=110)
 
 
 def _plot_d_acc(d: Diagnosis):
@@ -259,11 +261,11 @@ def to_json(d: Diagnosis) -> dict:
     }
 
 
-def write_report(d: Diagnosis, out_dir: str | Path) -> tuple[Path, str]:
+def write_report(d: Diagnosis, out_dir: str | Path, training_figure=None) -> tuple[Path, str]:
     """Write report.md, figures/*.png and diagnosis.json into out_dir; returns (report path, Markdown)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    plot_figures(d, out / FIGURES)
+    plot_figures(d, out / FIGURES, training_figure)
     markdown = render_markdown(d)
     (out / "report.md").write_text(markdown)
     (out / "diagnosis.json").write_text(json.dumps(to_json(d), indent=2, allow_nan=False))

@@ -15,13 +15,13 @@ from scipy.spatial.distance import jensenshannon
 from critic.data import PairSet
 from critic.metrics import per_pair_values
 from critic.reporting import series
-from sweeper.stats import SCORE_COLUMNS, crossed_spread, prompt_codes
+from critic.stats import SCORE_COLUMNS, crossed_spread, prompt_codes
 
 LENGTH_MATCH_TOLERANCE = 0.10  # two responses are "length-matched" when they differ by < 10% of the longer one
 
 
 def d_acc_se(scores: pd.DataFrame) -> float:
-    """Standard error of d_acc on these scored pairs, the pairs of a prompt counted together (sweeper.stats).
+    """Standard error of d_acc on these scored pairs, the pairs of a prompt counted together (critic.stats).
 
     Pairs that share a prompt share its teacher response: they are not independent draws.
     """

@@ -20,6 +20,7 @@ from optuna.trial import TrialState
 
 from critic.config import DataConfig
 from critic.metrics import PAIR_METRICS, pair_metric
+from critic.stats import ConfigScores, compare, detectable_difference
 from sweeper import figures
 from sweeper.board import (
     format_table,  # noqa: F401  (re-exported; `best` prints it without the engine)
@@ -39,7 +40,6 @@ from sweeper.confirm import (
 )
 from sweeper.objective import objectives
 from sweeper.runner import run_trials
-from sweeper.stats import ConfigScores, compare, detectable_difference
 from sweeper.stores import StorageLock
 from sweeper.study import SweepSpec
 from sweeper.tracking import Tracker

@@ -15,7 +15,7 @@ from scipy import integrate
 from scipy import stats as scipy_stats
 
 from critic.metrics import pair_metrics, per_pair_values
-from sweeper.stats import (
+from critic.stats import (
     ConfigScores,
     Spread,
     compare,

@@ -67,6 +67,7 @@ def main(args: argparse.Namespace) -> int:
     from critic.config import SpecError
     from diagnose.diagnosis import diagnose, parse_data_args
     from diagnose.report import write_report
+    from sweeper.figures import training_progress
 
     if args.max_pairs < 0:
         raise SpecError(f"--max-pairs must be >= 0 (0 = all pairs), got {args.max_pairs}")
@@ -74,7 +75,8 @@ def main(args: argparse.Namespace) -> int:
     checkpoint, run_id = resolve_checkpoint(args)
     diagnosis = diagnose(checkpoint, extra, folds=args.folds, max_pairs=args.max_pairs or None,
                          progress=sys.stderr.isatty())
-    report, markdown = write_report(diagnosis, Path(args.out) if args.out else checkpoint / "diagnosis")
+    report, markdown = write_report(diagnosis, Path(args.out) if args.out else checkpoint / "diagnosis",
+                                    training_progress)
     print(markdown)
     print(f"[diagnose] wrote {report}, {report.parent / 'figures'}/ and {report.parent / 'diagnosis.json'}",
           file=sys.stderr)

@@ -1,4 +1,5 @@
-"""Paired statistics for the confirmation stage: is a finalist really better than the baseline?
+"""Statistics of held-out pair scores over seeds and prompts: the confirmation stage's verdict (is a finalist
+really better than the baseline?) and diagnose's standard errors, one code path for both.
 
 Design: every configuration is trained with the same S seeds and scored on the same N held-out pairs,
 which come from G prompts. Seeds and prompts are two crossed random factors. The prompt, not the pair,
