@@ -105,6 +105,9 @@ class Objective:
         self.parent_run_id, self.tags, self.progress = parent_run_id, tags, progress
         self.names = objectives(cfg)
         self.report = len(self.names) == 1  # report even without a pruner: intermediate-value plots use it
+        # (trial number, result) of the last trial this process completed: the runner saves its critic when that
+        # trial is the study's best (sweep.save_best_checkpoint); other workers' trials are not in this process.
+        self.last_result: tuple[int, TrialResult] | None = None
 
     def _names(self, trial: optuna.Trial) -> list[str]:
         """The metrics this trial returns: the objectives; a confirmation run's on the confirmation split."""
@@ -284,7 +287,7 @@ class Objective:
             if result.model is not None and cfg.train.save_checkpoint:
                 save_checkpoint_dir(result, cfg, folder / "checkpoint")
                 self.tracker.log_dir(run_id, folder / "checkpoint", "checkpoint")
-        self.last_result = result
+        self.last_result = (trial.number, result)
 
 
 def save_checkpoint_dir(result: TrialResult, cfg: ExperimentConfig, folder: Path) -> Path:

@@ -130,19 +130,21 @@ def _postfix(study: optuna.Study, counts: dict[str, int]) -> str:
 
 
 def _maybe_save_best(study, objective: Objective, spec: SweepSpec, tracker: Tracker, parent_id: str) -> None:
-    """sweep.save_best_checkpoint: the best trial's critic, as a HF checkpoint under the parent run's artifacts."""
-    result = getattr(objective, "last_result", None)
-    objective.last_result = None
-    if not spec.cfg.sweep.save_best_checkpoint or result is None or result.model is None:
+    """sweep.save_best_checkpoint: the best trial's critic, as a HF checkpoint under the parent run's artifacts.
+
+    Only this process's last trial has its critic in memory, so it is saved when *that* trial (by number, not the
+    study's newest trial, which with several workers can be another worker's) is now the study's best."""
+    last, objective.last_result = objective.last_result, None
+    if not spec.cfg.sweep.save_best_checkpoint or last is None or last[1].model is None:
         return
-    last = study.trials[-1]
-    best = best_trials(study)
-    if last.state == TrialState.COMPLETE and best and best[0].number == last.number:
-        cfg = config_for(spec, trial_params(last), "best trial")
+    number, result = last
+    best = best_trials(study)  # COMPLETE trials only
+    if best and best[0].number == number:
+        cfg = config_for(spec, trial_params(best[0]), "best trial")
         with tempfile.TemporaryDirectory() as tmp:
             folder = save_checkpoint_dir(result, cfg, Path(tmp) / "best_checkpoint")
             tracker.log_dir(parent_id, folder, "best_checkpoint")
-        tracker.set_tags(parent_id, {"best.checkpoint_trial": last.number})
+        tracker.set_tags(parent_id, {"best.checkpoint_trial": number})
 
 
 def finish_parent(study: optuna.Study, tracker: Tracker, parent_id: str) -> None:

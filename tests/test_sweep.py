@@ -294,3 +294,28 @@ def test_diagnose_a_trial_of_a_sweep(tmp_path):
     assert "diagnosis/report.md" in {a.path for a in client.list_artifacts(run_id, "diagnosis")}
     missing = cli("diagnose", "--trial", "7", *store_args(tmp_path), cwd=tmp_path)
     assert missing.returncode == 2 and "has no MLflow run" in missing.stderr
+
+
+@pytest.mark.parametrize("other_is_better", [False, True])
+def test_best_checkpoint_is_the_critic_of_the_trial_it_is_named_after(tmp_path, other_is_better):
+    """sweep.save_best_checkpoint with several workers: after this process's trial, another worker's trial can be
+    the study's newest. The saved critic must be this trial's, saved only when this trial is the best."""
+    from sweeper.objective import Objective
+    from sweeper.runner import _maybe_save_best
+
+    spec, storage, tracking = _in_process(tmp_path, n_trials=1, save_best_checkpoint=True)
+    study, tracker, parent_id = study_mod.init_study(spec, storage, tracking)
+    objective = Objective(spec.raw, spec.cfg, spec.entries, tracker, parent_id, {})
+    study.optimize(objective, n_trials=1)  # trial 0, the baseline, in this process
+    mine = study.trials[0]
+    other = optuna.trial.create_trial(params=mine.params, distributions=mine.distributions,
+                                      value=mine.value + (0.01 if other_is_better else -0.01))
+    study.add_trial(other)  # trial 1: another worker's, finished after mine; its critic is not in this process
+    _maybe_save_best(study, objective, spec, tracker, parent_id)
+
+    parent = tracker.client.get_run(parent_id)
+    saved = [a.path for a in tracker.client.list_artifacts(parent_id, "best_checkpoint")]
+    if other_is_better:  # the best critic lives in the other worker: nothing here is saved under its number
+        assert "best.checkpoint_trial" not in parent.data.tags and not saved
+    else:  # this trial is the best although it is not the newest: its critic is saved, named after it
+        assert parent.data.tags["best.checkpoint_trial"] == "0" and "best_checkpoint/config.json" in saved
