@@ -206,6 +206,15 @@ class SweepConfig:
     gpus_per_trial: int = 1
     confirm: ConfirmConfig = field(default_factory=ConfirmConfig)
 
+    # objective and direction are a string for one objective, a list for several (as Optuna takes them)
+    @property
+    def objectives(self) -> list[str]:
+        return self.objective if isinstance(self.objective, list) else [self.objective]
+
+    @property
+    def directions(self) -> list[str]:
+        return self.direction if isinstance(self.direction, list) else [self.direction]
+
 
 @dataclass(frozen=True)
 class ExportConfig:

@@ -85,7 +85,7 @@ class OptunaReporter(Reporter):
 
 
 def objectives(cfg: ExperimentConfig) -> list[str]:
-    return cfg.sweep.objective if isinstance(cfg.sweep.objective, list) else [cfg.sweep.objective]
+    return cfg.sweep.objectives
 
 
 def trial_config(raw: dict[str, Any], sampled: dict[str, Any], source: str) -> ExperimentConfig:
@@ -199,8 +199,7 @@ class Objective:
         if state != "COMPLETE":
             return sort_key({"RUNNING": "running", "PRUNED": "pruned"}.get(state, "failed"))
         value = json.loads(trial.user_attrs.get("metrics", "{}")).get(self.names[0])
-        return sort_key("complete", value, self.cfg.sweep.direction if isinstance(self.cfg.sweep.direction, str)
-                        else self.cfg.sweep.direction[0])
+        return sort_key("complete", value, self.cfg.sweep.directions[0])
 
     def _run_with_oom_retry(self, trial: optuna.Trial, cfg: ExperimentConfig, run_id: str) -> TrialResult:
         """Out of memory once -> retry with forwards of half as many pairs; twice -> fail.

@@ -161,7 +161,7 @@ class Gate(optuna.pruners.BasePruner):
 
 def make_pruner(cfg: ExperimentConfig) -> optuna.pruners.BasePruner:
     """sweep.pruner as an Optuna pruner: `paired` (default), `median`, `hyperband` gated by warmup, or none."""
-    objective = cfg.sweep.objective if isinstance(cfg.sweep.objective, str) else cfg.sweep.objective[0]
+    objective = cfg.sweep.objectives[0]
     if cfg.sweep.pruner == "paired":  # below the median (2+ completed trials at the step) and the paired test
         return Gate(optuna.pruners.MedianPruner(n_startup_trials=2, n_min_trials=2), objective, P_THRESHOLD)
     if cfg.sweep.pruner == "median":

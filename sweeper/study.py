@@ -52,8 +52,7 @@ class SweepSpec:
 
 
 def _check_objectives(cfg: ExperimentConfig, source: str) -> None:
-    names = cfg.sweep.objective if isinstance(cfg.sweep.objective, list) else [cfg.sweep.objective]
-    directions = cfg.sweep.direction if isinstance(cfg.sweep.direction, list) else [cfg.sweep.direction]
+    names, directions = cfg.sweep.objectives, cfg.sweep.directions
     if len(names) != len(directions):
         raise SpecError(f"{source}: sweep.objective has {len(names)} entries but sweep.direction has {len(directions)}")
     sets = {"val", *cfg.data.eval_sets}
@@ -152,8 +151,7 @@ def make_sampler(spec: SweepSpec, worker_index: int = 0) -> optuna.samplers.Base
 
 
 def directions(spec: SweepSpec) -> list[str]:
-    d = spec.cfg.sweep.direction
-    return d if isinstance(d, list) else [d]
+    return spec.cfg.sweep.directions
 
 
 def run_tags(spec: SweepSpec, study_name: str) -> dict[str, str]:
