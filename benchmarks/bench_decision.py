@@ -70,6 +70,10 @@ def run_pipeline(scenario: str, policy: Policy, sweep_seed: int, size: Size, fol
     from sweeper.commands import main as sweep_main
     raw = scenario_raw(scenario, size)
     raw["sweep"] = {**raw["sweep"], **policy.sweep, "seed": sweep_seed}
+    if size.confirm_seeds is not None:
+        seeds, max_seeds = size.confirm_seeds
+        raw["sweep"]["confirm"] = {**raw["sweep"].get("confirm", {}), "seeds": seeds, "max_seeds": max_seeds,
+                                   "n_resamples": 200}
     spec = folder / "spec.yaml"
     spec.write_text(yaml.safe_dump(raw, sort_keys=False))
     storage = f"sqlite:///{folder / 'optuna.db'}"
@@ -253,7 +257,8 @@ def plot(runs: list[dict], path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="one repetition, fewer trials and seeds: a smoke check")
+    parser.add_argument("--quick", action="store_true", help="one repetition of tiny trials, two confirmation seeds: "
+                        "a smoke check of the harness (its numbers decide nothing; written to --out/quick)")
     parser.add_argument("--repeats", type=int, default=5, help="repetitions (sweep seeds 0..R-1)")
     parser.add_argument("--budget-s", type=float, default=math.inf, help="start no repetition after this many s")
     parser.add_argument("--truth", action="store_true", help="recompute benchmarks/decision_truth.json and stop")
@@ -266,8 +271,9 @@ def main() -> None:
         print(json.dumps(load_truth(FULL, recompute=True)["scenarios"], default=float, indent=1))
         return
     size, repeats = (QUICK, 1) if args.quick else (FULL, args.repeats)
-    run_benchmark(size, repeats, args.out, args.budget_s, append=args.append, first_seed=args.first_seed)
-    print((args.out / "decision.md").read_text())
+    out = args.out / "quick" if args.quick else args.out  # a smoke check never overwrites the measured runs
+    run_benchmark(size, repeats, out, args.budget_s, append=args.append, first_seed=args.first_seed)
+    print((out / "decision.md").read_text())
 
 
 if __name__ == "__main__":

@@ -40,11 +40,17 @@ class Size:
     truth_seeds: int = 8
     answer_seeds: int = 3
     held_out_fraction: float = 0.2  # data.val_fraction and data.confirm_fraction: ~600 pairs each
+    # (seeds, max_seeds) for every policy's confirmation instead of its own: a smoke check of the plumbing, whose
+    # decisions mean nothing, need not run the tool's eight seeds. None: each policy's own (the measured runs).
+    confirm_seeds: tuple[int, int] | None = None
 
 
-FULL, QUICK = Size(), Size(n_trials=3, truth_seeds=3, answer_seeds=2)
+FULL = Size()
+# Smoke checks: seconds per trial, the truth measured on the fly (a few tiny runs), two confirmation seeds.
+QUICK = Size(n_trials=3, max_steps=8, eval_every=4, max_length=48, fresh_pairs=300, truth_seeds=2, answer_seeds=2,
+             held_out_fraction=0.05, confirm_seeds=(2, 2))
 TINY = Size(n_trials=2, max_steps=6, eval_every=3, max_length=48, fresh_pairs=300, truth_seeds=2, answer_seeds=2,
-            held_out_fraction=0.05)
+            held_out_fraction=0.05, confirm_seeds=(2, 2))
 
 # One search space for both scenarios; only the baseline differs. The lr range is the demo's.
 SPACE = {
