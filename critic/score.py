@@ -217,6 +217,7 @@ def register_pair_attention() -> None:
 
 def enable_pair_attention(model: torch.nn.Module, attention: str = "sdpa_per_pair") -> None:
     """Switch an SDPA critic to the packed attention `attention` (idempotent; other inputs still run plain SDPA)."""
+    # config._attn_implementation: transformers 5.23 has a public setter (set_attn_implementation) but no getter
     config, name = model.config, PAIR_ATTENTIONS[attention]
     if config._attn_implementation == name:
         return

@@ -96,10 +96,20 @@ def trial_runs(client: MlflowClient, experiment_id: str, study_name: str) -> dic
             return runs
 
 
+def bulk_history_reader(client: MlflowClient):
+    """The SQL store's get_metric_history_bulk (one metric of many runs in one query), or None.
+
+    MLflow's client has no public method for it (3.x), and one get_metric_history call per run is ~100x slower for a
+    study's hundreds of runs, so the store is reached through the client's private `_tracking_client`.
+    tests/test_report.py fails when this path stops being taken on a SQL store; REST and file stores lack the method
+    and get the public per-run path."""
+    store = getattr(getattr(client, "_tracking_client", None), "store", None)
+    return getattr(store, "get_metric_history_bulk", None)
+
+
 def metric_histories(client: MlflowClient, run_ids: list[str], key: str) -> dict[str, list[tuple[int, float]]]:
     """run id -> [(step, value)] of one metric, sorted by step; one query per 500 runs on a SQL store."""
-    store = getattr(getattr(client, "_tracking_client", None), "store", None)
-    bulk = getattr(store, "get_metric_history_bulk", None)  # SqlAlchemyStore only; REST and file stores lack it
+    bulk = bulk_history_reader(client)
     out: dict[str, list[tuple[int, float]]] = {run_id: [] for run_id in run_ids}
     if bulk is not None:
         for start in range(0, len(run_ids), _IDS_PER_QUERY):
