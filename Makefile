@@ -39,7 +39,7 @@ train: install
 	$(PY) sweep.py train $(SPEC)
 
 test: install
-	$(PY) -m pytest -q -rs tests
+	$(PY) -m pytest -q -rs --durations=30 tests
 
 lint: install
 	$(PY) -m ruff check .

@@ -60,7 +60,7 @@ def leaderboard(study: optuna.Study) -> pd.DataFrame:
     rows = []
     trials = study.get_trials(deepcopy=False)
     named = any(candidate_name(t) is not None for t in trials)  # a column only where the study has candidates
-    retried = {t.user_attrs["retry_of"]: t.number for t in trials if "retry_of" in t.user_attrs}  # see CloseAndRetry
+    retried = {t.user_attrs["retry_of"]: t for t in trials if "retry_of" in t.user_attrs}  # see CloseAndRetry
     for t in trials:
         row = {"number": t.number, "state": t.state.name,
                "baseline": bool(t.user_attrs.get("baseline", False)),
@@ -71,7 +71,8 @@ def leaderboard(study: optuna.Study) -> pd.DataFrame:
             row["value" if len(values) == 1 else f"value_{i}"] = value
         row.update({f"param:{k}": v for k, v in trial_params(t).items()})
         row["reason"] = t.user_attrs.get("fail_reason") or t.user_attrs.get("prune_reason") or (
-            f"worker died (no heartbeat); re-run as trial {retried[t.number]}" if t.number in retried else "")
+            f"{retried[t.number].user_attrs.get('retry_reason', 'worker died (no heartbeat)')}; re-run as trial "
+            f"{retried[t.number].number}" if t.number in retried else "")
         rows.append(row)
     return pd.DataFrame(rows)
 

@@ -14,6 +14,7 @@ import gc
 import json
 import math
 import os
+import socket
 import tempfile
 import time
 from pathlib import Path
@@ -179,6 +180,7 @@ class Objective:
         run_id = self.tracker.child_run(self.parent_run_id, trial.number, tags, run_name=name,
                                         nested=stage == "confirm")
         trial.set_user_attr("mlflow_run_id", run_id)
+        trial.set_user_attr("worker", worker_id())  # a local parent fails the trial at once if this process dies
         devices = os.environ.get("CUDA_VISIBLE_DEVICES")
         if devices is not None:  # the GPU slot this worker owns (sweeper/slots.py)
             trial.set_user_attr("devices", devices)
@@ -287,6 +289,11 @@ class Objective:
                 save_checkpoint_dir(result, cfg, folder / "checkpoint")
                 self.tracker.log_dir(run_id, folder / "checkpoint", "checkpoint")
         self.last_result = (trial.number, result)
+
+
+def worker_id(pid: int | None = None) -> str:
+    """host:pid of a worker process (this one by default), recorded on each trial it runs (sweeper/workers.py)."""
+    return f"{socket.gethostname()}:{os.getpid() if pid is None else pid}"
 
 
 def save_checkpoint_dir(result: TrialResult, cfg: ExperimentConfig, folder: Path) -> Path:

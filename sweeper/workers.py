@@ -3,7 +3,10 @@
 Workers share the study through the Optuna storage (Optuna's own distributed
 mode). A worker that dies stops its heartbeat; once the grace period passes,
 whichever process looks next marks the trial FAIL, closes its MLflow run as
-FAILED and re-queues the same parameters as a new trial.
+FAILED and re-queues the same parameters as a new trial. Workers started here
+(`--workers N`) are children of this process, which sees one die at once: it
+fails and re-queues that worker's trial right away (each trial records the
+worker that runs it), without waiting for the grace period.
 """
 
 from __future__ import annotations
@@ -27,12 +30,14 @@ from sweeper import study as study_mod
 from sweeper.board import show_bars, trial_line
 from sweeper.candidates import ATTRS as CANDIDATE_ATTRS
 from sweeper.confirm import STAGE_ATTRS, ConfirmPlan
+from sweeper.objective import worker_id
 from sweeper.runner import SweepStopped, best_trials, run_trials
 from sweeper.signals import stop_on_signals
 from sweeper.slots import plan_slots, visible_device_ids
 from sweeper.stores import without_password
 
 ROOT = Path(__file__).resolve().parents[1]
+NO_HEARTBEAT = "worker died (no heartbeat)"
 # user attrs a re-queued trial inherits; the rest belong to the dead attempt
 _KEEP_ON_RETRY = ("baseline", *CANDIDATE_ATTRS, *STAGE_ATTRS)
 
@@ -48,19 +53,51 @@ class CloseAndRetry:
         self.tracking_uri = tracking_uri
         self.retry = optuna.storages.RetryHeartbeatStaleTrialCallback()
 
-    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial,
+                 reason: str = NO_HEARTBEAT) -> None:
         run_id = trial.user_attrs.get("mlflow_run_id")
         if run_id:
             try:
                 client = MlflowClient(self.tracking_uri)
-                client.set_tag(run_id, "sweep.fail_reason", "worker died (no heartbeat); trial re-queued")
+                client.set_tag(run_id, "sweep.fail_reason", f"{reason}; trial re-queued")
                 client.set_tag(run_id, "sweep.state", "FAIL")
                 client.set_terminated(run_id, status="FAILED")
             except mlflow.exceptions.MlflowException as exc:  # the re-queue matters more than the bookkeeping
                 print(f"[sweep] could not close the MLflow run of dead trial {trial.number}: {exc}", file=sys.stderr)
         trial.user_attrs = {**{k: v for k, v in trial.user_attrs.items() if k in _KEEP_ON_RETRY},
-                            "retry_of": trial.number}
+                            "retry_of": trial.number, "retry_reason": reason}
         self.retry(study, trial)
+
+
+class LocalWorkers:
+    """The worker processes this process started: which have died, and failing their trials at once."""
+
+    def __init__(self, study: optuna.Study, procs: list[subprocess.Popen], retry: CloseAndRetry) -> None:
+        self.study, self.procs, self.retry = study, procs, retry
+        self.reaped: set[int] = set()
+
+    def all_exited(self) -> bool:
+        """Reap every newly dead worker's trial; True once no worker runs."""
+        for index, proc in enumerate(self.procs):
+            if proc.poll() not in (None, 0) and index not in self.reaped:
+                self.reaped.add(index)
+                self._fail_trials_of(index, proc)
+        return all(proc.poll() is not None for proc in self.procs)
+
+    def _fail_trials_of(self, index: int, proc: subprocess.Popen) -> None:
+        code = proc.returncode
+        how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+        reason = f"worker {index} (pid {proc.pid}) died ({how})"
+        held = [t for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+                if t.user_attrs.get("worker") == worker_id(proc.pid)]
+        for trial in held:
+            try:
+                self.study.tell(trial.number, state=TrialState.FAIL)
+            except (RuntimeError, ValueError):  # finished meanwhile (e.g. the heartbeat reaper got there first)
+                continue
+            self.retry(self.study, self.study.get_trials(deepcopy=False)[trial.number], reason)
+        requeued = f": trial {', '.join(str(t.number) for t in held)} failed and re-queued" if held else ""
+        print(f"[sweep] {reason}{requeued}", file=sys.stderr, flush=True)
 
 
 def run_worker(storage_url: str, study_name: str, tracking_uri: str, worker_index: int = 0,
@@ -115,9 +152,10 @@ def launch_workers(study: optuna.Study, spec, storage_url: str, tracking_uri: st
                               cwd=os.getcwd(),
                               start_new_session=True)
              for i in range(n_workers)]
+    workers = LocalWorkers(study, procs, CloseAndRetry(tracking_uri))
+    n_trials = plan.n_trials if plan else spec.cfg.sweep.n_trials
     try:
-        _watch_until(study, plan.n_trials if plan else spec.cfg.sweep.n_trials,
-                     lambda: all(p.poll() is not None for p in procs), progress, plan)
+        _watch_until(study, n_trials, workers.all_exited, progress, plan)
     except KeyboardInterrupt:
         for p in procs:
             if p.poll() is None:
@@ -126,7 +164,9 @@ def launch_workers(study: optuna.Study, spec, storage_url: str, tracking_uri: st
             p.wait()
         raise
     codes = [p.wait() for p in procs]
-    if any(code != 0 for code in codes):
+    counts = study_mod.state_counts(study)
+    done = (plan.finished(study, counts) if plan else study_mod.finished_count(counts)) >= n_trials
+    if any(code != 0 for code in codes) and not done:  # a worker that died after the others finished its trial: fine
         raise SweepStopped(f"worker exit codes {codes}; see their output above and `sweep.py status`")
 
 

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -125,6 +127,43 @@ def test_no_password_in_output_argv_stores_or_attrs(three_worker_sweep, postgres
     assert PASSWORD not in json.dumps([study.user_attrs] + [t.user_attrs for t in study.trials])
     assert sweep.main(["status", "--storage", result["storage"]]) == 0
     assert PASSWORD not in "".join(capsys.readouterr())
+
+
+def test_local_parent_fails_and_requeues_a_dead_workers_trial_at_once(tmp_path, tiny_cache_dir):
+    """`run --workers 2` with the default heartbeat (a 600 s grace): the parent sees its child die and re-queues the
+    child's trial at once, with the signal as the reason; the sweep ends with every trial finished."""
+    spec = tiny_sweep_spec(tmp_path, sweep={"study_name": "dead", "n_trials": 3},
+                           extra={"data": {"cache_dir": str(tiny_cache_dir)}})
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    started = time.monotonic()
+    proc = subprocess.Popen([sys.executable, str(ROOT / "sweep.py"), "run", str(spec), "--workers", "2",
+                             "--storage", storage, "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
+                             "--no-progress"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        [victim, *_] = wait_for(lambda: trials_in_their_run("dead", storage), 240, "a running trial with its run")
+        host, pid = victim.user_attrs["worker"].rsplit(":", 1)
+        os.kill(int(pid), signal.SIGKILL)
+        out, err = proc.communicate(timeout=300)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, err[-3000:]
+    assert time.monotonic() - started < 300  # far less than the 600 s grace the heartbeat reaper would wait
+    study = optuna.load_study(study_name="dead", storage=storage)
+    assert len(finished(study)) == 3
+    dead = study.trials[victim.number]
+    [rerun] = [t for t in study.trials if t.user_attrs.get("retry_of") == dead.number]
+    assert dead.state.name == "FAIL" and rerun.state.name == "COMPLETE" and rerun.params == dead.params
+    line = rf"\[sweep\] worker [01] \(pid {pid}\) died \(killed by SIGKILL\): trial {dead.number} failed and re-queued"
+    assert re.search(line, err) and "Traceback" not in err, err[-3000:]  # one line, no traceback
+    assert host == socket.gethostname()
+    board = leaderboard(study).set_index("number")
+    assert board.loc[dead.number, "reason"].endswith(f"died (killed by SIGKILL); re-run as trial {rerun.number}")
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert client.get_run(dead.user_attrs["mlflow_run_id"]).info.status == "FAILED"
+    parents, children = trial_runs(client, "dead")
+    assert all(r.info.status != "RUNNING" for r in parents + children)
 
 
 @pytest.mark.parametrize("kind", ["sqlite", "postgresql"])

@@ -136,7 +136,9 @@ def guarded(stages, study, tracker, parent_id: str):
 
 def print_confirmation(result: dict) -> None:
     from sweeper.board import format_table, split_text
-    print(f"\nConfirmation on {result['metric']} ({len(result['seeds'])} new seeds per config, paired with the "
+    counts = sorted({row["seeds"] for row in result["table"]}) or [0]
+    seeds = f"{counts[0]}" if len(counts) == 1 else f"{counts[0]} to {counts[-1]}"  # more for promising configs
+    print(f"\nConfirmation on {result['metric']} ({seeds} new seeds per config, paired with the "
           f"baseline; 95% intervals over seeds and held-out pairs),\nscored {split_text(result)}:")
     print(format_table(result))
     print("\n" + result["verdict"])
