@@ -13,7 +13,7 @@ trial is what Optuna and MLflow cost: claim and ask, child run, params, metrics,
 heartbeat, tell. Measured twice: as is (the trial's two figures rendered by matplotlib) and with the
 figures replaced by empty files (storage only). Stores: SQLite + SQLite (the embedded default),
 PostgreSQL + PostgreSQL (MLflow's store on the database directly), PostgreSQL + an MLflow tracking
-server backed by PostgreSQL (HTTP). PostgreSQL is a throwaway local server (tests/pg.py); its rows
+server backed by PostgreSQL (HTTP). PostgreSQL is a throwaway local server (benchmarks/servers.py); its rows
 are skipped when the server binaries are not installed.
 
 The last line printed is one JSON object.
@@ -135,7 +135,7 @@ def bookkeeping(name: str, storage: str, tracking: str, spec_path: Path, n_trial
 def store_pairs(folder: Path, with_postgres: bool):
     """(name, Optuna storage, MLflow tracking URI) per store combination; PostgreSQL servers started here."""
     yield "sqlite+sqlite", f"sqlite:///{folder / 'optuna.db'}", f"sqlite:///{folder / 'mlflow.db'}"
-    from tests.pg import MlflowServer, PostgresServer, postgres_bin
+    from benchmarks.servers import MlflowServer, PostgresServer, postgres_bin
     bin_dir = postgres_bin() if with_postgres else None
     if bin_dir is None:
         print("[bench] PostgreSQL rows skipped: no server binaries (initdb, pg_ctl)" if with_postgres else

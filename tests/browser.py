@@ -15,7 +15,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from tests.pg import free_port
+from benchmarks.servers import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -37,8 +37,8 @@ def tiny_critic(tiny_cache_dir):
 
 @pytest.fixture(scope="module")
 def postgres():
-    """A real PostgreSQL server (tests/pg.py) for one test module."""
-    from tests.pg import PostgresServer, postgres_bin
+    """A real PostgreSQL server (benchmarks/servers.py) for one test module."""
+    from benchmarks.servers import PostgresServer, postgres_bin
 
     bin_dir = postgres_bin()
     if bin_dir is None:

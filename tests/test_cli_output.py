@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.servers import PASSWORD, USER, free_port
 from critic.data import load_pair_set
 from critic.demo import make_demo_frame
 from tests.helpers import tiny_config, write_pairs
-from tests.pg import PASSWORD, USER, free_port
 from tests.sweep_helpers import cli, store_args, tiny_sweep_spec
 
 

@@ -22,12 +22,12 @@ import pytest
 from mlflow import MlflowClient
 
 import sweep
+from benchmarks.servers import PASSWORD, MlflowServer, dump_postgres
 from critic.config import SpecError
 from sweeper import study as study_mod
 from sweeper.runner import leaderboard, run_trials
 from sweeper.stores import credentials_from_env, mask, without_password
 from tests.helpers import simulate_device
-from tests.pg import PASSWORD, MlflowServer, dump_postgres
 from tests.sweep_helpers import ROOT, cli, tiny_sweep_spec, trials_in_their_run, wait_for
 
 FAST_HEARTBEAT = {"heartbeat_interval": 1, "grace_period": 4}

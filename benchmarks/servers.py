@@ -1,4 +1,4 @@
-"""Real servers for the scale-out tests: a throwaway PostgreSQL cluster and an MLflow tracking server.
+"""Real servers for the scale-out tests and benchmarks: a throwaway PostgreSQL cluster and an MLflow tracking server.
 
 PostgreSQL runs from the distribution's binaries (initdb, pg_ctl) in a temporary
 folder, listening on 127.0.0.1 at a free port with password (scram) auth, so
