@@ -12,11 +12,11 @@ install: .venv/.installed .venv/.verl-extra
 
 # torch first, pinned to the CPU build that satisfies requirements.txt's range without pulling CUDA wheels.
 # Then the project itself, editable (pyproject.toml; its dependencies are requirements.txt, installed just before).
-.venv/.installed: requirements.txt pyproject.toml
+.venv/.installed: requirements.txt requirements-dev.txt pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
 	$(PIP) install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q "torch==2.13.0"
-	$(PIP) install -q -r requirements.txt
+	$(PIP) install -q -r requirements.txt -r requirements-dev.txt
 	$(PIP) install -q --no-deps -e .
 	touch $@
 
