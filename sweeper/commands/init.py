@@ -72,15 +72,15 @@ def from_verl(args: argparse.Namespace) -> int:
     from sweeper.verl_launch import compose_launch, find_verl_config, load_launch, parse_vars
 
     script, *script_args = args.from_verl
-    launch = load_launch(script, script_args, parse_vars(args.var), args.entry)
-    source = find_verl_config(args.verl_version, args.verl_config)
-    fork_keys = parse_vars_like(args.fork_key)
     stem = Path(script).stem if Path(script).expanduser().is_file() else "verl-launch"
     name = re.sub(r"[^A-Za-z0-9_.\-]", "-", stem)
-    imported = spec_from_launch(launch, compose_launch(launch, source), source, fork_keys, f"{name}-critic-warmup")
     output = Path(args.output or f"experiments/{name}.yaml")
     if output.exists():
         raise SpecError(f"{output} exists; choose another file with -o, or remove it")
+    launch = load_launch(script, script_args, parse_vars(args.var), args.entry)
+    source = find_verl_config(args.verl_version, args.verl_config)
+    fork_keys = parse_vars_like(args.fork_key)
+    imported = spec_from_launch(launch, compose_launch(launch, source), source, fork_keys, f"{name}-critic-warmup")
     spec = load_sweep_spec(str(output), raw=imported.raw)  # the written spec must load as it is
     print_warnings(spec.warnings)
     for line in imported.dead:
