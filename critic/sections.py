@@ -138,8 +138,11 @@ class VerlConfig:
     ppo_micro_batch_size_per_gpu: int | None = None  # critic.ppo_micro_batch_size_per_gpu: pairs per forward
     n_gpus: int = 1  # trainer.nnodes x trainer.n_gpus_per_node: only checks that verl's per-GPU split is whole
     critic_warmup: int | None = None  # trainer.critic_warmup: iterations before the actor's first update
-    lr_warmup_steps: int = 0  # critic.optim.lr_warmup_steps: verl scheduler steps, one per iteration
+    lr_warmup_steps: int = 0  # critic.optim.lr_warmup_steps: verl scheduler steps (parameter_sync_step per iteration)
     total_training_steps: int | None = None  # the whole RL run's iterations: the horizon of verl's cosine
+    # trainer.v1.separate_async.parameter_sync_step: local updates per iteration in verl's V1 separate_async trainer,
+    # each one update_critic call and one scheduler step; 1 for every other trainer (one update_critic per iteration)
+    parameter_sync_step: int = 1
 
     def in_use(self) -> bool:
         return self != VerlConfig()

@@ -14,14 +14,19 @@ sequences (verl multiplies the mini-batch by rollout_n), each split into micro-b
 | ppo_micro_batch_size_per_gpu                | train.micro_batch_size: pairs per forward and per adaptive T  |
 | ppo_epochs x train_batch_size / mini        | optimizer steps per iteration (S)                             |
 | critic_warmup                               | train.max_steps = (critic_warmup - 1) x S                     |
-| lr_warmup_steps (scheduler steps)           | train.warmup_steps = lr_warmup_steps x S; lr held per iteration |
-| total_training_steps                        | the cosine's horizon, in iterations                           |
+| lr_warmup_steps (scheduler steps)           | train.warmup_steps = lr_warmup_steps x S / P; lr held S / P steps |
+| total_training_steps                        | the cosine's horizon: total_training_steps x P scheduler steps |
+| parameter_sync_step (P, V1 separate_async)  | update_critic calls (= scheduler steps) per iteration         |
 
 Why critic_warmup - 1: verl's global_steps starts at 1 (ray_trainer.py `self.global_steps += 1` before the
 loop) and the actor updates once `critic_warmup <= global_steps`, after that iteration's rewards and values
 were computed, so the policy's first update sees a critic trained for critic_warmup - 1 iterations.
-Why the lr is held: verl steps the critic's scheduler once per `update_critic` call (once per iteration),
-not per optimizer step, and its cosine decays over the whole RL run (`total_training_steps`).
+Why the lr is held: verl steps the critic's scheduler once per `update_critic` call, not per optimizer step,
+and its cosine decays over the whole RL run (`total_training_steps`). The classic trainer and V1's sync and
+colocate_async modes call update_critic once per iteration (P = 1); V1's separate_async mode
+(trainer/ppo/v1/trainer_base.py `step`) runs P = `trainer.v1.separate_async.parameter_sync_step` local updates
+per iteration, each on train_batch_size / P prompts, and scales the scheduler's horizon by P (`on_train_begin`),
+so there `lr_warmup_steps` counts local updates: lr_warmup_steps=4 is one iteration at P=4, four at P=1.
 """
 
 from __future__ import annotations
@@ -50,6 +55,7 @@ class VerlSteps:
     warmup_iterations: int  # critic-only iterations before the actor's first update
     max_steps: int
     warmup_steps: int  # optimizer steps until the lr reaches its peak
+    steps_per_scheduler_step: int  # optimizer steps of one update_critic call: S / parameter_sync_step
 
 
 def verl_steps(verl: VerlConfig) -> VerlSteps:
@@ -57,12 +63,14 @@ def verl_steps(verl: VerlConfig) -> VerlSteps:
     mini_batches = verl.train_batch_size // verl.ppo_mini_batch_size
     per_iteration = verl.ppo_epochs * mini_batches
     warmup_iterations = verl.critic_warmup - 1
+    per_scheduler_step = per_iteration // verl.parameter_sync_step
     return VerlSteps(pairs_per_iteration=verl.train_batch_size * verl.rollout_n,
                      batch_size=verl.ppo_mini_batch_size * verl.rollout_n,
                      micro_batch_size=verl.ppo_micro_batch_size_per_gpu,
                      mini_batches_per_iteration=mini_batches, steps_per_iteration=per_iteration,
                      warmup_iterations=warmup_iterations, max_steps=warmup_iterations * per_iteration,
-                     warmup_steps=verl.lr_warmup_steps * per_iteration)
+                     warmup_steps=verl.lr_warmup_steps * per_scheduler_step,
+                     steps_per_scheduler_step=per_scheduler_step)
 
 
 def check_verl(verl: VerlConfig, scheduler: str, where: str) -> None:
@@ -73,7 +81,7 @@ def check_verl(verl: VerlConfig, scheduler: str, where: str) -> None:
                         f"the whole warmup: {', '.join(REQUIRED)}), or remove the verl section and describe the "
                         f"trial with train.*")
     for name in ("train_batch_size", "rollout_n", "ppo_mini_batch_size", "ppo_epochs", "ppo_micro_batch_size_per_gpu",
-                 "n_gpus"):
+                 "n_gpus", "parameter_sync_step"):
         if getattr(verl, name) < 1:
             raise SpecError(f"{where}verl.{name} must be >= 1, got {getattr(verl, name)}")
     if verl.lr_warmup_steps < 0:
@@ -87,6 +95,12 @@ def check_verl(verl: VerlConfig, scheduler: str, where: str) -> None:
         raise SpecError(f"{where}verl.train_batch_size ({verl.train_batch_size}) must be a multiple of "
                         f"verl.ppo_mini_batch_size ({verl.ppo_mini_batch_size}): verl splits each iteration's "
                         f"batch into whole mini-batches")
+    local = verl.train_batch_size // verl.parameter_sync_step
+    if verl.train_batch_size % verl.parameter_sync_step or local % verl.ppo_mini_batch_size:
+        raise SpecError(f"{where}verl.train_batch_size ({verl.train_batch_size}) must be verl.parameter_sync_step "
+                        f"({verl.parameter_sync_step}) local updates of whole mini-batches of "
+                        f"verl.ppo_mini_batch_size ({verl.ppo_mini_batch_size}) prompts (verl's V1 separate_async "
+                        f"trainer splits each iteration so); change one of them")
     mini_pairs = verl.ppo_mini_batch_size * verl.rollout_n
     if mini_pairs % verl.n_gpus or (mini_pairs // verl.n_gpus) % verl.ppo_micro_batch_size_per_gpu:
         raise SpecError(f"{where}verl splits each mini-batch of ppo_mini_batch_size x rollout_n = {mini_pairs} "
@@ -124,24 +138,26 @@ def apply_verl(cfg: ExperimentConfig, raw_train: dict[str, Any], source: str) ->
 
 
 def lr_multiplier(iteration: int, verl: VerlConfig, scheduler: str) -> float:
-    """verl's lr factor for a 0-based iteration: linear warmup from 0, then constant or a half cosine to 0.
+    """verl's lr factor for a 0-based scheduler step: linear warmup from 0, then constant or a half cosine to 0.
 
     As verl.utils.torch_functional's get_constant_schedule_with_warmup and get_cosine_schedule_with_warmup with
-    their defaults (min_lr_ratio 0, num_cycles 0.5, zero-indexed steps), stepped once per iteration.
+    their defaults (min_lr_ratio 0, num_cycles 0.5, zero-indexed steps), stepped once per update_critic call
+    (parameter_sync_step per iteration, over a horizon of total_training_steps x parameter_sync_step).
     """
     warmup = verl.lr_warmup_steps
     if iteration < warmup:
         return iteration / max(1, warmup)
     if scheduler == "constant":
         return 1.0
-    progress = (iteration - warmup) / max(1, verl.total_training_steps - warmup)
+    horizon = verl.total_training_steps * verl.parameter_sync_step
+    progress = (iteration - warmup) / max(1, horizon - warmup)
     return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
 def verl_lr_lambda(cfg: ExperimentConfig) -> Callable[[int], float]:
-    """A LambdaLR factor over optimizer steps: every step of an iteration gets that iteration's lr."""
-    per_iteration = verl_steps(cfg.verl).steps_per_iteration
-    return lambda step: lr_multiplier(step // per_iteration, cfg.verl, cfg.train.scheduler)
+    """A LambdaLR factor over optimizer steps: every step of an update_critic call gets that call's lr."""
+    per_call = verl_steps(cfg.verl).steps_per_scheduler_step
+    return lambda step: lr_multiplier(step // per_call, cfg.verl, cfg.train.scheduler)
 
 
 def plain_verl(train: TrainConfig, n_pairs: int, n_steps: int) -> VerlConfig:
@@ -162,8 +178,8 @@ def verl_batches(n_pairs: int, verl: VerlConfig, rng: np.random.Generator) -> li
     """The warmup's optimizer-step batches in verl's order, each with `fresh` (none of its pairs trained on yet).
 
     Like verl's dataloader, each pass over the pairs is a new shuffle and an incomplete last iteration is
-    dropped; like update_critic (critic.shuffle: false), each iteration's batch is split in order into
-    mini-batches, and that split is run ppo_epochs times.
+    dropped; like update_critic (critic.shuffle: false), each iteration's batch (each of its parameter_sync_step
+    local updates' in V1 separate_async) is split in order into mini-batches, and that split is run ppo_epochs times.
     """
     steps = verl_steps(verl)
     if n_pairs < steps.pairs_per_iteration:
@@ -176,9 +192,11 @@ def verl_batches(n_pairs: int, verl: VerlConfig, rng: np.random.Generator) -> li
         for start in range(0, n_pairs - steps.pairs_per_iteration + 1, steps.pairs_per_iteration):
             if iteration == steps.warmup_iterations:
                 break
-            minis = np.split(order[start:start + steps.pairs_per_iteration], steps.mini_batches_per_iteration)
-            for ppo_epoch in range(verl.ppo_epochs):
-                batches.extend((mini, data_epoch == 0 and ppo_epoch == 0) for mini in minis)
+            iteration_pairs = order[start:start + steps.pairs_per_iteration]
+            for local in np.split(iteration_pairs, verl.parameter_sync_step):  # one update_critic call each
+                minis = np.split(local, steps.mini_batches_per_iteration // verl.parameter_sync_step)
+                for ppo_epoch in range(verl.ppo_epochs):
+                    batches.extend((mini, data_epoch == 0 and ppo_epoch == 0) for mini in minis)
             iteration += 1
         data_epoch += 1
     return batches

@@ -74,10 +74,12 @@ def trial_spec(spec: SweepSpec, trial: optuna.trial.FrozenTrial) -> dict[str, An
 
 
 def render(spec: SweepSpec, trial: optuna.trial.FrozenTrial, fmt: str, verl_version: str | None = None,
-           verl_worker: str | None = None, confirmation: list[str] = (), weights: str | None = None) -> str:
+           verl_worker: str | None = None, confirmation: list[str] = (), weights: str | None = None,
+           sync_step: int | None = None) -> str:
     """The trial as yaml/json spec or verl overrides; `confirmation` lines go into the header (json: a field).
 
     `weights`: the directory the trial's saved critic was written to (a LoRA trial's adapter is in weights/adapter).
+    `sync_step`: the target verl run's V1 separate_async parameter_sync_step (`export --against`).
     """
     name = f" (your planned change {candidate_name(trial)!r})" if candidate_name(trial) is not None else ""
     header = (f"trial {trial.number}{name} of study {spec.cfg.sweep.study_name}: search value(s) {trial.values} "
@@ -89,7 +91,7 @@ def render(spec: SweepSpec, trial: optuna.trial.FrozenTrial, fmt: str, verl_vers
         return json.dumps({"trial": trial.number, "values": trial.values, "params": trial_params(trial),
                            "confirmation": list(confirmation), "spec": trial_spec(spec, trial)}, indent=2)
     if fmt == "verl":  # sweeper/verl_export.py: verl's keys for that version, in verl's units
-        exported = verl_export(spec, trial, verl_version, verl_worker, weights)
+        exported = verl_export(spec, trial, verl_version, verl_worker, weights, sync_step)
         for note in exported.notes:
             print(f"[sweep] verl export note: {note}", file=sys.stderr)
         return f"# {header}\n" + exported.text()

@@ -1,9 +1,13 @@
 """A trial as Hydra overrides for the users' verl run: verl's key names for a verl version, verl's units.
 
 Only keys that exist in that version's `ppo_trainer` config are written bare (checked by composing verl's
-own config in tests/test_verl_export.py); keys verl does not define (this tool's temperature and bounds,
-mapped in `export.verl_keys`) are written `+key=value`. A swept value that verl cannot express is not
-written: a note says why, in the file and on stderr. Units: see critic/verl_units.py.
+own config in tests/test_verl_export.py); keys verl's yaml lacks (this tool's temperature and bounds, mapped in
+`export.verl_keys` to the users' fork's keys; a key an old worker reads with .get) are written `++key=value`,
+which Hydra accepts whether the fork's yaml defines the key or not (`+key` fails where it does). With a `verl:`
+section the batch settings the lr was tuned at are always written (train_batch_size, rollout.n, the critic's
+mini-batch and epochs): composed with verl's defaults (mini-batch 256) the same lr would mean something else.
+A swept value that verl cannot express is not written: a note says why, in the file and on stderr. Units: see
+critic/verl_units.py.
 """
 
 from __future__ import annotations
@@ -26,15 +30,15 @@ DEFAULT_VERSION = "0.9"  # the current verl release (0.9.1 on PyPI)
 class VerlVersion:
     """The keys that differ between verl releases (from each release's trainer/config)."""
     scheduler_key: str
-    warmup_key: str  # "+..." where the yaml lacks the key but the worker reads it
+    warmup_key: str  # "++..." where the yaml lacks the key but the worker reads it
     clip_keys: dict[str, str]  # worker -> its gradient-clip key; the first worker is verl's default
     cosine_pins: tuple[tuple[str, str], ...] = ()  # keys that make verl's cosine the one swept here
     betas_key: str = "critic.optim.betas"
     lora_adapter_key: str | None = None  # where verl loads a trained adapter from (None: not known to this tool)
 
 
-_LEGACY_ONLY = VerlVersion("critic.optim.warmup_style", "+critic.optim.lr_warmup_steps", {"legacy": "critic.grad_clip"},
-                           betas_key="+critic.optim.betas")
+_LEGACY_ONLY = VerlVersion("critic.optim.warmup_style", "++critic.optim.lr_warmup_steps",
+                           {"legacy": "critic.grad_clip"}, betas_key="++critic.optim.betas")
 _BOTH = VerlVersion("critic.optim.lr_scheduler_type", "critic.optim.lr_warmup_steps",
                     {"legacy": "critic.grad_clip", "engine": "critic.optim.clip_grad"},
                     (("critic.optim.min_lr_ratio", "0.0"), ("critic.optim.num_cycles", "0.5")))
@@ -108,15 +112,33 @@ def _length(cfg: ExperimentConfig) -> str:
     return f"{t.max_steps} optimizer steps" if t.max_steps else f"{t.epochs} epoch(s)"
 
 
-def _warmup(out: VerlExport, keys: VerlVersion, cfg: ExperimentConfig) -> None:
-    """trainer.critic_warmup and the lr warmup, or notes saying why they have no verl value."""
+def _warmup(out: VerlExport, keys: VerlVersion, cfg: ExperimentConfig, sync_step: int | None) -> None:
+    """trainer.critic_warmup and the lr warmup, or notes saying why they have no verl value.
+
+    `sync_step`: the target run's parameter_sync_step when known (`export --against`); a spec tuned at another one
+    has its lr warmup converted (the same iterations), or refused where that is not a whole number of steps.
+    """
     if cfg.verl.in_use():
         steps = verl_steps(cfg.verl)
         out.add("trainer.critic_warmup", cfg.verl.critic_warmup,
                 f"the policy first updates after {steps.warmup_iterations} critic-only iterations, here "
                 f"{steps.max_steps} optimizer steps of {steps.batch_size} pairs")
-        out.add(keys.warmup_key, cfg.verl.lr_warmup_steps, "scheduler steps = iterations")
+        tuned, target = cfg.verl.parameter_sync_step, sync_step or cfg.verl.parameter_sync_step
+        warmup = cfg.verl.lr_warmup_steps * target / tuned
+        if warmup != int(warmup):
+            raise SpecError(f"lr warmup: {cfg.verl.lr_warmup_steps} scheduler steps at parameter_sync_step={tuned} "
+                            f"is {warmup:g} at your run's {target} (V1 separate_async steps the critic's scheduler "
+                            f"once per local update): not a whole number; tune with verl.parameter_sync_step={target}")
+        why = "scheduler steps = iterations" if target == 1 else \
+            f"scheduler steps = V1 separate_async local updates, {target} per iteration"
+        if target != tuned:
+            why += f" (converted from {cfg.verl.lr_warmup_steps} at parameter_sync_step={tuned}: the same iterations)"
+        out.add(keys.warmup_key, int(warmup), why)
         out.add("critic.optim.lr_warmup_steps_ratio", 0.0, "a 0 above must not fall back to a ratio")
+        if sync_step is None and cfg.verl.lr_warmup_steps and tuned == 1:
+            out.notes.append("lr warmup written for a trainer that steps the critic's scheduler once per iteration; "
+                             "verl's V1 trainer in trainer.v1.trainer_mode=separate_async steps it once per local "
+                             "update (parameter_sync_step, 4 by default): pass --against YOUR_SCRIPT to convert")
         return
     t = cfg.train
     out.notes.append(f"trainer.critic_warmup not written: this trial is {_length(cfg)} of {t.batch_size} pairs per "
@@ -149,7 +171,7 @@ def _schedule(out: VerlExport, keys: VerlVersion, cfg: ExperimentConfig) -> None
 
 
 def _batches(out: VerlExport, cfg: ExperimentConfig, swept: set[str]) -> None:
-    """The micro-batch when it is part of the loss, and any swept verl batch key."""
+    """The micro-batch when it is part of the loss; the batch settings the lr was tuned at (a verl: section)."""
     micro_keys = {"train.micro_batch_size", "verl.ppo_micro_batch_size_per_gpu"}
     loss_micro = cfg.loss.adaptive_temperature or micro_keys & swept
     if loss_micro:
@@ -159,8 +181,9 @@ def _batches(out: VerlExport, cfg: ExperimentConfig, swept: set[str]) -> None:
     verl_keys = {"verl.ppo_epochs": "critic.ppo_epochs", "verl.ppo_mini_batch_size": "critic.ppo_mini_batch_size",
                  "verl.train_batch_size": "data.train_batch_size", "verl.rollout_n": "actor_rollout_ref.rollout.n"}
     for ours, theirs in verl_keys.items():
-        if ours in swept:
-            out.add(theirs, getattr(cfg.verl, ours.split(".")[1]), "swept")
+        if ours in swept or cfg.verl.in_use():
+            out.add(theirs, getattr(cfg.verl, ours.split(".")[1]), "swept" if ours in swept else
+                    "the lr was tuned at this batch")
     if {"verl.train_batch_size", "verl.rollout_n"} & swept:
         out.notes.append("data.train_batch_size / actor_rollout_ref.rollout.n were swept: they set the whole RL run's "
                          "batch, not only the critic's")
@@ -200,10 +223,11 @@ def _lora(out: VerlExport, keys: VerlVersion, cfg: ExperimentConfig, weights: st
 
 
 def verl_export(spec: SweepSpec, trial: optuna.trial.FrozenTrial, version: str | None = None,
-                worker: str | None = None, weights: str | None = None) -> VerlExport:
+                worker: str | None = None, weights: str | None = None, sync_step: int | None = None) -> VerlExport:
     """The trial's overrides and notes for verl `version` (default: the current release).
 
     `weights`: a directory holding the trial's saved critic (`sweep.py export --weights`), for a LoRA trial's adapter.
+    `sync_step`: the target run's V1 separate_async parameter_sync_step (1: any other trainer), from --against.
     """
     short, keys, worker = resolve_version(version, worker)
     cfg = config_for(spec, trial_params(trial), f"trial {trial.number}")
@@ -214,7 +238,7 @@ def verl_export(spec: SweepSpec, trial: optuna.trial.FrozenTrial, version: str |
     out.add("critic.optim.weight_decay", t.weight_decay)
     if tuple(t.betas) != VERL_DEFAULT_BETAS or not keys.betas_key.startswith("+"):
         out.add(keys.betas_key, list(t.betas))
-    _warmup(out, keys, cfg)
+    _warmup(out, keys, cfg, sync_step)
     _schedule(out, keys, cfg)
     out.add(keys.clip_keys[worker], t.grad_clip)
     _batches(out, cfg, swept)
@@ -223,5 +247,5 @@ def verl_export(spec: SweepSpec, trial: optuna.trial.FrozenTrial, version: str |
     for ours, theirs in cfg.export.verl_keys.items():
         if ours not in flat:
             raise SpecError(f"export.verl_keys: {ours!r} is not a config key (e.g. loss.temperature)")
-        out.add(theirs if theirs.startswith("+") else "+" + theirs, flat[ours])
+        out.add("++" + theirs.lstrip("+"), flat[ours])
     return out

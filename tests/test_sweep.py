@@ -135,7 +135,7 @@ def test_end_to_end_sweep_export_and_reproduce(tmp_path):
         assert overrides["critic.optim.lr_warmup_steps"] == "0"
     else:  # optimizer steps have no verl unit without a verl: section: said, not written
         assert "critic.optim.lr_warmup_steps" not in overrides and "lr warmup not written" in verl.stderr
-    assert "trainer.critic_warmup not written" in verl.stderr and "+critic.temperature_max" in overrides
+    assert "trainer.critic_warmup not written" in verl.stderr and "++critic.temperature_max" in overrides
 
 
 def check_charts_in_browser(run_output: str, tmp_path, trial_names: list[str]) -> None:

@@ -123,6 +123,43 @@ def test_lr_follows_verls_scheduler_stepped_once_per_iteration(scheduler):
     assert step_lrs == pytest.approx([lr for lr in verl_lrs[:19] for _ in range(4)], abs=1e-12)
 
 
+
+@pytest.mark.parametrize("scheduler", ["constant", "cosine"])
+def test_v1_separate_async_steps_the_lr_once_per_local_update(scheduler):
+    # P=4 local updates per iteration (verl's default parameter_sync_step), one mini-batch each: verl's scheduler
+    # steps 4 times per iteration over a horizon of 40 x 4 (trainer_base.py on_train_begin)
+    torch_functional = import_verl("verl.utils.torch_functional")
+    verl = VerlConfig(**{**USERS, "lr_warmup_steps": 6, "total_training_steps": 40, "parameter_sync_step": 4})
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    if scheduler == "constant":
+        theirs = torch_functional.get_constant_schedule_with_warmup(optimizer, num_warmup_steps=6)
+    else:
+        theirs = torch_functional.get_cosine_schedule_with_warmup(optimizer, num_warmup_steps=6,
+                                                                  num_training_steps=160)
+    verl_lrs = []
+    for _ in range(76):  # 19 critic-only iterations x 4 update_critic calls
+        verl_lrs.append(theirs.get_last_lr()[0])
+        optimizer.step()
+        theirs.step()
+    cfg = build_config({"verl": dataclasses.asdict(verl), "train": {"lr": 1.0, "scheduler": scheduler}})
+    assert (cfg.train.max_steps, cfg.train.warmup_steps) == (76, 6)  # the same 76 steps; warmup: 6 calls, not 6 x 4
+    _, ours = build_optimizer(torch.nn.Linear(1, 1), cfg, cfg.train.max_steps)
+    step_lrs = []
+    for _ in range(cfg.train.max_steps):
+        step_lrs.append(ours.get_last_lr()[0])
+        ours.optimizer.step()
+        ours.step()
+    assert step_lrs == pytest.approx(verl_lrs, abs=1e-12)
+
+
+def test_v1_separate_async_runs_ppo_epochs_per_local_update_and_needs_whole_local_batches():
+    verl = VerlConfig(train_batch_size=4, rollout_n=1, ppo_mini_batch_size=2, ppo_epochs=2,
+                      ppo_micro_batch_size_per_gpu=2, critic_warmup=2, parameter_sync_step=2)
+    batches = [b.tolist() for b, _ in verl_batches(4, verl, np.random.default_rng(0))]
+    assert batches[0] == batches[1] and batches[2] == batches[3] and batches[0] != batches[2]  # m1 m1 m2 m2
+    with pytest.raises(SpecError, match=r"must be verl.parameter_sync_step \(3\) local updates"):
+        build_config({"verl": {**USERS, "parameter_sync_step": 3}})
+
 # --- verl's batch order --------------------------------------------------------------------------------------
 
 def test_verl_batches_split_each_iteration_in_order_and_repeat_it_per_ppo_epoch():
