@@ -207,7 +207,7 @@ def _check_values(cfg: ExperimentConfig, source: str) -> None:
     # A live worker's heartbeat can be a little late; a grace shorter than two beats reaps live trials.
     _require(sw.grace_period >= 2 * sw.heartbeat_interval,
              f"{p}sweep.grace_period ({sw.grace_period}) must be at least twice sweep.heartbeat_interval "
-             f"({sw.heartbeat_interval}); the defaults are 600 and 60 seconds")
+             f"({sw.heartbeat_interval}); the defaults are 180 and 60 seconds")
     _require(isinstance(sw.gpus_per_trial, int) and sw.gpus_per_trial >= 1,
              f"{p}sweep.gpus_per_trial must be an integer >= 1 (1 = one process per trial), got {sw.gpus_per_trial}")
     _require(sw.gpus_per_trial == 1 or not (t.save_checkpoint or sw.save_best_checkpoint),

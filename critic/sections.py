@@ -204,7 +204,9 @@ class SweepConfig:
     save_best_checkpoint: bool = False
     max_failures: int = 0  # the sweep stops after this many failed trials; 0 = n_trials
     heartbeat_interval: int = 60
-    grace_period: int = 600
+    # A dead remote worker's trial is re-queued after this long without a heartbeat (Optuna's heartbeat thread
+    # beats every heartbeat_interval while the trial computes): three missed beats, minutes rather than ten.
+    grace_period: int = 180
     # GPUs (ranks) per trial: > 1 runs each trial as a torchrun job with FSDP2 (critic/distributed.py)
     gpus_per_trial: int = 1
     confirm: ConfirmConfig = field(default_factory=ConfirmConfig)

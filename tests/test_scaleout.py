@@ -130,9 +130,9 @@ def test_no_password_in_output_argv_stores_or_attrs(three_worker_sweep, postgres
 
 
 def test_local_parent_fails_and_requeues_a_dead_workers_trial_at_once(tmp_path, tiny_cache_dir):
-    """`run --workers 2` with the default heartbeat (a 600 s grace): the parent sees its child die and re-queues the
+    """`run --workers 2` with a 600 s heartbeat grace: the parent sees its child die and re-queues the
     child's trial at once, with the signal as the reason; the sweep ends with every trial finished."""
-    spec = tiny_sweep_spec(tmp_path, sweep={"study_name": "dead", "n_trials": 3},
+    spec = tiny_sweep_spec(tmp_path, sweep={"study_name": "dead", "n_trials": 3, "grace_period": 600},
                            extra={"data": {"cache_dir": str(tiny_cache_dir)}})
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     started = time.monotonic()
@@ -149,7 +149,7 @@ def test_local_parent_fails_and_requeues_a_dead_workers_trial_at_once(tmp_path, 
             proc.kill()
             proc.communicate()
     assert proc.returncode == 0, err[-3000:]
-    assert time.monotonic() - started < 300  # far less than the 600 s grace the heartbeat reaper would wait
+    assert time.monotonic() - started < 300  # far less than the 600 s grace the heartbeat reaper waits
     study = optuna.load_study(study_name="dead", storage=storage)
     assert len(finished(study)) == 3
     dead = study.trials[victim.number]
