@@ -70,9 +70,10 @@ def leaderboard(study: optuna.Study) -> pd.DataFrame:
         for i, value in enumerate(values):
             row["value" if len(values) == 1 else f"value_{i}"] = value
         row.update({f"param:{k}": v for k, v in trial_params(t).items()})
-        row["reason"] = t.user_attrs.get("fail_reason") or t.user_attrs.get("prune_reason") or (
-            f"{retried[t.number].user_attrs.get('retry_reason', 'worker died (no heartbeat)')}; re-run as trial "
-            f"{retried[t.number].number}" if t.number in retried else "")
+        retry = retried.get(t.number)
+        reason = t.user_attrs.get("fail_reason") or t.user_attrs.get("prune_reason") or (
+            retry.user_attrs.get("retry_reason", "worker died (no heartbeat)") if retry else "")
+        row["reason"] = f"{reason}; re-run as trial {retry.number}" if retry else reason
         rows.append(row)
     return pd.DataFrame(rows)
 

@@ -31,7 +31,8 @@ from critic.reporting import FanoutReporter, Reporter
 from critic.train import NonFiniteError, TrialOutOfMemory
 from critic.trial import TrialResult, run_trial
 from sweeper import figures, pruning
-from sweeper.confirm import confirmation_metric, confirmation_overrides
+from sweeper.candidates import ATTRS as CANDIDATE_ATTRS
+from sweeper.confirm import STAGE_ATTRS, confirmation_metric, confirmation_overrides
 from sweeper.runs_view import SORT_TAG, confirm_run_name, run_color, run_name, sort_key
 from sweeper.signals import raise_if_stop_requested, resume_signals
 from sweeper.space import suggest
@@ -146,6 +147,8 @@ class Objective:
         except (SpecError, KeyboardInterrupt) as exc:
             status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
             self._record_reason(trial, run_id, "interrupted" if status == "KILLED" else str(exc), "fail_reason")
+            if status == "KILLED" and run_id is not None:
+                requeue_interrupted(trial)
             raise
         except TrialFailure as exc:
             self._record_reason(trial, run_id, str(exc), "fail_reason")
@@ -289,6 +292,22 @@ class Objective:
                 save_checkpoint_dir(result, cfg, folder / "checkpoint")
                 self.tracker.log_dir(run_id, folder / "checkpoint", "checkpoint")
         self.last_result = (trial.number, result)
+
+
+# user attrs a re-queued trial inherits (interrupted here, or its worker died: sweeper/workers.py); the rest belong
+# to the attempt that did not finish
+KEEP_ON_RETRY = ("baseline", *CANDIDATE_ATTRS, *STAGE_ATTRS)
+
+
+def requeue_interrupted(trial: optuna.Trial) -> None:
+    """An interrupted search trial (Ctrl-C, or SIGTERM from a scheduler preempting the job) is queued again with its
+    params, so the rerun runs it first: the baseline and the candidates are never lost, nor a sampled config.
+    Confirmation runs need nothing: their plan re-enqueues every (config, seed) without a result."""
+    if trial.user_attrs.get("stage", "search") != "search":
+        return
+    kept = {k: v for k, v in trial.user_attrs.items() if k in KEEP_ON_RETRY}
+    trial.study.enqueue_trial(trial.params, user_attrs={**kept, "retry_of": trial.number,
+                                                        "retry_reason": "interrupted"})
 
 
 def worker_id(pid: int | None = None) -> str:

@@ -28,9 +28,8 @@ from tqdm.auto import tqdm
 
 from sweeper import study as study_mod
 from sweeper.board import show_bars, trial_line
-from sweeper.candidates import ATTRS as CANDIDATE_ATTRS
-from sweeper.confirm import STAGE_ATTRS, ConfirmPlan
-from sweeper.objective import worker_id
+from sweeper.confirm import ConfirmPlan
+from sweeper.objective import KEEP_ON_RETRY, worker_id
 from sweeper.runner import SweepStopped, best_trials, run_trials
 from sweeper.signals import stop_on_signals
 from sweeper.slots import plan_slots, visible_device_ids
@@ -38,8 +37,6 @@ from sweeper.stores import without_password
 
 ROOT = Path(__file__).resolve().parents[1]
 NO_HEARTBEAT = "worker died (no heartbeat)"
-# user attrs a re-queued trial inherits; the rest belong to the dead attempt
-_KEEP_ON_RETRY = ("baseline", *CANDIDATE_ATTRS, *STAGE_ATTRS)
 
 
 class CloseAndRetry:
@@ -64,7 +61,7 @@ class CloseAndRetry:
                 client.set_terminated(run_id, status="FAILED")
             except mlflow.exceptions.MlflowException as exc:  # the re-queue matters more than the bookkeeping
                 print(f"[sweep] could not close the MLflow run of dead trial {trial.number}: {exc}", file=sys.stderr)
-        trial.user_attrs = {**{k: v for k, v in trial.user_attrs.items() if k in _KEEP_ON_RETRY},
+        trial.user_attrs = {**{k: v for k, v in trial.user_attrs.items() if k in KEEP_ON_RETRY},
                             "retry_of": trial.number, "retry_reason": reason}
         self.retry(study, trial)
 

@@ -7,6 +7,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 
 import optuna
 import pytest
@@ -15,7 +16,7 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution, Int
 
 from critic.config import SpecError
 from sweeper import study as study_mod
-from sweeper.runner import run_trials
+from sweeper.runner import leaderboard, run_trials
 from sweeper.space import parse_space, suggest, to_distribution
 from sweeper.verl_export import parse_overrides
 from tests.browser import chromium, mlflow_ui, rendered_dom
@@ -230,7 +231,9 @@ def test_resuming_with_another_held_out_split_is_refused_and_old_fingerprints_st
     assert study_mod.init_study(moved, storage, tracking)[0].study_name == "tiny"
 
 
-def test_interrupted_run_resumes_without_duplicate_parent(tmp_path):
+def test_preempted_run_resumes_with_the_interrupted_trial_first_and_one_parent(tmp_path):
+    """SIGTERM (a scheduler preempting the job): the running trial ends as interrupted within seconds and is queued
+    again with its params; the rerun runs it first, finishes the study and re-runs no finished trial."""
     spec = tiny_sweep_spec(tmp_path, sweep={"n_trials": 3})
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     proc = subprocess.Popen([sys.executable, str(ROOT / "sweep.py"), "run", str(spec), *store_args(tmp_path),
@@ -240,12 +243,16 @@ def test_interrupted_run_resumes_without_duplicate_parent(tmp_path):
         return trials and trials[0].state.is_finished() and trials_in_their_run("tiny", storage)
 
     wait_for(one_done_one_running, 240, "a finished trial and a running one with its run")
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signal.SIGTERM)
+    sent = time.monotonic()
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-2000:]
-    assert "Rerun the same command to resume" in err
+    assert time.monotonic() - sent < 60 and "Rerun the same command to resume" in err
     study = optuna.load_study(study_name="tiny", storage=storage)
-    assert study.trials[-1].state.name == "FAIL" and study.trials[-1].user_attrs["fail_reason"] == "interrupted"
+    [stopped] = [t for t in study.trials if t.user_attrs.get("fail_reason") == "interrupted"]
+    [queued] = [t for t in study.trials if t.state.name == "WAITING"]
+    assert stopped.state.name == "FAIL" and queued.user_attrs["retry_of"] == stopped.number
+    done_before = {t.number for t in study.trials if t.state.name in ("COMPLETE", "PRUNED")}
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     experiment_id = client.get_experiment_by_name("tiny").experiment_id
     assert all(r.info.status != "RUNNING" for r in client.search_runs([experiment_id]))
@@ -254,7 +261,12 @@ def test_interrupted_run_resumes_without_duplicate_parent(tmp_path):
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     study = optuna.load_study(study_name="tiny", storage=storage)
     finished = [t for t in study.trials if t.state.name in ("COMPLETE", "PRUNED")]
-    assert len(finished) == 3
+    assert len(finished) == 3 and done_before <= {t.number for t in finished}
+    retried = study.trials[queued.number]
+    assert retried.state.name in ("COMPLETE", "PRUNED") and retried.params == stopped.params
+    assert retried.user_attrs.get("baseline", False) == stopped.user_attrs.get("baseline", False)
+    board = leaderboard(study).set_index("number")
+    assert board.loc[stopped.number, "reason"] == f"interrupted; re-run as trial {queued.number}"
     runs = client.search_runs([experiment_id])
     assert len([r for r in runs if r.data.tags.get("sweep.role") == "parent"]) == 1
     assert all(r.info.status != "RUNNING" for r in runs)
