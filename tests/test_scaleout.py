@@ -294,8 +294,9 @@ def test_signal_between_claim_and_run_still_gives_the_trial_its_killed_run(tmp_p
     finally:
         signal.signal(signal.SIGINT, previous)
         signals.STOP_REQUESTED.clear()
-    (trial,) = study.trials
+    trial, queued = study.trials  # the interrupted trial, and its params queued again for the rerun
     assert trial.state.name == "FAIL" and trial.user_attrs["fail_reason"] == "interrupted"
+    assert queued.state.name == "WAITING" and queued.user_attrs["retry_of"] == trial.number
     assert tracker.client.get_run(trial.user_attrs["mlflow_run_id"]).info.status == "KILLED"
     runs = tracker.client.search_runs([e.experiment_id for e in tracker.client.search_experiments()])
     assert [r.info.status for r in runs if r.data.tags.get("sweep.trial") == "0"] == ["KILLED"]
