@@ -205,6 +205,8 @@ class SweepConfig:
     max_failures: int = 0  # the sweep stops after this many failed trials; 0 = n_trials
     heartbeat_interval: int = 60
     grace_period: int = 600
+    # seconds a worker waits out an unreachable storage server (restart, lost connection) before it stops
+    storage_outage_s: int = 300
     # GPUs (ranks) per trial: > 1 runs each trial as a torchrun job with FSDP2 (critic/distributed.py)
     gpus_per_trial: int = 1
     confirm: ConfirmConfig = field(default_factory=ConfirmConfig)
