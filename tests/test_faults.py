@@ -51,7 +51,7 @@ def test_sweep_waits_out_a_15_s_database_restart_mid_trial(postgres, tmp_path, t
         postgres.halt()
         time.sleep(15)
         postgres.resume()
-        back = time.monotonic()
+        back, back_at = time.monotonic(), time.strftime("%H:%M:%S")
         out, err = proc.communicate(timeout=300)
         ended = time.monotonic()
     finally:
@@ -69,7 +69,7 @@ def test_sweep_waits_out_a_15_s_database_restart_mid_trial(postgres, tmp_path, t
     assert len(study.trials) == 4, [(t.number, t.state.name, t.user_attrs.get("fail_reason")) for t in study.trials]
     assert_nothing_left_running(study, MlflowClient(tracking), 4)
     print(f"\n[outage lines]\n{chr(10).join(line for line in err.splitlines() if 'storage' in line)}"
-          f"\n[sweep ended {ended - back:.1f} s after the server was back]")
+          f"\n[pg_ctl start returned at {back_at}; the sweep ended {ended - back:.1f} s later]")
 
 
 def test_outage_beyond_the_window_stops_the_worker_and_a_rerun_finishes(postgres, tmp_path, tiny_cache_dir):
