@@ -170,7 +170,7 @@ def init_study(spec: SweepSpec, storage_url: str, tracking_uri: str, study_name:
 def _init_study(spec: SweepSpec, storage_url: str, tracking_uri: str, study_name: str | None,
                 new_study: bool, stale_trial_callback) -> tuple[optuna.Study, Tracker, str]:
     storage = make_storage(storage_url, spec.cfg.sweep.heartbeat_interval, spec.cfg.sweep.grace_period,
-                           stale_trial_callback, spec.cfg.sweep.storage_outage_s)
+                           stale_trial_callback, spec.cfg.sweep.outage_window_s)
     name = study_name or spec.cfg.sweep.study_name
     existing = {s.study_name: s for s in optuna.get_all_study_summaries(storage, include_best_trial=False)}
     if name in existing:
@@ -216,7 +216,7 @@ def attach(storage_url: str, study_name: str, tracking_uri: str, worker_index: i
     attrs = optuna.load_study(study_name=study_name, storage=probe).user_attrs
     spec = load_sweep_spec(attrs.get("spec_source", "<study>"), raw=json.loads(attrs["spec"]))
     storage = make_storage(storage_url, spec.cfg.sweep.heartbeat_interval, spec.cfg.sweep.grace_period,
-                           stale_trial_callback, spec.cfg.sweep.storage_outage_s)
+                           stale_trial_callback, spec.cfg.sweep.outage_window_s)
     confirming = "confirm_of" in attrs  # every confirmation trial is enqueued; none may be pruned
     study = optuna.load_study(study_name=study_name, storage=storage, sampler=make_sampler(spec, worker_index),
                               pruner=optuna.pruners.NopPruner() if confirming else make_pruner(spec.cfg))

@@ -12,8 +12,10 @@ import sys
 import time
 
 import optuna
+import pytest
 from mlflow import MlflowClient
 
+from critic.config import SpecError, build_config
 from tests.sweep_helpers import ROOT, cli, tiny_sweep_spec, trials_in_their_run, wait_for
 from tests.test_scaleout import finished, trial_runs, worker
 
@@ -108,3 +110,16 @@ def test_outage_beyond_the_window_stops_the_worker_and_a_rerun_finishes(postgres
     assert client.get_run(dead.user_attrs["mlflow_run_id"]).info.status == "FAILED"
     assert_nothing_left_running(study, client, 2)
     print(f"\n[rerun took {time.monotonic() - started:.1f} s]")
+
+
+@pytest.mark.parametrize("sweep, window", [({}, 300), ({"grace_period": 180}, 60),
+                                           ({"grace_period": 4, "heartbeat_interval": 1}, 2),
+                                           ({"storage_outage_s": 30}, 30), ({"storage_outage_s": 0}, 0)])
+def test_the_default_outage_window_leaves_two_heartbeats_of_the_grace_period(sweep, window):
+    assert build_config({"sweep": sweep}, source="spec.yaml").sweep.outage_window_s == window
+
+
+@pytest.mark.parametrize("value", ["soon", 1.5])
+def test_a_window_that_is_not_whole_seconds_is_refused_at_load(value):
+    with pytest.raises(SpecError, match=r"spec.yaml.*sweep\.storage_outage_s"):
+        build_config({"sweep": {"storage_outage_s": value}}, source="spec.yaml")

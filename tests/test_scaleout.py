@@ -30,7 +30,7 @@ from sweeper.stores import credentials_from_env, mask, without_password
 from tests.helpers import simulate_device
 from tests.sweep_helpers import ROOT, cli, tiny_sweep_spec, trials_in_their_run, wait_for
 
-FAST_HEARTBEAT = {"heartbeat_interval": 1, "grace_period": 4, "storage_outage_s": 2}  # outage + 2 beats <= grace
+FAST_HEARTBEAT = {"heartbeat_interval": 1, "grace_period": 4}
 
 
 
