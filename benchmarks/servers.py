@@ -46,6 +46,7 @@ class PostgresServer:
         self.data, self.sockets = self.root / "data", self.root / "sockets"
         self.sockets.mkdir()
         self.as_root = os.geteuid() == 0
+        self.halted = False
         if self.as_root:  # the postgres user must own the cluster
             shutil.chown(self.root, "postgres", "postgres")
             shutil.chown(self.sockets, "postgres", "postgres")
@@ -61,12 +62,27 @@ class PostgresServer:
     def start(self) -> "PostgresServer":
         self._run("initdb", "-D", str(self.data), "-U", "postgres", "--auth-local=trust",
                   "--auth-host=scram-sha-256", "--no-sync", "-E", "UTF8")
+        self.resume()
+        self.admin(f"CREATE ROLE {USER} LOGIN CREATEDB PASSWORD '{PASSWORD}'")
+        return self
+
+    def halt(self) -> None:
+        """`pg_ctl stop -m fast`, as an administrator restarting the server does: sessions are cut, data kept."""
+        self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop")
+        self.halted = True
+
+    def resume(self) -> None:
+        """`pg_ctl start` on the existing cluster (after `halt`, or the first time from `start`)."""
         options = (f"-p {self.port} -k {self.sockets} -c listen_addresses=127.0.0.1 -c fsync=off "
                    "-c synchronous_commit=off -c full_page_writes=off -c max_connections=200")
         self._run("pg_ctl", "-D", str(self.data), "-o", options, "-l", str(self.root / "server.log"), "-w",
                   "-t", "60", "start")
-        self.admin(f"CREATE ROLE {USER} LOGIN CREATEDB PASSWORD '{PASSWORD}'")
-        return self
+        self.halted = False
+
+    def resume_if_halted(self) -> None:
+        """For a test's `finally`: the server runs again whatever happened."""
+        if self.halted:
+            self.resume()
 
     def stop(self) -> None:
         try:

@@ -207,7 +207,16 @@ def _check_values(cfg: ExperimentConfig, source: str) -> None:
     # A live worker's heartbeat can be a little late; a grace shorter than two beats reaps live trials.
     _require(sw.grace_period >= 2 * sw.heartbeat_interval,
              f"{p}sweep.grace_period ({sw.grace_period}) must be at least twice sweep.heartbeat_interval "
-             f"({sw.heartbeat_interval}); the defaults are 180 and 60 seconds")
+             f"({sw.heartbeat_interval}); the defaults are 300 and 60 seconds")
+    _require(sw.storage_outage_s is None or sw.storage_outage_s >= 0,
+             f"{p}sweep.storage_outage_s must be null or an integer >= 0 seconds (0 = stop at the first lost "
+             f"connection), "
+             f"got {sw.storage_outage_s}")
+    # A worker waiting out an outage sends no heartbeat: the other workers must not take its trial for dead.
+    _require(sw.storage_outage_s is None or sw.storage_outage_s + 2 * sw.heartbeat_interval <= sw.grace_period,
+             f"{p}sweep.storage_outage_s ({sw.storage_outage_s}) plus two heartbeats (2 x {sw.heartbeat_interval}) "
+             f"must fit in sweep.grace_period ({sw.grace_period}), or other workers take a trial that waits out an "
+             f"outage for dead; lower sweep.storage_outage_s or raise sweep.grace_period")
     _require(isinstance(sw.gpus_per_trial, int) and sw.gpus_per_trial >= 1,
              f"{p}sweep.gpus_per_trial must be an integer >= 1 (1 = one process per trial), got {sw.gpus_per_trial}")
     _require(sw.gpus_per_trial == 1 or not (t.save_checkpoint or sw.save_best_checkpoint),

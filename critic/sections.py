@@ -205,8 +205,11 @@ class SweepConfig:
     max_failures: int = 0  # the sweep stops after this many failed trials; 0 = n_trials
     heartbeat_interval: int = 60
     # A dead remote worker's trial is re-queued after this long without a heartbeat (Optuna's heartbeat thread
-    # beats every heartbeat_interval while the trial computes): three missed beats, minutes rather than ten.
-    grace_period: int = 180
+    # beats every heartbeat_interval while the trial computes): five missed beats, minutes rather than ten.
+    grace_period: int = 300
+    # seconds a worker waits out an unreachable storage server (restart, lost connection) before it stops;
+    # null: see outage_window_s
+    storage_outage_s: int | None = None
     # GPUs (ranks) per trial: > 1 runs each trial as a torchrun job with FSDP2 (critic/distributed.py)
     gpus_per_trial: int = 1
     confirm: ConfirmConfig = field(default_factory=ConfirmConfig)
@@ -219,6 +222,14 @@ class SweepConfig:
     @property
     def directions(self) -> list[str]:
         return self.direction if isinstance(self.direction, list) else [self.direction]
+
+    @property
+    def outage_window_s(self) -> int:
+        """storage_outage_s; by default 300 s, cut to what the grace period leaves after two heartbeats (a worker
+        waiting out an outage sends none, and the other workers must not take its trial for dead)."""
+        if self.storage_outage_s is not None:
+            return self.storage_outage_s
+        return max(0, min(300, self.grace_period - 2 * self.heartbeat_interval))
 
 
 @dataclass(frozen=True)

@@ -212,7 +212,8 @@ class ConfirmPlan:
 def open_confirm_study(search: optuna.Study, spec: SweepSpec, storage_url: str, items: list[PlanItem]
                        ) -> optuna.Study:
     """Create or load `<study>.confirm` beside the search study; store the plan and what workers need."""
-    storage = make_storage(storage_url, spec.cfg.sweep.heartbeat_interval, spec.cfg.sweep.grace_period)
+    storage = make_storage(storage_url, spec.cfg.sweep.heartbeat_interval, spec.cfg.sweep.grace_period,
+                           outage_s=spec.cfg.sweep.outage_window_s)
     study = optuna.create_study(study_name=confirm_study_name(search.study_name), storage=storage,
                                 directions=search.directions, sampler=optuna.samplers.RandomSampler(seed=0),
                                 pruner=optuna.pruners.NopPruner(), load_if_exists=True)

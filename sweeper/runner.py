@@ -10,15 +10,18 @@ from __future__ import annotations
 import json
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import optuna
 from mlflow.entities import Metric
+from optuna.storages._heartbeat import get_heartbeat_thread  # optimize's own heartbeat thread (optuna pinned)
 from optuna.trial import TrialState
 from tqdm.auto import tqdm
 
 from sweeper.board import best_trials, count_failures, leaderboard, show_bars, trial_line, trial_params  # noqa: F401
 from sweeper.objective import Objective, TrialFailure, save_checkpoint_dir
+from sweeper.outage import StorageUnreachable, leave_for_next_start
 from sweeper.signals import defer_signals, raise_if_stop_requested, resume_signals
 from sweeper.stores import StorageLock
 from sweeper.study import SweepSpec, config_for, finished_count, state_counts
@@ -105,14 +108,44 @@ def run_trials(study: optuna.Study, spec: SweepSpec, tracker: Tracker, parent_id
                     continue
                 defer_signals()  # until the claimed trial's MLflow run is recorded (Objective resumes them)
                 try:
-                    study.optimize(_release_then(claim, objective), n_trials=1, catch=(TrialFailure,),
-                                   callbacks=callbacks, gc_after_trial=False)
+                    run_one_trial(study, _release_then(claim, objective), callbacks, storage_url)
                 finally:
                     resume_signals(raise_now=False)
             if plan.is_search:
                 _maybe_save_best(study, objective, spec, tracker, parent_id)
     finally:
         bar.close()
+
+
+def run_one_trial(study: optuna.Study, objective, callbacks: list, storage_url: str | None = None) -> None:
+    """Ask, run the objective with Optuna's heartbeat, tell, call back: what study.optimize(n_trials=1) does.
+
+    Not study.optimize itself: when its final tell fails (the storage went away), Optuna's error handling reads the
+    storage again and dies with UnboundLocalError. Here the tell waits out an outage holding the result
+    (sweeper/outage.py), and past the window the trial is noted for the next start to fail.
+    """
+    optuna.storages.fail_stale_trials(study)  # as optimize does before each trial: dead workers' trials
+    with warnings.catch_warnings():  # the heartbeat below is optimize's own, so the warning does not apply
+        warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
+        trial = study.ask()
+    error: BaseException | None = None
+    try:
+        with get_heartbeat_thread(trial._trial_id, study._storage):
+            try:
+                values, state = objective(trial), TrialState.COMPLETE
+            except optuna.TrialPruned:
+                values, state = None, TrialState.PRUNED
+            except (Exception, KeyboardInterrupt) as exc:  # a TrialFailure is recorded and the sweep goes on
+                values, state, error = None, TrialState.FAIL, exc
+        frozen = study.tell(trial, values, state=state)
+    except StorageUnreachable:
+        if storage_url is not None:
+            leave_for_next_start(storage_url, study.study_name, trial.number)
+        raise
+    if error is not None and not isinstance(error, TrialFailure):
+        raise error
+    for callback in callbacks:
+        callback(study, frozen)
 
 
 def _release_then(claim: StorageLock, objective: Objective):

@@ -22,6 +22,7 @@ from sqlalchemy.pool import NullPool
 
 from critic.config import SpecError
 from critic.redact import mask, without_password  # noqa: F401  (re-exported: the sweeper masks through stores)
+from sweeper.outage import PatientStorage, is_connection_fault, known_outage, outage_for, patiently
 
 DEFAULT_ROOT = Path("mlruns")
 
@@ -56,20 +57,21 @@ def normalize_storage_url(url: str) -> str:
 
 
 def make_storage(url: str, heartbeat_interval: int | None = None, grace_period: int | None = None,
-                 stale_trial_callback=None) -> optuna.storages.BaseStorage:
-    """An Optuna storage for `url`; RDB URLs get pre-ping, a lock timeout for SQLite and heartbeats.
+                 stale_trial_callback=None, outage_s: int | None = None) -> optuna.storages.BaseStorage:
+    """An Optuna storage for `url`; RDB URLs get pre-ping, a lock timeout for SQLite and heartbeats; a database
+    server's storage waits out an outage of up to `outage_s` seconds (sweep.storage_outage_s; sweeper/outage.py).
 
     A storage that cannot be opened (server down, no such database, wrong password, no driver) raises
-    StorageError with one line that says what to do.
+    StorageError with one line that says what to do: opening does not wait.
     """
     try:
-        return _open_storage(url, heartbeat_interval, grace_period, stale_trial_callback)
+        return _open_storage(url, heartbeat_interval, grace_period, stale_trial_callback, outage_s)
     except (sqlalchemy.exc.SQLAlchemyError, ImportError) as exc:  # optuna re-raises a missing driver as ImportError
         raise StorageError(describe_failure(url, exc)) from exc
 
 
 def _open_storage(url: str, heartbeat_interval: int | None, grace_period: int | None,
-                  stale_trial_callback) -> optuna.storages.BaseStorage:
+                  stale_trial_callback, outage_s: int | None) -> optuna.storages.BaseStorage:
     rdb_url = normalize_storage_url(url)
     if not rdb_url.startswith(("sqlite", "postgresql", "mysql")):
         return optuna.storages.get_storage(rdb_url)
@@ -78,10 +80,13 @@ def _open_storage(url: str, heartbeat_interval: int | None, grace_period: int | 
     if rdb_url.startswith("sqlite"):
         # Several local workers share one file: wait for the write lock instead of failing with 'database is locked'.
         engine_kwargs["connect_args"] = {"timeout": 120}
+    options = dict(engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_interval, grace_period=grace_period,
+                   heartbeat_stale_trial_callback=stale_trial_callback)
     with StorageLock(url):  # the first process creates the schema; the others wait instead of racing it
-        return optuna.storages.RDBStorage(rdb_url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_interval,
-                                          grace_period=grace_period,
-                                          heartbeat_stale_trial_callback=stale_trial_callback)
+        if rdb_url.startswith("sqlite"):  # a file, no server to lose
+            return optuna.storages.RDBStorage(rdb_url, **options)
+        storage = PatientStorage(rdb_url, outage_for(url, outage_s), **options)
+    return storage
 
 
 class StorageLock:
@@ -120,18 +125,30 @@ class StorageLock:
 
     def _acquire(self):
         if self.key.startswith("postgresql:"):
-            try:  # the first connection of a command: a bad URL or a server that is down shows here
-                connection = sqlalchemy.create_engine(self.url, poolclass=NullPool, **_connect_args(self.url)).connect()
-            except (sqlalchemy.exc.SQLAlchemyError, ImportError) as exc:
-                raise StorageError(describe_failure(self.given, exc)) from exc
-            connection.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), {"key": self._ADVISORY_KEY})
-            return connection
+            outage = known_outage(self.given)
+            if outage is not None:  # a storage this process has used: wait out an outage like its other calls
+                return patiently(outage, self._advisory_lock)
+            return self._advisory_lock()
         if not Path(self.key).parent.is_dir():
             raise SpecError(f"the folder of the SQLite storage, {Path(self.key).parent}, does not exist; create it "
                             "or pass another --storage")
         lock = FileLock(self.key)
         lock.acquire()
         return lock
+
+    def _advisory_lock(self):
+        """A connection of its own holding the advisory lock (the server drops the lock with the connection)."""
+        try:  # the first connection of a command: a bad URL or a server that is down shows here
+            engine = sqlalchemy.create_engine(self.url, poolclass=NullPool, **_connect_args(self.url))
+            connection = engine.connect()
+        except ImportError as exc:
+            raise StorageError(describe_failure(self.given, exc)) from exc
+        except sqlalchemy.exc.SQLAlchemyError as exc:
+            if known_outage(self.given) is not None and is_connection_fault(exc):
+                raise  # patiently() tries again
+            raise StorageError(describe_failure(self.given, exc)) from exc
+        connection.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), {"key": self._ADVISORY_KEY})
+        return connection
 
     def release(self) -> None:
         if not self.acquired:
@@ -146,7 +163,10 @@ class StorageLock:
             entry[0].release()
         else:
             engine = entry[0].engine
-            entry[0].close()  # closing the connection drops its advisory lock
+            try:
+                entry[0].close()  # closing the connection drops its advisory lock
+            except sqlalchemy.exc.SQLAlchemyError:  # the server went away and dropped the lock with it
+                pass
             engine.dispose()
 
     def __exit__(self, *exc) -> None:

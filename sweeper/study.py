@@ -30,6 +30,7 @@ from critic.config import (
 from critic.metrics import PAIR_METRICS
 from sweeper.board import CONFIRM_SUFFIX, load_study, state_counts  # noqa: F401  (re-exported; board reads studies)
 from sweeper.candidates import Candidate, check_fixed_keys, enqueue_candidates, resolve_candidates
+from sweeper.outage import fail_left_trials
 from sweeper.pruning import check_pruner, make_pruner
 from sweeper.space import SpaceEntry, check_effective, check_in_space, parse_space, space_signature
 from sweeper.stores import StorageLock, make_storage, mask
@@ -169,7 +170,7 @@ def init_study(spec: SweepSpec, storage_url: str, tracking_uri: str, study_name:
 def _init_study(spec: SweepSpec, storage_url: str, tracking_uri: str, study_name: str | None,
                 new_study: bool, stale_trial_callback) -> tuple[optuna.Study, Tracker, str]:
     storage = make_storage(storage_url, spec.cfg.sweep.heartbeat_interval, spec.cfg.sweep.grace_period,
-                           stale_trial_callback)
+                           stale_trial_callback, spec.cfg.sweep.outage_window_s)
     name = study_name or spec.cfg.sweep.study_name
     existing = {s.study_name: s for s in optuna.get_all_study_summaries(storage, include_best_trial=False)}
     if name in existing:
@@ -189,6 +190,7 @@ def _init_study(spec: SweepSpec, storage_url: str, tracking_uri: str, study_name
                                 sampler=make_sampler(spec), pruner=make_pruner(spec.cfg), load_if_exists=True)
     tracker = Tracker(tracking_uri, name)
     parent_id = tracker.parent_run(name, run_tags(spec, name))
+    fail_left_trials(study, storage_url, stale_trial_callback)  # a worker stopped on an outage: fail them now
     if "fingerprint" not in study.user_attrs:
         study.set_user_attr("fingerprint", fingerprint(spec))
         study.set_user_attr("spec", mask(json.dumps(spec.raw, default=str)))  # credentials come from env
@@ -214,12 +216,13 @@ def attach(storage_url: str, study_name: str, tracking_uri: str, worker_index: i
     attrs = optuna.load_study(study_name=study_name, storage=probe).user_attrs
     spec = load_sweep_spec(attrs.get("spec_source", "<study>"), raw=json.loads(attrs["spec"]))
     storage = make_storage(storage_url, spec.cfg.sweep.heartbeat_interval, spec.cfg.sweep.grace_period,
-                           stale_trial_callback)
+                           stale_trial_callback, spec.cfg.sweep.outage_window_s)
     confirming = "confirm_of" in attrs  # every confirmation trial is enqueued; none may be pruned
     study = optuna.load_study(study_name=study_name, storage=storage, sampler=make_sampler(spec, worker_index),
                               pruner=optuna.pruners.NopPruner() if confirming else make_pruner(spec.cfg))
     # confirmation runs join the search's experiment
     tracker = Tracker(tracking_uri, attrs.get("confirm_of", study_name))
+    fail_left_trials(study, storage_url, stale_trial_callback)  # a worker stopped on an outage: fail them now
     return study, spec, tracker, attrs["mlflow_parent_run_id"]
 
 

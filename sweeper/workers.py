@@ -30,6 +30,7 @@ from sweeper import study as study_mod
 from sweeper.board import show_bars, trial_line
 from sweeper.confirm import ConfirmPlan
 from sweeper.objective import KEEP_ON_RETRY, worker_id
+from sweeper.outage import StorageUnreachable
 from sweeper.runner import SweepStopped, best_trials, run_trials
 from sweeper.signals import stop_on_signals
 from sweeper.slots import plan_slots, visible_device_ids
@@ -117,12 +118,15 @@ def run_worker(storage_url: str, study_name: str, tracking_uri: str, worker_inde
         tracker.end(parent_id, "FAILED")
         print(f"[worker {worker_index}] stopped: {exc}", file=sys.stderr)
         return 1
+    except StorageUnreachable:  # its trial is noted for the next start (sweeper/outage.py); main prints the line
+        tracker.end(parent_id, "FAILED")
+        raise
     tracker.end(parent_id, "FINISHED")  # the study is done; `run SPEC` on it adds the leaderboard and plots
     return 0
 
 
 def _worker_env(n_workers: int, password: str | None, slot: list[str] | None) -> dict[str, str]:
-    env = dict(os.environ)
+    env = dict(os.environ, SWEEP_OUTAGE_LINES="0")  # the parent prints one line per storage outage for all
     if password is not None:  # by environment, not argv: other users can read a process's arguments
         env["SWEEP_DB_PASSWORD"] = password
     if slot:  # this worker's GPUs for its whole life: concurrent trials never share one (sweeper/slots.py)
@@ -153,6 +157,10 @@ def launch_workers(study: optuna.Study, spec, storage_url: str, tracking_uri: st
     n_trials = plan.n_trials if plan else spec.cfg.sweep.n_trials
     try:
         _watch_until(study, n_trials, workers.all_exited, progress, plan)
+    except StorageUnreachable:  # the workers stop too once their own window is over (or finish, if it comes back)
+        for p in procs:
+            p.wait()
+        raise
     except KeyboardInterrupt:
         for p in procs:
             if p.poll() is None:

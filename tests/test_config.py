@@ -150,6 +150,10 @@ def test_wrong_type_names_the_key_and_the_value(tmp_path, text, message):
     ("sweep.heartbeat_interval=0", r"sweep\.heartbeat_interval must be >= 1 second, got 0"),
     ("sweep.grace_period=100", r"sweep\.grace_period \(100\) must be at least twice sweep\.heartbeat_interval "
                                r"\(60\)"),
+    ("sweep.storage_outage_s=-1", r"sweep\.storage_outage_s must be null or an integer >= 0 seconds"),
+    # a worker waiting out an outage sends no heartbeat: the others must not reap its trial meanwhile
+    ("sweep.storage_outage_s=500", r"sweep\.storage_outage_s \(500\) plus two heartbeats \(2 x 60\) must fit in "
+                                   r"sweep\.grace_period \(300\)"),
     ("sweep.confirm.max_seeds=-1", r"sweep\.confirm\.max_seeds must be >= 0"),
     ("data.confirm_fraction=-0.1", r"data\.confirm_fraction must be in \[0, 1\)"),
     ("data.confirm_fraction=0.9", r"data\.confirm_fraction must be in \[0, 1\) and leave training prompts: "

@@ -54,10 +54,14 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from critic.config import SpecError
     from sweeper.commands.common import log_traceback, quiet_libraries
+    from sweeper.outage import StorageUnreachable
     from sweeper.stores import StorageError, mask
     quiet_libraries()
     try:
         return args.func(args) or 0
+    except StorageUnreachable as exc:  # waited sweep.storage_outage_s for the storage server (sweeper/outage.py)
+        print(f"[sweep] {exc}", file=sys.stderr)
+        return 3
     except SpecError as exc:
         print(f"error: {mask(str(exc))}", file=sys.stderr)
         return 2
