@@ -147,8 +147,7 @@ def promising(study: optuna.Study, items: list[PlanItem], maximize: bool) -> lis
     """The configs of the plan that look better than the baseline: a higher (lower) mean over the seeds both have,
     and a result for every seed planned for them (a config that diverged on one is not given more)."""
     values: dict[str, dict[int, float]] = {}
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        label, seed = ConfirmPlan.key(trial)
+    for (label, seed), trial in ConfirmPlan.completed(study).items():
         values.setdefault(label, {})[seed] = trial.values[0]
     base = values.get("baseline", {})
     chosen = []
@@ -184,6 +183,11 @@ class ConfirmPlan:
     @staticmethod
     def key(trial: FrozenTrial) -> tuple[str, int]:
         return trial.user_attrs.get("confirm_config", ""), int(trial.user_attrs.get("seed_index", -1))
+
+    @classmethod
+    def completed(cls, study: optuna.Study) -> dict[tuple[str, int], FrozenTrial]:
+        """(config, seed) -> its COMPLETE trial; the latest wins where a run was repeated."""
+        return {cls.key(t): t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))}
 
     @staticmethod
     def _settled(trial: FrozenTrial) -> bool:

@@ -16,7 +16,6 @@ from typing import Any
 import numpy as np
 import optuna
 import pandas as pd
-from optuna.trial import TrialState
 
 from critic.config import DataConfig
 from critic.metrics import PAIR_METRICS, pair_metric
@@ -38,7 +37,6 @@ from sweeper.confirm import (
     plan_summary,
     promising,
 )
-from sweeper.objective import objectives
 from sweeper.runner import run_trials
 from sweeper.stores import StorageLock
 from sweeper.study import SweepSpec
@@ -59,9 +57,7 @@ def gather(confirm: optuna.Study, metric: str, tracker: Tracker) -> tuple[dict[s
     plan = ConfirmPlan.of(confirm)
     set_name, _, pair_name = metric.partition("/")
     per_pair = pair_name in PAIR_METRICS
-    done = {}
-    for trial in confirm.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        done[ConfirmPlan.key(trial)] = trial  # the latest trial of a (config, seed) wins
+    done = ConfirmPlan.completed(confirm)
     configs: dict[str, ConfigScores] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for label in dict.fromkeys(item.config for item in plan.items):
@@ -218,7 +214,7 @@ def run_confirmation(search: optuna.Study, spec: SweepSpec, storage_url: str, tr
         else:
             print(f"[confirm] after {seeds} seeds no config looks better than the baseline: no more seeds")
     direction = "maximize" if maximize else "minimize"
-    metric, *others = objectives(spec.cfg)
+    metric, *others = spec.cfg.sweep.objectives
     result = analyse(confirm, metric, direction, tracker, spec.cfg.sweep.confirm.n_resamples, spec.cfg.data, others)
     store(result, search, confirm, tracker, parent_id)
     return result

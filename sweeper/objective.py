@@ -86,10 +86,6 @@ class OptunaReporter(Reporter):
             raise optuna.TrialPruned(decision.detail)
 
 
-def objectives(cfg: ExperimentConfig) -> list[str]:
-    return cfg.sweep.objectives
-
-
 def trial_config(raw: dict[str, Any], sampled: dict[str, Any], source: str) -> ExperimentConfig:
     """The resolved config of a trial: base spec + sampled values, validated like any spec."""
     try:
@@ -105,7 +101,7 @@ class Objective:
                  tags: dict[str, str], progress: bool = False) -> None:
         self.raw, self.cfg, self.entries, self.tracker = raw, cfg, entries, tracker
         self.parent_run_id, self.tags, self.progress = parent_run_id, tags, progress
-        self.names = objectives(cfg)
+        self.names = cfg.sweep.objectives
         self.report = len(self.names) == 1  # report even without a pruner: intermediate-value plots use it
         # (trial number, result) of the last trial this process completed: the runner saves its critic when that
         # trial is the study's best (sweep.save_best_checkpoint); other workers' trials are not in this process.

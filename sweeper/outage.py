@@ -203,6 +203,18 @@ def leave_for_next_start(storage_url: str, study_name: str, number: int) -> None
             json.dump(entries, out, indent=1)
 
 
+def fail_running_trial(study: optuna.Study, number: int, reason: str, callback=None) -> bool:
+    """Fail a RUNNING trial another process held, now, and hand it to `callback` (e.g. workers.CloseAndRetry, which
+    re-queues it) with the reason; False when it finished meanwhile (e.g. the heartbeat reaper got there first)."""
+    try:
+        study.tell(number, state=TrialState.FAIL)
+    except (RuntimeError, ValueError):
+        return False
+    if callback is not None:
+        callback(study, study.get_trials(deepcopy=False)[number], reason)
+    return True
+
+
 def fail_left_trials(study: optuna.Study, storage_url: str, callback=None) -> list[int]:
     """Fail (and with `callback`, e.g. workers.CloseAndRetry, re-queue) the trials left RUNNING by a worker that
     stopped on an outage; returns their numbers. Entries of other storages and studies are kept."""
@@ -215,15 +227,8 @@ def fail_left_trials(study: optuna.Study, storage_url: str, callback=None) -> li
         mine = [e for e in entries if e["storage"] == mask(storage_url) and e["study"] == study.study_name]
         for entry in mine:
             trial = study.get_trials(deepcopy=False)[entry["trial"]]
-            if trial.state != TrialState.RUNNING:
-                continue
-            try:
-                study.tell(trial.number, state=TrialState.FAIL)
-            except (RuntimeError, ValueError):  # finished meanwhile (the heartbeat reaper got there first)
-                continue
-            failed.append(trial.number)
-            if callback is not None:
-                callback(study, study.get_trials(deepcopy=False)[trial.number], reason)
+            if trial.state == TrialState.RUNNING and fail_running_trial(study, trial.number, reason, callback):
+                failed.append(trial.number)
         rest = [e for e in entries if e not in mine]
         with open(LEFT_RUNNING, "w") as out:
             json.dump(rest, out, indent=1)

@@ -149,7 +149,7 @@ def run_one_trial(study: optuna.Study, objective, callbacks: list, storage_url: 
 
 
 def _release_then(claim: StorageLock, objective: Objective):
-    """The objective, releasing the claim first: by then optimize has asked for (claimed) the trial."""
+    """The objective, releasing the claim first: by then the trial is asked for (claimed)."""
     def run(trial: optuna.Trial):
         claim.release()
         return objective(trial)

@@ -151,10 +151,6 @@ def make_sampler(spec: SweepSpec, worker_index: int = 0) -> optuna.samplers.Base
     return optuna.samplers.NSGAIISampler(seed=seed)
 
 
-def directions(spec: SweepSpec) -> list[str]:
-    return spec.cfg.sweep.directions
-
-
 def run_tags(spec: SweepSpec, study_name: str) -> dict[str, str]:
     return {"sweep.study": study_name, "sweep.sampler": spec.cfg.sweep.sampler, "sweep.pruner": spec.cfg.sweep.pruner,
             "git.commit": git_commit(), "sweep.objective": json.dumps(spec.cfg.sweep.objective)}
@@ -186,7 +182,7 @@ def _init_study(spec: SweepSpec, storage_url: str, tracking_uri: str, study_name
         if new_study:
             name = f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
             print(f"[sweep] starting a new study {name!r}")
-    study = optuna.create_study(study_name=name, storage=storage, directions=directions(spec),
+    study = optuna.create_study(study_name=name, storage=storage, directions=spec.cfg.sweep.directions,
                                 sampler=make_sampler(spec), pruner=make_pruner(spec.cfg), load_if_exists=True)
     tracker = Tracker(tracking_uri, name)
     parent_id = tracker.parent_run(name, run_tags(spec, name))

@@ -30,7 +30,7 @@ from sweeper import study as study_mod
 from sweeper.board import show_bars, trial_line
 from sweeper.confirm import ConfirmPlan
 from sweeper.objective import KEEP_ON_RETRY, worker_id
-from sweeper.outage import StorageUnreachable
+from sweeper.outage import StorageUnreachable, fail_running_trial
 from sweeper.runner import SweepStopped, best_trials, run_trials
 from sweeper.signals import stop_on_signals
 from sweeper.slots import plan_slots, visible_device_ids
@@ -86,15 +86,10 @@ class LocalWorkers:
         code = proc.returncode
         how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
         reason = f"worker {index} (pid {proc.pid}) died ({how})"
-        held = [t for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        held = [t.number for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
                 if t.user_attrs.get("worker") == worker_id(proc.pid)]
-        for trial in held:
-            try:
-                self.study.tell(trial.number, state=TrialState.FAIL)
-            except (RuntimeError, ValueError):  # finished meanwhile (e.g. the heartbeat reaper got there first)
-                continue
-            self.retry(self.study, self.study.get_trials(deepcopy=False)[trial.number], reason)
-        requeued = f": trial {', '.join(str(t.number) for t in held)} failed and re-queued" if held else ""
+        failed = [n for n in held if fail_running_trial(self.study, n, reason, self.retry)]
+        requeued = f": trial {', '.join(map(str, failed))} failed and re-queued" if failed else ""
         print(f"[sweep] {reason}{requeued}", file=sys.stderr, flush=True)
 
 
