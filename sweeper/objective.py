@@ -15,6 +15,7 @@ import json
 import math
 import os
 import socket
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -34,7 +35,7 @@ from sweeper import figures, pruning
 from sweeper.candidates import ATTRS as CANDIDATE_ATTRS
 from sweeper.confirm import STAGE_ATTRS, confirmation_metric, confirmation_overrides
 from sweeper.runs_view import SORT_TAG, confirm_run_name, run_color, run_name, sort_key
-from sweeper.signals import raise_if_stop_requested, resume_signals
+from sweeper.signals import defer_signals, raise_if_stop_requested, resume_signals
 from sweeper.space import suggest
 from sweeper.stores import mask
 from sweeper.study import config_for
@@ -128,33 +129,40 @@ class Objective:
             values = [result.metrics.get(name, math.nan) for name in names]
             if not all(math.isfinite(v) for v in values):
                 raise TrialFailure(f"non-finite objective {dict(zip(names, values))}")
+            defer_signals()  # the outcome is decided: record it whole (runner.run_trials resumes after the tell)
             self._record_success(trial, cfg, run_id, result)
             status, state = "FINISHED", "COMPLETE"
             return values[0] if len(values) == 1 else values
         except optuna.TrialPruned as exc:
+            defer_signals()
             status, state = "FINISHED", "PRUNED"
             self._record_reason(trial, run_id, str(exc) or "pruned", "prune_reason")
             raise
         except NonFiniteError as exc:
+            defer_signals()
             status, state = "FINISHED", "PRUNED"
             trial.set_user_attr(pruning.CAUSE_ATTR, pruning.NON_FINITE_CAUSE)
             self._record_reason(trial, run_id, str(exc), "prune_reason")
             raise optuna.TrialPruned(str(exc)) from None
         except (SpecError, KeyboardInterrupt) as exc:
+            defer_signals()
             status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
             self._record_reason(trial, run_id, "interrupted" if status == "KILLED" else str(exc), "fail_reason")
-            if status == "KILLED" and run_id is not None:
-                requeue_interrupted(trial)
+            if status == "KILLED":
+                interrupted(trial)
             raise
         except TrialFailure as exc:
+            defer_signals()
             self._record_reason(trial, run_id, str(exc), "fail_reason")
             raise
         except Exception as exc:  # an engine error in this trial only: record it, keep sweeping
+            defer_signals()
             reason = f"{type(exc).__name__}: {exc}"
             self._record_reason(trial, run_id, reason, "fail_reason")
             raise TrialFailure(reason) from exc
-        finally:
-            resume_signals(raise_now=False)  # failed before its run opened: the trial loop sees the flag
+        finally:  # signals stay deferred until the runner has told Optuna; it raises a signal that came meanwhile
+            if isinstance(sys.exception(), KeyboardInterrupt):
+                status = "KILLED"  # a signal in the instant before an `except` above deferred them
             if run_id is not None:
                 self.tracker.set_tags(run_id, {"sweep.state": state, SORT_TAG: self._sort_key(trial, state),
                                                "sweep.duration_s": f"{time.time() - started:.1f}"})
@@ -295,10 +303,11 @@ class Objective:
 KEEP_ON_RETRY = ("baseline", *CANDIDATE_ATTRS, *STAGE_ATTRS)
 
 
-def requeue_interrupted(trial: optuna.Trial) -> None:
-    """An interrupted search trial (Ctrl-C, or SIGTERM from a scheduler preempting the job) is queued again with its
-    params, so the rerun runs it first: the baseline and the candidates are never lost, nor a sampled config.
-    Confirmation runs need nothing: their plan re-enqueues every (config, seed) without a result."""
+def interrupted(trial: optuna.Trial) -> None:
+    """An interrupted trial (Ctrl-C, or SIGTERM from a scheduler preempting the job) records why; a search trial is
+    queued again with its params, so the rerun runs it first: the baseline and the candidates are never lost, nor a
+    sampled config. Confirmation runs need nothing: their plan re-enqueues every (config, seed) without a result."""
+    trial.set_user_attr("fail_reason", "interrupted")
     if trial.user_attrs.get("stage", "search") != "search":
         return
     kept = {k: v for k, v in trial.user_attrs.items() if k in KEEP_ON_RETRY}

@@ -20,7 +20,7 @@ from optuna.trial import TrialState
 from tqdm.auto import tqdm
 
 from sweeper.board import best_trials, count_failures, leaderboard, show_bars, trial_line, trial_params  # noqa: F401
-from sweeper.objective import Objective, TrialFailure, save_checkpoint_dir
+from sweeper.objective import Objective, TrialFailure, interrupted, save_checkpoint_dir
 from sweeper.outage import StorageUnreachable, leave_for_next_start
 from sweeper.signals import defer_signals, raise_if_stop_requested, resume_signals
 from sweeper.stores import StorageLock
@@ -137,6 +137,8 @@ def run_one_trial(study: optuna.Study, objective, callbacks: list, storage_url: 
                 values, state = None, TrialState.PRUNED
             except (Exception, KeyboardInterrupt) as exc:  # a TrialFailure is recorded and the sweep goes on
                 values, state, error = None, TrialState.FAIL, exc
+                if isinstance(exc, KeyboardInterrupt) and "fail_reason" not in trial.user_attrs:
+                    interrupted(trial)  # the signal came in the instant before the objective deferred it
         frozen = study.tell(trial, values, state=state)
     except StorageUnreachable:
         if storage_url is not None:

@@ -7,6 +7,7 @@ Heartbeats are 1 s with a 4 s grace period so dead trials are reaped quickly.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -274,7 +275,6 @@ def test_signal_between_claim_and_run_still_gives_the_trial_its_killed_run(tmp_p
     """Ctrl-C after Optuna claimed a trial but before its MLflow run exists: the signal waits until the run is
     recorded, so the trial is FAIL 'interrupted' with a KILLED run and no run is left RUNNING."""
     from sweeper import objective as objective_mod
-    from sweeper import signals
 
     spec = study_mod.load_sweep_spec(str(scaleout_spec(tmp_path, tiny_cache_dir, study_name="claim", n_trials=2)))
     study, tracker, parent_id = study_mod.init_study(spec, f"sqlite:///{tmp_path / 'optuna.db'}",
@@ -285,21 +285,49 @@ def test_signal_between_claim_and_run_still_gives_the_trial_its_killed_run(tmp_p
         os.kill(os.getpid(), signal.SIGINT)
         return real_suggest(*args, **kwargs)
 
-    previous = signal.getsignal(signal.SIGINT)
-    signals.stop_on_signals(signal.SIGINT)  # as `sweep.py run` and every worker do
     monkeypatch.setattr(objective_mod, "suggest", signal_then_suggest)
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            run_trials(study, spec, tracker, parent_id, 2, progress=False)
-    finally:
-        signal.signal(signal.SIGINT, previous)
-        signals.STOP_REQUESTED.clear()
+    with sigint_handled(), pytest.raises(KeyboardInterrupt):
+        run_trials(study, spec, tracker, parent_id, 2, progress=False)
     trial, queued = study.trials  # the interrupted trial, and its params queued again for the rerun
     assert trial.state.name == "FAIL" and trial.user_attrs["fail_reason"] == "interrupted"
     assert queued.state.name == "WAITING" and queued.user_attrs["retry_of"] == trial.number
     assert tracker.client.get_run(trial.user_attrs["mlflow_run_id"]).info.status == "KILLED"
     runs = tracker.client.search_runs([e.experiment_id for e in tracker.client.search_experiments()])
     assert [r.info.status for r in runs if r.data.tags.get("sweep.trial") == "0"] == ["KILLED"]
+
+
+def test_signal_while_a_finished_trial_closes_its_run_keeps_the_trial_complete(tmp_path, tiny_cache_dir):
+    """Ctrl-C after a trial's result is in, while its run is being closed: the trial stays COMPLETE with a FINISHED
+    run, and the loop stops before the next trial (before, the trial became FAIL with no reason, its run RUNNING)."""
+    spec = study_mod.load_sweep_spec(str(scaleout_spec(tmp_path, tiny_cache_dir, study_name="close", n_trials=2)))
+    study, tracker, parent_id = study_mod.init_study(spec, f"sqlite:///{tmp_path / 'optuna.db'}",
+                                                     f"sqlite:///{tmp_path / 'mlflow.db'}")
+    real_end = tracker.end
+
+    def signal_then_end(run_id, status):
+        if run_id != parent_id:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_end(run_id, status)
+
+    tracker.end = signal_then_end
+    with sigint_handled(), pytest.raises(KeyboardInterrupt):
+        run_trials(study, spec, tracker, parent_id, 2, progress=False)
+    [trial] = study.trials
+    assert trial.state.name == "COMPLETE" and "fail_reason" not in trial.user_attrs
+    assert tracker.client.get_run(trial.user_attrs["mlflow_run_id"]).info.status == "FINISHED"
+
+
+@contextlib.contextmanager
+def sigint_handled():
+    """SIGINT handled as `sweep.py run` and every worker do (sweeper/signals.py), restored afterwards."""
+    from sweeper import signals
+    previous = signal.getsignal(signal.SIGINT)
+    signals.stop_on_signals(signal.SIGINT)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        signals.STOP_REQUESTED.clear()
 
 
 def one_done_one_running(trials) -> bool:
