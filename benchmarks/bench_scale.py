@@ -41,9 +41,10 @@ import pandas as pd  # noqa: E402
 import yaml  # noqa: E402
 
 from critic.trial import TrialResult  # noqa: E402
+from sweeper import figures as figures_mod  # noqa: E402
 from sweeper import objective as objective_mod  # noqa: E402
 from sweeper import study as study_mod  # noqa: E402
-from sweeper.runner import run_trials  # noqa: E402
+from sweeper.sweep import Sweep  # noqa: E402
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -117,18 +118,18 @@ def bookkeeping(name: str, storage: str, tracking: str, spec_path: Path, n_trial
     raw = yaml.safe_load(spec_path.read_text())
     raw["sweep"]["study_name"] = f"bookkeeping-{name.replace('+', '_')}-{'figures' if figures else 'storage'}"
     spec = study_mod.load_sweep_spec(str(spec_path), raw=raw)
-    study, tracker, parent_id = study_mod.init_study(spec, storage, tracking)
-    saved = objective_mod.run_trial, objective_mod.figures.training_progress, objective_mod.figures.score_histograms
+    sweep = Sweep.init(spec, storage, tracking)
+    saved = objective_mod.run_trial, figures_mod.training_progress, figures_mod.score_histograms
     objective_mod.run_trial = trivial_run_trial
     if not figures:
-        objective_mod.figures.training_progress = objective_mod.figures.score_histograms = _empty_figure
+        figures_mod.training_progress = figures_mod.score_histograms = _empty_figure
     try:
-        run_trials(study, spec, tracker, parent_id, 1, progress=False, storage_url=storage)  # warm-up: connections
+        sweep.run_trials(1, progress=False)  # warm-up: connections
         started = time.perf_counter()
-        run_trials(study, spec, tracker, parent_id, 1 + n_trials, progress=False, storage_url=storage)
+        sweep.run_trials(1 + n_trials, progress=False)
         elapsed = time.perf_counter() - started
     finally:
-        objective_mod.run_trial, objective_mod.figures.training_progress, objective_mod.figures.score_histograms = saved
+        objective_mod.run_trial, figures_mod.training_progress, figures_mod.score_histograms = saved
     return {"stores": name, "figures": figures, "trials": n_trials, "s_per_trial": elapsed / n_trials}
 
 

@@ -21,16 +21,17 @@ from mlflow import MlflowClient  # noqa: E402
 
 from critic.sections import SweepConfig  # noqa: E402
 from sweeper import study as study_mod  # noqa: E402
-from sweeper.runner import run_trials  # noqa: E402
+from sweeper.sweep import Sweep  # noqa: E402
 
 
 def run_variant(spec_path: str, pruner: str, n_trials: int, folder: Path) -> dict:
     spec = study_mod.load_sweep_spec(spec_path, [f"sweep.pruner={pruner}", f"sweep.n_trials={n_trials}",
                                                  f"sweep.study_name=bench-{pruner}"])
     storage, tracking = f"sqlite:///{folder / 'optuna.db'}", f"sqlite:///{folder / 'mlflow.db'}"
-    study, tracker, parent_id = study_mod.init_study(spec, storage, tracking)
+    sweep = Sweep.init(spec, storage, tracking)
+    study = sweep.study
     started = time.perf_counter()
-    run_trials(study, spec, tracker, parent_id, n_trials, progress=False, storage_url=storage)
+    sweep.run_trials(n_trials, progress=False)
     wall = time.perf_counter() - started
     client = MlflowClient(tracking)
     steps, overheads = 0, []

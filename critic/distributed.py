@@ -210,4 +210,4 @@ def run_sharded_trial(cfg: ExperimentConfig, reporter: Reporter, device: torch.d
     timings = {"setup_s": setup_seconds, "train_s": outcome.train_seconds, "eval_s": outcome.eval_seconds,
                "total_s": time.perf_counter() - started}
     return TrialResult(trial_metrics(outcome, data), outcome.eval_history, evaluator.last_scores, data.digests,
-                       None, None, timings, dict(data.lineage))
+                       None, None, timings, dict(data.lineage), outcome.train_history)

@@ -88,6 +88,7 @@ class TrainOutcome:
     progressive_d_acc: float = float("nan")  # first-epoch d_acc before each update: unbiased on the train distribution
     last_eval: dict[str, float] = field(default_factory=dict)
     eval_history: list[tuple[int, dict[str, float]]] = field(default_factory=list)
+    train_history: list[tuple[int, dict[str, float]]] = field(default_factory=list)  # every step's metrics
     train_seconds: float = 0.0
     eval_seconds: float = 0.0
 
@@ -200,6 +201,7 @@ def train_critic(model: torch.nn.Module, pairs: PairSet, cfg: ExperimentConfig, 
             elapsed = time.perf_counter() - step_start
             metrics.update({"perf/pairs_per_s": len(batch_index) / elapsed, "perf/tokens_per_s": tokens / elapsed})
             metrics.update(trailing(metrics))
+            outcome.train_history.append((step, dict(metrics)))
             reporter.log_train(step, metrics)
             bar.update(1)
             bar.set_postfix(d_acc=f"{metrics['critic/avg_d_acc']:.2f}", loss=f"{metrics['critic/avg_loss']:.3f}")

@@ -32,6 +32,7 @@ class TrialResult:
     tokenizer: object = None
     timings: dict[str, float] = field(default_factory=dict)
     lineage: dict[str, str] = field(default_factory=dict)  # which student produced the responses
+    train_history: list[tuple[int, dict[str, float]]] = field(default_factory=list)  # every step's metrics
 
 
 def seed_everything(seed: int) -> None:
@@ -78,4 +79,5 @@ def run_trial(cfg: ExperimentConfig, reporter: Reporter | None = None, progress:
     timings = {"setup_s": setup_seconds, "train_s": outcome.train_seconds, "eval_s": outcome.eval_seconds,
                "total_s": time.perf_counter() - started}
     return TrialResult(metrics, outcome.eval_history, evaluator.last_scores, data.digests,
-                       model if keep_model else None, base.tokenizer, timings, dict(data.lineage))
+                       model if keep_model else None, base.tokenizer, timings, dict(data.lineage),
+                       outcome.train_history)

@@ -37,17 +37,13 @@ from sweeper.confirm import (
     plan_summary,
     promising,
 )
-from sweeper.runner import run_trials
 from sweeper.stores import StorageLock
-from sweeper.study import SweepSpec
-from sweeper.tracking import Tracker
-
-SCORES_ARTIFACT = "scores/heldout_pair_scores.parquet"
+from sweeper.tracking import SCORES_ARTIFACT, Tracker
 
 
 def _pair_frame(tracker: Tracker, run_id: str, set_name: str, folder: Path) -> pd.DataFrame:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per download is noise here
-    local = tracker.client.download_artifacts(run_id, SCORES_ARTIFACT, str(folder / run_id))
+    local = tracker.download(run_id, SCORES_ARTIFACT, folder / run_id)
     frame = pd.read_parquet(local)
     return frame[frame["set"] == set_name].reset_index(drop=True)
 
@@ -184,51 +180,52 @@ def store(result: dict[str, Any], search: optuna.Study, confirm: optuna.Study, t
                                  "confirm.winner": result["winner"] if result["winner"] is not None else "none"})
 
 
-def run_confirmation(search: optuna.Study, spec: SweepSpec, storage_url: str, tracker: Tracker, parent_id: str,
-                     top_k: int, seeds: int, trial_numbers: list[int] | None = None, workers: int = 1,
+def run_confirmation(sweep, top_k: int, seeds: int, trial_numbers: list[int] | None = None, workers: int = 1,
                      progress: bool = True, max_seeds: int | None = None) -> dict[str, Any]:
-    """Plan, run (resuming what is done) and analyse the confirmation; store and return the result.
+    """Plan, run (resuming what is done) and analyse the confirmation of `sweep`'s search (the study's handle,
+    sweeper/sweep.py); store and return the result.
 
     max_seeds (default: the spec's sweep.confirm.max_seeds): the second look's last seed index (sweeper.confirm)."""
+    search, spec = sweep.study, sweep.spec
     baseline, candidates, finalists = choose_finalists(search, top_k, trial_numbers)
     tested = {t.user_attrs["candidate"] for t in candidates}
     for name in [c.name for c in spec.candidates if c.name not in tested]:
         print(f"[confirm] candidate {name!r} is not in study {search.study_name!r} (candidates are enqueued when a "
               f"study is created); run the sweep with --new-study to test it")
     items = make_plan(baseline, candidates, finalists, seeds)
-    confirm = open_confirm_study(search, spec, storage_url, items)
+    confirm = sweep.on(open_confirm_study(search, spec, sweep.storage_url, items))
     where = "the confirmation split" if spec.cfg.data.confirm_fraction > 0 else "the val pairs (no confirmation split)"
-    print(f"[confirm] {plan_summary(items)}, scored on {where}; study {confirm.study_name!r}")
-    _run_plan(confirm, items, spec, storage_url, tracker, parent_id, workers, progress)
+    print(f"[confirm] {plan_summary(items)}, scored on {where}; study {confirm.study.study_name!r}")
+    _run_plan(confirm, items, workers, progress)
     maximize = search.directions[0] == optuna.study.StudyDirection.MAXIMIZE
     more = range(seeds + 1, max(seeds, spec.cfg.sweep.confirm.max_seeds if max_seeds is None else max_seeds) + 1)
     if more:
-        chosen = promising(confirm, items, maximize)
+        chosen = promising(confirm.study, items, maximize)
         if chosen:
             items = extend_plan(items, chosen, more)
-            confirm.set_user_attr("confirm_plan", [item.__dict__ for item in items])
+            confirm.study.set_user_attr("confirm_plan", [item.__dict__ for item in items])
             print(f"[confirm] after {seeds} seeds {', '.join(chosen)} look{'s' * (len(chosen) == 1)} better than the "
                   f"baseline: seed indices {more.start}..{more.stop - 1} for them and the baseline "
                   f"({len(more) * (len(chosen) + 1)} runs) before their verdict")
-            _run_plan(confirm, items, spec, storage_url, tracker, parent_id, workers, progress)
+            _run_plan(confirm, items, workers, progress)
         else:
             print(f"[confirm] after {seeds} seeds no config looks better than the baseline: no more seeds")
     direction = "maximize" if maximize else "minimize"
     metric, *others = spec.cfg.sweep.objectives
-    result = analyse(confirm, metric, direction, tracker, spec.cfg.sweep.confirm.n_resamples, spec.cfg.data, others)
-    store(result, search, confirm, tracker, parent_id)
+    result = analyse(confirm.study, metric, direction, sweep.tracker, spec.cfg.sweep.confirm.n_resamples,
+                     spec.cfg.data, others)
+    store(result, search, confirm.study, sweep.tracker, sweep.parent_id)
     return result
 
 
-def _run_plan(confirm: optuna.Study, items: list, spec: SweepSpec, storage_url: str, tracker: Tracker,
-              parent_id: str, workers: int, progress: bool) -> None:
-    """Run every planned (config, seed) not yet settled, in this process or in `workers` worker processes."""
+def _run_plan(confirm, items: list, workers: int, progress: bool) -> None:
+    """Run every planned (config, seed) not yet settled, in this process or in `workers` worker processes.
+
+    `confirm`: the sweep's handle on its confirmation study."""
     plan = ConfirmPlan(items)
     if workers > 1:
-        from sweeper.workers import launch_workers
-        with StorageLock(storage_url):
-            plan.refill(confirm)  # before the workers look
-        launch_workers(confirm, spec, storage_url, tracker.tracking_uri, workers, progress, plan=plan)
+        with StorageLock(confirm.storage_url):
+            plan.refill(confirm.study)  # before the workers look
+        confirm.launch_workers(workers, progress, plan=plan)
     else:
-        run_trials(confirm, spec, tracker, parent_id, plan.n_trials, progress=progress, plan=plan,
-                   storage_url=storage_url)
+        confirm.run_trials(plan.n_trials, progress=progress, plan=plan)

@@ -16,22 +16,19 @@ import math
 import os
 import socket
 import sys
-import tempfile
 import time
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import optuna
 import pandas as pd
 import torch
-import yaml
 
-from critic.config import CONFIRM_SET, ExperimentConfig, SpecError, flatten, to_dict
-from critic.data import resolve_path
+from critic.config import ExperimentConfig, SpecError, flatten
 from critic.reporting import FanoutReporter, Reporter
 from critic.train import NonFiniteError, TrialOutOfMemory
 from critic.trial import TrialResult, run_trial
-from sweeper import figures, pruning
+from sweeper import pruning
 from sweeper.candidates import ATTRS as CANDIDATE_ATTRS
 from sweeper.confirm import STAGE_ATTRS, confirmation_metric, confirmation_overrides
 from sweeper.runs_view import SORT_TAG, confirm_run_name, run_color, run_name, sort_key
@@ -39,10 +36,7 @@ from sweeper.signals import defer_signals, raise_if_stop_requested, resume_signa
 from sweeper.space import suggest
 from sweeper.stores import mask
 from sweeper.study import config_for
-from sweeper.tracking import MlflowReporter, Tracker
-
-SUMMARY_KEYS = ("train/progressive_d_acc", "train/gap_progressive_minus_val", "train/steps",
-                "model/trainable_params", "model/trainable_fraction")
+from sweeper.tracking import SUMMARY_KEYS, MlflowReporter
 
 
 class TrialFailure(RuntimeError):
@@ -96,17 +90,21 @@ def trial_config(raw: dict[str, Any], sampled: dict[str, Any], source: str) -> E
 
 
 class Objective:
-    """Callable passed to study.optimize; shares the process-level data/model caches across trials."""
+    """Callable passed to study.optimize; shares the process-level data/model caches across trials.
 
-    def __init__(self, raw: dict[str, Any], cfg: ExperimentConfig, entries, tracker: Tracker, parent_run_id: str,
-                 tags: dict[str, str], progress: bool = False) -> None:
-        self.raw, self.cfg, self.entries, self.tracker = raw, cfg, entries, tracker
-        self.parent_run_id, self.tags, self.progress = parent_run_id, tags, progress
-        self.names = cfg.sweep.objectives
+    `sweep`: the study's handle (sweeper/sweep.py: spec, tracker, study run; not imported here, it imports this).
+    `on_complete(trial number, result)`: called with each trial this process completes, whose critic only this
+    process holds (the runner saves it when that trial is the study's best: sweep.save_best_checkpoint).
+    """
+
+    def __init__(self, sweep, progress: bool = False,
+                 on_complete: Callable[[int, TrialResult], None] | None = None) -> None:
+        self.raw, self.cfg, self.entries = sweep.spec.raw, sweep.spec.cfg, sweep.spec.entries
+        self.tracker, self.parent_run_id = sweep.tracker, sweep.parent_id
+        self.tags = {"sweep.study": sweep.study.study_name, "sweep.sampler": self.cfg.sweep.sampler}
+        self.progress, self.on_complete = progress, on_complete
+        self.names = self.cfg.sweep.objectives
         self.report = len(self.names) == 1  # report even without a pruner: intermediate-value plots use it
-        # (trial number, result) of the last trial this process completed: the runner saves its critic when that
-        # trial is the study's best (sweep.save_best_checkpoint); other workers' trials are not in this process.
-        self.last_result: tuple[int, TrialResult] | None = None
 
     def _names(self, trial: optuna.Trial) -> list[str]:
         """The metrics this trial returns: the objectives; a confirmation run's on the confirmation split."""
@@ -222,9 +220,7 @@ class Objective:
             reporter = FanoutReporter(mlflow_reporter, OptunaReporter(trial, self._names(trial)[0], self.report,
                                                                       self.report and not protected, cfg))
             try:
-                result = self._run_engine(cfg, reporter)
-                result.train_history = mlflow_reporter.train_history  # type: ignore[attr-defined]
-                return result
+                return self._run_engine(cfg, reporter)
             except TrialOutOfMemory as exc:
                 release_memory()
                 forward = cfg.train.forward_micro_batch_size or cfg.train.micro_batch_size
@@ -249,53 +245,23 @@ class Objective:
         return run_trial(cfg, reporter, progress=self.progress,
                          keep_model=cfg.train.save_checkpoint or self.cfg.sweep.save_best_checkpoint)
 
-    def _log_datasets(self, cfg: ExperimentConfig, run_id: str, result: TrialResult) -> None:
-        """Each data file as an MLflow dataset input with its digest (val and confirm are splits of the train file)."""
-        splits = ["val", *([CONFIRM_SET] if cfg.eval.confirm_split else [])]
-        specs = {"train": cfg.data.train_path, **{name: cfg.data.train_path for name in splits}, **cfg.data.eval_sets}
-        frames = {}
-        for name, digest in {**{s: result.data_digests.get("train", "") for s in splits},
-                             **result.data_digests}.items():
-            path = str(resolve_path(specs[name], cfg.data.cache_dir))  # demo:<name> -> its parquet file
-            frames[name] = (pd.DataFrame({"path": [path], "digest": [digest]}), path, digest)
-        self.tracker.log_datasets(run_id, frames)
-
     def _record_reason(self, trial: optuna.Trial, run_id: str | None, reason: str, key: str) -> None:
         trial.set_user_attr(key, reason[:2000])
         if run_id is not None:
             self.tracker.set_tags(run_id, {f"sweep.{key}": reason[:5000]})
 
     def _record_success(self, trial: optuna.Trial, cfg: ExperimentConfig, run_id: str, result: TrialResult) -> None:
-        digests = {f"data.digest.{name}": digest for name, digest in result.data_digests.items()}
-        self.tracker.set_tags(run_id, {**digests, **result.lineage})
-        self._log_datasets(cfg, run_id, result)
+        """The run's records (sweeper/tracking.py); on the trial, the key metrics and which student it scored."""
+        self.tracker.log_trial_result(run_id, cfg, result)
         if result.lineage:
             trial.set_user_attr("student_lineage", mask(json.dumps(result.lineage)))
             trial.study.set_user_attr("student_lineage", mask(json.dumps(result.lineage)))
             self.tracker.set_tags(self.parent_run_id, result.lineage)
-        summary = {k: result.metrics[k] for k in SUMMARY_KEYS if k in result.metrics}
-        self.tracker.log_metrics(run_id, [_metric(k, v, int(result.metrics["train/steps"])) for k, v in summary.items()]
-                                 + [_metric(f"timing/{k}", v, 0) for k, v in result.timings.items()])
         key_metrics = {k: v for k, v in result.metrics.items() if k.endswith("/d_acc") or k in self._names(trial)}
-        key_metrics.update(summary)
+        key_metrics.update({k: result.metrics[k] for k in SUMMARY_KEYS if k in result.metrics})
         trial.set_user_attr("metrics", json.dumps(key_metrics))
-        eval_sets = list(dict.fromkeys(result.pair_scores["set"]))
-        with tempfile.TemporaryDirectory() as tmp:
-            folder = Path(tmp)
-            (folder / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-            self.tracker.log_file(run_id, folder / "config.yaml")
-            history = getattr(result, "train_history", [])
-            self.tracker.log_file(run_id, figures.training_progress(
-                history, result.eval_history, eval_sets, folder / "training_progress.png"), "figures")
-            self.tracker.log_file(run_id, figures.score_histograms(result.pair_scores, folder / "score_hist.png"),
-                                  "figures")
-            self.tracker.log_frame(run_id, result.pair_scores, "scores/heldout_pair_scores.parquet")
-            (folder / "history.json").write_text(json.dumps({"train": history, "eval": result.eval_history}))
-            self.tracker.log_file(run_id, folder / "history.json")
-            if result.model is not None and cfg.train.save_checkpoint:
-                save_checkpoint_dir(result, cfg, folder / "checkpoint")
-                self.tracker.log_dir(run_id, folder / "checkpoint", "checkpoint")
-        self.last_result = (trial.number, result)
+        if self.on_complete is not None:
+            self.on_complete(trial.number, result)
 
 
 # user attrs a re-queued trial inherits (interrupted here, or its worker died: sweeper/workers.py); the rest belong
@@ -320,20 +286,8 @@ def worker_id(pid: int | None = None) -> str:
     return f"{socket.gethostname()}:{os.getpid() if pid is None else pid}"
 
 
-def save_checkpoint_dir(result: TrialResult, cfg: ExperimentConfig, folder: Path) -> Path:
-    """A Hugging Face checkpoint directory (AutoModelForTokenClassification) plus the spec, curves and metrics."""
-    from critic.checkpoint import save_trial_checkpoint
-    return save_trial_checkpoint(result, cfg, getattr(result, "train_history", []), folder)
-
-
 def release_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
-
-def _metric(key: str, value: float, step: int):
-    from mlflow.entities import Metric
-
-    from sweeper.tracking import now_ms
-    return Metric(key, float(value), now_ms(), step)

@@ -12,20 +12,23 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import optuna
-from mlflow.entities import Metric
 from optuna.storages._heartbeat import get_heartbeat_thread  # optimize's own heartbeat thread (optuna pinned)
 from optuna.trial import TrialState
 from tqdm.auto import tqdm
 
 from sweeper.board import best_trials, count_failures, leaderboard, show_bars, trial_line, trial_params  # noqa: F401
-from sweeper.objective import Objective, TrialFailure, interrupted, save_checkpoint_dir
+from sweeper.objective import Objective, TrialFailure, interrupted
 from sweeper.outage import StorageUnreachable, leave_for_next_start
 from sweeper.signals import defer_signals, raise_if_stop_requested, resume_signals
 from sweeper.stores import StorageLock
-from sweeper.study import SweepSpec, config_for, finished_count, state_counts
-from sweeper.tracking import Tracker, now_ms
+from sweeper.study import finished_count, state_counts
+from sweeper.tracking import Metric, now_ms
+
+if TYPE_CHECKING:
+    from critic.trial import TrialResult
 
 
 class SweepStopped(RuntimeError):
@@ -35,8 +38,8 @@ class SweepStopped(RuntimeError):
 class ParentUpdater:
     """Study-level curves on the parent run (trial value and best value by trial number), so its charts show data."""
 
-    def __init__(self, tracker: Tracker, parent_id: str, spec: SweepSpec) -> None:
-        self.tracker, self.parent_id, self.spec = tracker, parent_id, spec
+    def __init__(self, sweep) -> None:
+        self.tracker, self.parent_id = sweep.tracker, sweep.parent_id
 
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         metrics = []
@@ -68,22 +71,23 @@ class SearchPlan:
         pass
 
 
-def run_trials(study: optuna.Study, spec: SweepSpec, tracker: Tracker, parent_id: str, n_trials: int,
-               progress: bool = True, poll_s: float = 5.0, plan=None, storage_url: str | None = None) -> None:
-    """Run trials in this process until the plan (default: n_trials finished search trials) is done.
+def run_trials(sweep, n_trials: int, progress: bool = True, poll_s: float = 5.0, plan=None) -> None:
+    """Run trials of `sweep` (the study's handle, sweeper/sweep.py) in this process until the plan (default: n_trials
+    finished search trials) is done.
 
-    `storage_url`: the study's storage, locked while a trial is claimed so that workers never overshoot
-    n_trials; without it (one process) nothing is locked.
+    The sweep's storage is locked while a trial is claimed, so that workers never overshoot n_trials.
     """
+    study, storage_url = sweep.study, sweep.storage_url
     plan = plan or SearchPlan(n_trials)
     bars = show_bars(progress)  # on a terminal; redirected output gets one line per finished trial instead
-    objective = Objective(spec.raw, spec.cfg, spec.entries, tracker, parent_id,
-                          {"sweep.study": study.study_name, "sweep.sampler": spec.cfg.sweep.sampler},
-                          progress=bars)
-    callbacks = [ParentUpdater(tracker, parent_id, spec)] if plan.is_search else []
+    completed: list[tuple[int, TrialResult]] = []  # this process's trial, its critic in memory (search only)
+    objective = Objective(sweep, progress=bars,
+                          on_complete=(lambda number, result: completed.append((number, result)))
+                          if plan.is_search else None)
+    callbacks = [ParentUpdater(sweep)] if plan.is_search else []
     if progress and not bars:
         callbacks.append(lambda _, trial: print(trial_line(trial), flush=True))
-    max_failures = spec.cfg.sweep.max_failures or plan.n_trials
+    max_failures = sweep.spec.cfg.sweep.max_failures or plan.n_trials
     bar = tqdm(total=plan.n_trials, desc="trials", disable=not bars, dynamic_ncols=True)
     try:
         while True:
@@ -111,8 +115,8 @@ def run_trials(study: optuna.Study, spec: SweepSpec, tracker: Tracker, parent_id
                     run_one_trial(study, _release_then(claim, objective), callbacks, storage_url)
                 finally:
                     resume_signals(raise_now=False)
-            if plan.is_search:
-                _maybe_save_best(study, objective, spec, tracker, parent_id)
+            if completed:  # now that Optuna has it, is it the study's best?
+                sweep.save_best_critic(*completed.pop())
     finally:
         bar.close()
 
@@ -164,26 +168,9 @@ def _postfix(study: optuna.Study, counts: dict[str, int]) -> str:
     return f"{best_text} complete={counts['COMPLETE']} pruned={counts['PRUNED']} fail={counts['FAIL']}"
 
 
-def _maybe_save_best(study, objective: Objective, spec: SweepSpec, tracker: Tracker, parent_id: str) -> None:
-    """sweep.save_best_checkpoint: the best trial's critic, as a HF checkpoint under the parent run's artifacts.
-
-    Only this process's last trial has its critic in memory, so it is saved when *that* trial (by number, not the
-    study's newest trial, which with several workers can be another worker's) is now the study's best."""
-    last, objective.last_result = objective.last_result, None
-    if not spec.cfg.sweep.save_best_checkpoint or last is None or last[1].model is None:
-        return
-    number, result = last
-    best = best_trials(study)  # COMPLETE trials only
-    if best and best[0].number == number:
-        cfg = config_for(spec, trial_params(best[0]), "best trial")
-        with tempfile.TemporaryDirectory() as tmp:
-            folder = save_checkpoint_dir(result, cfg, Path(tmp) / "best_checkpoint")
-            tracker.log_dir(parent_id, folder, "best_checkpoint")
-        tracker.set_tags(parent_id, {"best.checkpoint_trial": number})
-
-
-def finish_parent(study: optuna.Study, tracker: Tracker, parent_id: str) -> None:
+def finish_parent(sweep) -> None:
     """Leaderboard CSV, best trial JSON and Optuna's plots (HTML) on the parent run."""
+    study, tracker, parent_id = sweep.study, sweep.tracker, sweep.parent_id
     board = leaderboard(study)
     tracker.log_frame(parent_id, board, "leaderboard.csv")
     best = best_trials(study)

@@ -1,15 +1,15 @@
-"""Create, resume and run a study. Initialise once (schema, study, MLflow experiment, parent run), then trial.
+"""The sweep spec and what a study is made of: validation before any trial, each trial's config, the fingerprint a
+resumed study must match, the sampler.
 
 The spec, its search space and the MLflow parent run id are stored in the
-study's user attributes, so a worker on any machine only needs the study name
-and the storage URL.
+study's user attributes (sweeper/sweep.py), so a worker on any machine only
+needs the study name and the storage URL.
 """
 
 from __future__ import annotations
 
 import json
 import re
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,12 +29,10 @@ from critic.config import (
 )
 from critic.metrics import PAIR_METRICS
 from sweeper.board import CONFIRM_SUFFIX, load_study, state_counts  # noqa: F401  (re-exported; board reads studies)
-from sweeper.candidates import Candidate, check_fixed_keys, enqueue_candidates, resolve_candidates
-from sweeper.outage import fail_left_trials
-from sweeper.pruning import check_pruner, make_pruner
+from sweeper.candidates import Candidate, check_fixed_keys, resolve_candidates
+from sweeper.pruning import check_pruner
 from sweeper.space import SpaceEntry, check_effective, check_in_space, parse_space, space_signature
-from sweeper.stores import StorageLock, make_storage, mask
-from sweeper.tracking import Tracker, git_commit
+from sweeper.tracking import git_commit
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)  # a trial that needs no rerun
 MULTI_OBJECTIVE_SAMPLERS = ("nsga2", "gp", "random")  # of sweep.sampler's values, those for several objectives
@@ -156,69 +154,8 @@ def run_tags(spec: SweepSpec, study_name: str) -> dict[str, str]:
             "git.commit": git_commit(), "sweep.objective": json.dumps(spec.cfg.sweep.objective)}
 
 
-def init_study(spec: SweepSpec, storage_url: str, tracking_uri: str, study_name: str | None = None,
-               new_study: bool = False, stale_trial_callback=None) -> tuple[optuna.Study, Tracker, str]:
-    """Create (or check and resume) the study, the MLflow experiment and the parent run. Run once, before workers."""
-    with StorageLock(storage_url):  # N `run`s started at once: one creates everything, the others resume it
-        return _init_study(spec, storage_url, tracking_uri, study_name, new_study, stale_trial_callback)
-
-
-def _init_study(spec: SweepSpec, storage_url: str, tracking_uri: str, study_name: str | None,
-                new_study: bool, stale_trial_callback) -> tuple[optuna.Study, Tracker, str]:
-    storage = make_storage(storage_url, spec.cfg.sweep.heartbeat_interval, spec.cfg.sweep.grace_period,
-                           stale_trial_callback, spec.cfg.sweep.outage_window_s)
-    name = study_name or spec.cfg.sweep.study_name
-    existing = {s.study_name: s for s in optuna.get_all_study_summaries(storage, include_best_trial=False)}
-    if name in existing:
-        old = existing[name].user_attrs.get("fingerprint")
-        if old is not None and fingerprint_differs(old, spec):
-            if not new_study:
-                raise SpecError(
-                    f"study {name!r} already exists with a different objective, direction, search space or data "
-                    f"split (stored: objective={old['objective']}, direction={old['direction']}, split="
-                    f"{old.get('split', 'not recorded')}). Resuming it would mix "
-                    f"incomparable trials. Pass --new-study to start a fresh study, or --study NAME to pick another "
-                    f"name.")
-        if new_study:
-            name = f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
-            print(f"[sweep] starting a new study {name!r}")
-    study = optuna.create_study(study_name=name, storage=storage, directions=spec.cfg.sweep.directions,
-                                sampler=make_sampler(spec), pruner=make_pruner(spec.cfg), load_if_exists=True)
-    tracker = Tracker(tracking_uri, name)
-    parent_id = tracker.parent_run(name, run_tags(spec, name))
-    fail_left_trials(study, storage_url, stale_trial_callback)  # a worker stopped on an outage: fail them now
-    if "fingerprint" not in study.user_attrs:
-        study.set_user_attr("fingerprint", fingerprint(spec))
-        study.set_user_attr("spec", mask(json.dumps(spec.raw, default=str)))  # credentials come from env
-        study.set_user_attr("spec_source", spec.source)
-        study.set_user_attr("mlflow_parent_run_id", parent_id)
-        study.set_user_attr("mlflow_experiment_id", tracker.experiment_id)
-        if spec.cfg.sweep.baseline:
-            study.enqueue_trial(spec.cfg.sweep.baseline, user_attrs={"baseline": True})
-        enqueue_candidates(study, spec.candidates)  # right after the baseline
-        tracker.log_params(parent_id, {"study": name, "n_trials": spec.cfg.sweep.n_trials,
-                                       "storage": mask(storage_url), "search_space": spec.cfg.sweep.search_space})
-    return study, tracker, parent_id
-
-
-def attach(storage_url: str, study_name: str, tracking_uri: str, worker_index: int = 0,
-           stale_trial_callback=None) -> tuple[optuna.Study, SweepSpec, Tracker, str]:
-    """Load an initialised study (a worker's view); never creates anything but the tracker client."""
-    probe = make_storage(storage_url)
-    names = [s.study_name for s in optuna.get_all_study_summaries(probe, include_best_trial=False)]
-    if study_name not in names:
-        raise SpecError(f"study {study_name!r} not found in {mask(storage_url)}; run `sweep.py init SPEC "
-                        f"--storage URL` (or `sweep.py run`) first. Existing studies: {names or 'none'}")
-    attrs = optuna.load_study(study_name=study_name, storage=probe).user_attrs
-    spec = load_sweep_spec(attrs.get("spec_source", "<study>"), raw=json.loads(attrs["spec"]))
-    storage = make_storage(storage_url, spec.cfg.sweep.heartbeat_interval, spec.cfg.sweep.grace_period,
-                           stale_trial_callback, spec.cfg.sweep.outage_window_s)
-    confirming = "confirm_of" in attrs  # every confirmation trial is enqueued; none may be pruned
-    study = optuna.load_study(study_name=study_name, storage=storage, sampler=make_sampler(spec, worker_index),
-                              pruner=optuna.pruners.NopPruner() if confirming else make_pruner(spec.cfg))
-    # confirmation runs join the search's experiment
-    tracker = Tracker(tracking_uri, attrs.get("confirm_of", study_name))
-    fail_left_trials(study, storage_url, stale_trial_callback)  # a worker stopped on an outage: fail them now
-    return study, spec, tracker, attrs["mlflow_parent_run_id"]
-
-
+def stored_spec(study: optuna.Study) -> SweepSpec:
+    """The sweep spec stored in the study's user attributes (at its creation), validated again: the one place a
+    spec is rebuilt from a study, for workers, `confirm`, `export` and `status --watch`."""
+    attrs = study.user_attrs
+    return load_sweep_spec(attrs.get("spec_source", "<study>"), raw=json.loads(attrs["spec"]))

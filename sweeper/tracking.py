@@ -6,7 +6,9 @@ view draws them without any click; confirmation runs are nested under the study'
 Everything goes through `MlflowClient` with explicit run ids (no fluent
 active-run state), so several trials, threads or processes never mix runs.
 Metrics are buffered and written with `log_batch` at evaluations and at the
-end, so tracking does not stall training.
+end, so tracking does not stall training. Orchestration reaches MLflow only
+through `Tracker`; what a trial's run holds is written by `log_trial_result`
+(its artifact layout is below), and the study's best critic by `log_checkpoint`.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import mlflow
 import pandas as pd
@@ -27,10 +29,24 @@ from critic.reporting import Reporter
 from sweeper.runs_view import SORT_TAG, charts_link, sort_key
 from sweeper.stores import artifact_root, mask
 
+if TYPE_CHECKING:
+    from critic.config import ExperimentConfig
+    from critic.trial import TrialResult
+
 DATASET_FIELDS = ("name", "digest", "source_type", "source", "schema", "profile")  # of Dataset.to_dict()
 
 MAX_BATCH = 1000  # MLflow's limit of metrics per log_batch
 MAX_PARAM_LENGTH = 6000
+TrackingError = mlflow.exceptions.MlflowException  # what a failed call to the tracking store raises
+
+# A trial run's artifacts (the confirmation stage reads the scores back; `diagnose --trial` and `export --weights`
+# download the checkpoint, or the study run's best checkpoint: diagnose/checkpoints.py)
+SCORES_ARTIFACT = "scores/heldout_pair_scores.parquet"  # one row per held-out pair at the final evaluation
+CHECKPOINT_ARTIFACT = "checkpoint"  # the trial's critic, with train.save_checkpoint
+BEST_CHECKPOINT_ARTIFACT = "best_checkpoint"  # on the study's run, with sweep.save_best_checkpoint
+# train/* summaries and model sizes, logged once at the trial's last step (and kept on the Optuna trial)
+SUMMARY_KEYS = ("train/progressive_d_acc", "train/gap_progressive_minus_val", "train/steps",
+                "model/trainable_params", "model/trainable_fraction")
 
 
 def now_ms() -> int:
@@ -47,11 +63,17 @@ def git_commit() -> str:
 
 
 class Tracker:
-    """The MLflow side of a study: experiment, parent run, child runs."""
+    """The MLflow side of a study: experiment, parent run, child runs.
 
-    def __init__(self, tracking_uri: str, experiment_name: str) -> None:
+    Without `experiment_name` only calls on existing runs work (closing a dead worker's run, downloading artifacts).
+    """
+
+    def __init__(self, tracking_uri: str, experiment_name: str | None = None) -> None:
         self.tracking_uri = tracking_uri
         self.client = MlflowClient(tracking_uri=tracking_uri)
+        self.experiment_id: str | None = None
+        if experiment_name is None:
+            return
         experiment = self.client.get_experiment_by_name(experiment_name)
         if experiment is None:
             try:
@@ -81,9 +103,13 @@ class Tracker:
                                                SORT_TAG: sort_key("parent"), **tags})
             run_id = run.info.run_id
         else:
-            self.client.update_run(run_id, status="RUNNING")
+            self.resume(run_id)
             self.client.set_tag(run_id, SORT_TAG, sort_key("parent"))  # a study run from before the sort key
         return run_id
+
+    def resume(self, run_id: str) -> None:
+        """Mark a run RUNNING again (the study's run while a worker or the confirmation works on it)."""
+        self.client.update_run(run_id, status="RUNNING")
 
     def child_run(self, parent_id: str, trial_number: int, tags: dict[str, Any], run_name: str | None = None,
                   nested: bool = False) -> str:
@@ -148,12 +174,76 @@ class Tracker:
                 frame.to_parquet(path, index=False)
             self.log_file(run_id, path, str(Path(artifact_file).parent) if "/" in artifact_file else None)
 
+    def download(self, run_id: str, artifact: str, folder: Path) -> Path:
+        """One artifact of a run, downloaded into `folder`; its local path."""
+        return Path(self.client.download_artifacts(run_id, artifact, str(folder)))
+
     def end(self, run_id: str, status: str) -> None:
         """Close a run: FINISHED, FAILED or KILLED (never leave it RUNNING)."""
         try:
             self.client.set_terminated(run_id, status=status)
         except mlflow.exceptions.MlflowException:
             pass
+
+    def fail_dead(self, run_id: str, reason: str) -> None:
+        """Close the run of a trial whose worker died: FAILED, with the reason; raises TrackingError."""
+        self.client.set_tag(run_id, "sweep.fail_reason", reason)
+        self.client.set_tag(run_id, "sweep.state", "FAIL")
+        self.client.set_terminated(run_id, status="FAILED")
+
+    def log_trial_result(self, run_id: str, cfg: ExperimentConfig, result: TrialResult) -> None:
+        """A finished trial's records on its run: data digests and lineage (tags), data files (dataset inputs),
+        SUMMARY_KEYS and timings (metrics), config, figures, scores and history (artifacts), and with
+        train.save_checkpoint its critic."""
+        digests = {f"data.digest.{name}": digest for name, digest in result.data_digests.items()}
+        self.set_tags(run_id, {**digests, **result.lineage})
+        self._log_trial_datasets(run_id, cfg, result)
+        summary = {k: result.metrics[k] for k in SUMMARY_KEYS if k in result.metrics}
+        last_step = int(result.metrics["train/steps"])
+        self.log_metrics(run_id, [Metric(k, float(v), now_ms(), last_step) for k, v in summary.items()]
+                         + [Metric(f"timing/{k}", float(v), now_ms(), 0) for k, v in result.timings.items()])
+        self._log_trial_artifacts(run_id, cfg, result)
+
+    def log_checkpoint(self, run_id: str, result: TrialResult, cfg: ExperimentConfig, artifact_dir: str) -> None:
+        """The trial's critic as a Hugging Face checkpoint (AutoModelForTokenClassification) plus its spec, curves
+        and metrics (critic/checkpoint.py), under `artifact_dir` of the run."""
+        from critic.checkpoint import save_trial_checkpoint
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = save_trial_checkpoint(result, cfg, result.train_history, Path(tmp) / artifact_dir)
+            self.log_dir(run_id, folder, artifact_dir)
+
+    def _log_trial_datasets(self, run_id: str, cfg: ExperimentConfig, result: TrialResult) -> None:
+        """Each data file as an MLflow dataset input with its digest (val and confirm are splits of the train file)."""
+        from critic.config import CONFIRM_SET
+        from critic.data import resolve_path
+        splits = ["val", *([CONFIRM_SET] if cfg.eval.confirm_split else [])]
+        specs = {"train": cfg.data.train_path, **{name: cfg.data.train_path for name in splits}, **cfg.data.eval_sets}
+        frames = {}
+        for name, digest in {**{s: result.data_digests.get("train", "") for s in splits},
+                             **result.data_digests}.items():
+            path = str(resolve_path(specs[name], cfg.data.cache_dir))  # demo:<name> -> its parquet file
+            frames[name] = (pd.DataFrame({"path": [path], "digest": [digest]}), path, digest)
+        self.log_datasets(run_id, frames)
+
+    def _log_trial_artifacts(self, run_id: str, cfg: ExperimentConfig, result: TrialResult) -> None:
+        import yaml
+
+        from critic.config import to_dict
+        from sweeper import figures  # matplotlib: only once a trial has finished
+        eval_sets = list(dict.fromkeys(result.pair_scores["set"]))
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = Path(tmp)
+            (folder / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+            self.log_file(run_id, folder / "config.yaml")
+            self.log_file(run_id, figures.training_progress(
+                result.train_history, result.eval_history, eval_sets, folder / "training_progress.png"), "figures")
+            self.log_file(run_id, figures.score_histograms(result.pair_scores, folder / "score_hist.png"), "figures")
+            self.log_frame(run_id, result.pair_scores, SCORES_ARTIFACT)
+            (folder / "history.json").write_text(json.dumps({"train": result.train_history,
+                                                             "eval": result.eval_history}))
+            self.log_file(run_id, folder / "history.json")
+        if result.model is not None and cfg.train.save_checkpoint:
+            self.log_checkpoint(run_id, result, cfg, CHECKPOINT_ARTIFACT)
 
 
 def _artifact_location(tracking_uri: str, experiment_name: str) -> str | None:
@@ -170,21 +260,17 @@ class MlflowReporter(Reporter):
     def __init__(self, tracker: Tracker, run_id: str) -> None:
         self.tracker, self.run_id = tracker, run_id
         self.buffer: list[Metric] = []
-        self.train_history: list[tuple[int, dict[str, float]]] = []
-        self.eval_history: list[tuple[int, dict[str, float]]] = []
 
     def _add(self, step: int, metrics: dict[str, float]) -> None:
         stamp = now_ms()
         self.buffer.extend(Metric(k, float(v), stamp, step) for k, v in metrics.items())
 
     def log_train(self, step: int, metrics: dict[str, float]) -> None:
-        self.train_history.append((step, dict(metrics)))
         self._add(step, metrics)
         if len(self.buffer) >= 5 * MAX_BATCH:
             self.flush()
 
     def log_eval(self, step: int, metrics: dict[str, float], pair_scores=None, final: bool = False) -> None:
-        self.eval_history.append((step, dict(metrics)))
         self._add(step, metrics)
         self.flush()
 

@@ -11,7 +11,6 @@ worker that runs it), without waiting for the grace period.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -19,22 +18,18 @@ import sys
 import time
 from pathlib import Path
 
-import mlflow
 import optuna
-import torch
-from mlflow import MlflowClient
 from optuna.trial import TrialState
 from tqdm.auto import tqdm
 
 from sweeper import study as study_mod
 from sweeper.board import show_bars, trial_line
-from sweeper.confirm import ConfirmPlan
 from sweeper.objective import KEEP_ON_RETRY, worker_id
 from sweeper.outage import StorageUnreachable, fail_running_trial
-from sweeper.runner import SweepStopped, best_trials, run_trials
-from sweeper.signals import stop_on_signals
+from sweeper.runner import SweepStopped, best_trials
 from sweeper.slots import plan_slots, visible_device_ids
 from sweeper.stores import without_password
+from sweeper.tracking import Tracker, TrackingError
 
 ROOT = Path(__file__).resolve().parents[1]
 NO_HEARTBEAT = "worker died (no heartbeat)"
@@ -49,6 +44,7 @@ class CloseAndRetry:
 
     def __init__(self, tracking_uri: str) -> None:
         self.tracking_uri = tracking_uri
+        self.tracker: Tracker | None = None  # made on first use: most sweeps never lose a worker
         self.retry = optuna.storages.RetryHeartbeatStaleTrialCallback()
 
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial,
@@ -56,11 +52,9 @@ class CloseAndRetry:
         run_id = trial.user_attrs.get("mlflow_run_id")
         if run_id:
             try:
-                client = MlflowClient(self.tracking_uri)
-                client.set_tag(run_id, "sweep.fail_reason", f"{reason}; trial re-queued")
-                client.set_tag(run_id, "sweep.state", "FAIL")
-                client.set_terminated(run_id, status="FAILED")
-            except mlflow.exceptions.MlflowException as exc:  # the re-queue matters more than the bookkeeping
+                self.tracker = self.tracker or Tracker(self.tracking_uri)
+                self.tracker.fail_dead(run_id, f"{reason}; trial re-queued")
+            except TrackingError as exc:  # the re-queue matters more than the bookkeeping
                 print(f"[sweep] could not close the MLflow run of dead trial {trial.number}: {exc}", file=sys.stderr)
         trial.user_attrs = {**{k: v for k, v in trial.user_attrs.items() if k in KEEP_ON_RETRY},
                             "retry_of": trial.number, "retry_reason": reason}
@@ -93,33 +87,6 @@ class LocalWorkers:
         print(f"[sweep] {reason}{requeued}", file=sys.stderr, flush=True)
 
 
-def run_worker(storage_url: str, study_name: str, tracking_uri: str, worker_index: int = 0,
-               progress: bool = True) -> int:
-    """Join an initialised study and run trials until it holds n_trials finished ones."""
-    stop_on_signals(signal.SIGINT, signal.SIGTERM)
-    if os.environ.get("SWEEP_TORCH_THREADS"):
-        torch.set_num_threads(int(os.environ["SWEEP_TORCH_THREADS"]))
-    study, spec, tracker, parent_id = study_mod.attach(storage_url, study_name, tracking_uri, worker_index,
-                                                       CloseAndRetry(tracking_uri))
-    tracker.client.update_run(parent_id, status="RUNNING")
-    plan = ConfirmPlan.of(study) if "confirm_plan" in study.user_attrs else None  # a `<study>.confirm` study
-    try:
-        run_trials(study, spec, tracker, parent_id, spec.cfg.sweep.n_trials, progress=progress, plan=plan,
-                   storage_url=storage_url)
-    except KeyboardInterrupt:
-        print(f"[worker {worker_index}] interrupted; its trial was closed", file=sys.stderr)
-        return 130
-    except SweepStopped as exc:
-        tracker.end(parent_id, "FAILED")
-        print(f"[worker {worker_index}] stopped: {exc}", file=sys.stderr)
-        return 1
-    except StorageUnreachable:  # its trial is noted for the next start (sweeper/outage.py); main prints the line
-        tracker.end(parent_id, "FAILED")
-        raise
-    tracker.end(parent_id, "FINISHED")  # the study is done; `run SPEC` on it adds the leaderboard and plots
-    return 0
-
-
 def _worker_env(n_workers: int, password: str | None, slot: list[str] | None) -> dict[str, str]:
     env = dict(os.environ, SWEEP_OUTAGE_LINES="0")  # the parent prints one line per storage outage for all
     if password is not None:  # by environment, not argv: other users can read a process's arguments
@@ -133,10 +100,11 @@ def _worker_env(n_workers: int, password: str | None, slot: list[str] | None) ->
     return env
 
 
-def launch_workers(study: optuna.Study, spec, storage_url: str, tracking_uri: str, n_workers: int,
-                   progress: bool = True, plan=None) -> None:
-    """Start n worker processes on this machine, forward SIGINT/SIGTERM to them, show the study's progress."""
-    storage_arg, password = without_password(storage_url)
+def launch_workers(sweep, n_workers: int, progress: bool = True, plan=None) -> None:
+    """Start n worker processes on `sweep`'s study (the study's handle, sweeper/sweep.py) on this machine, forward
+    SIGINT/SIGTERM to them, show the study's progress."""
+    study, spec, tracking_uri = sweep.study, sweep.spec, sweep.tracker.tracking_uri
+    storage_arg, password = without_password(sweep.storage_url)
     slots, notice = plan_slots(n_workers, visible_device_ids(), spec.cfg.sweep.gpus_per_trial)
     if notice:
         print(notice, file=sys.stderr)
@@ -219,8 +187,7 @@ def _refresh(bar, study: optuna.Study, plan=None) -> None:
 
 def watch(study: optuna.Study) -> int:
     """`status --watch`: poll the storage until the study is done or Ctrl-C."""
-    attrs = study.user_attrs
-    n_trials = study_mod.load_sweep_spec("<study>", raw=json.loads(attrs["spec"])).cfg.sweep.n_trials
+    n_trials = study_mod.stored_spec(study).cfg.sweep.n_trials
     try:
         _watch_until(study, n_trials, lambda: _finished(study) >= n_trials, progress=True)
     except KeyboardInterrupt:

@@ -13,7 +13,7 @@ from critic.demo import make_demo_frame
 from critic.model import fresh_critic
 from critic.train import train_step
 from sweeper import study as study_mod
-from sweeper.runner import run_trials
+from sweeper.sweep import Sweep
 from tests.helpers import simulate_device, tiny_tolerance
 from tests.sweep_helpers import tiny_sweep_spec
 
@@ -64,11 +64,11 @@ def mlflow_curves(tmp_path, tiny_cache_dir, device_pairs: str | None, monkeypatc
         tmp_path, sweep={"n_trials": 1, "baseline": {}, "search_space": {
             "train.micro_batch_size": {"type": "categorical", "choices": [4]}}},
         extra={"data": {"cache_dir": str(tiny_cache_dir)}, "loss": {"adaptive_temperature": True, "t_b": 4.0}})))
-    study, tracker, parent_id = study_mod.init_study(spec, f"sqlite:///{tmp_path / 'o.db'}",
-                                                     f"sqlite:///{tmp_path / 'm.db'}")
+    sweep = Sweep.init(spec, f"sqlite:///{tmp_path / 'o.db'}", f"sqlite:///{tmp_path / 'm.db'}")
+    study, tracker = sweep.study, sweep.tracker
     if device_pairs:
         simulate_device(monkeypatch, int(device_pairs))
-    run_trials(study, spec, tracker, parent_id, 1, progress=False)
+    sweep.run_trials(1, progress=False)
     trial = study.trials[0]
     assert trial.state == optuna.trial.TrialState.COMPLETE
     assert trial.user_attrs.get("oom_retry", False) is bool(device_pairs)

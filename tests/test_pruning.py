@@ -13,7 +13,7 @@ from critic.config import SpecError, build_config
 from sweeper import pruning
 from sweeper import study as study_mod
 from sweeper.objective import OptunaReporter
-from sweeper.runner import run_trials
+from sweeper.sweep import Sweep
 from tests.sweep_helpers import tiny_sweep_spec
 
 N_PROMPTS = 450  # about the demo's held-out prompts
@@ -126,8 +126,9 @@ def test_paired_pruner_refuses_an_objective_that_is_not_a_mean_over_pairs(tmp_pa
 def test_the_real_objective_stores_what_the_pruner_needs(tmp_path):
     spec = study_mod.load_sweep_spec(str(tiny_sweep_spec(tmp_path, sweep={"pruner": "paired", "n_trials": 3})))
     storage, tracking = f"sqlite:///{tmp_path / 'optuna.db'}", f"sqlite:///{tmp_path / 'mlflow.db'}"
-    study, tracker, parent_id = study_mod.init_study(spec, storage, tracking)
-    run_trials(study, spec, tracker, parent_id, 3, progress=False)
+    sweep = Sweep.init(spec, storage, tracking)
+    study = sweep.study
+    sweep.run_trials(3, progress=False)
     for trial in study.trials:
         config = study_mod.config_for(spec, trial.params, "trial")
         assert trial.user_attrs[pruning.FROM_STEP_ATTR] == config.train.warmup_steps + config.eval.every_steps

@@ -26,8 +26,9 @@ import sweep
 from benchmarks.servers import PASSWORD, MlflowServer, dump_postgres
 from critic.config import SpecError
 from sweeper import study as study_mod
-from sweeper.runner import leaderboard, run_trials
+from sweeper.runner import leaderboard
 from sweeper.stores import credentials_from_env, mask, without_password
+from sweeper.sweep import Sweep
 from tests.helpers import simulate_device
 from tests.sweep_helpers import ROOT, cli, tiny_sweep_spec, trials_in_their_run, wait_for
 
@@ -230,7 +231,7 @@ def test_workers_started_at_once_on_a_fresh_database(kind, tmp_path, request, ti
 
 def test_worker_on_a_fresh_database_says_to_init_first(tmp_path):
     with pytest.raises(SpecError, match="not found.*run `sweep.py init SPEC"):
-        study_mod.attach(f"sqlite:///{tmp_path / 'optuna.db'}", "nothing-here", f"sqlite:///{tmp_path / 'm.db'}")
+        Sweep.attach(f"sqlite:///{tmp_path / 'optuna.db'}", "nothing-here", f"sqlite:///{tmp_path / 'm.db'}")
 
 
 def test_sigint_stops_all_workers_cleanly_and_rerun_completes(tmp_path, tiny_cache_dir):
@@ -277,8 +278,8 @@ def test_signal_between_claim_and_run_still_gives_the_trial_its_killed_run(tmp_p
     from sweeper import objective as objective_mod
 
     spec = study_mod.load_sweep_spec(str(scaleout_spec(tmp_path, tiny_cache_dir, study_name="claim", n_trials=2)))
-    study, tracker, parent_id = study_mod.init_study(spec, f"sqlite:///{tmp_path / 'optuna.db'}",
-                                                     f"sqlite:///{tmp_path / 'mlflow.db'}")
+    sweep = Sweep.init(spec, f"sqlite:///{tmp_path / 'optuna.db'}", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    study, tracker = sweep.study, sweep.tracker
     real_suggest = objective_mod.suggest
 
     def signal_then_suggest(*args, **kwargs):  # the trial is claimed (RUNNING); its run is not open yet
@@ -287,7 +288,7 @@ def test_signal_between_claim_and_run_still_gives_the_trial_its_killed_run(tmp_p
 
     monkeypatch.setattr(objective_mod, "suggest", signal_then_suggest)
     with sigint_handled(), pytest.raises(KeyboardInterrupt):
-        run_trials(study, spec, tracker, parent_id, 2, progress=False)
+        sweep.run_trials(2, progress=False)
     trial, queued = study.trials  # the interrupted trial, and its params queued again for the rerun
     assert trial.state.name == "FAIL" and trial.user_attrs["fail_reason"] == "interrupted"
     assert queued.state.name == "WAITING" and queued.user_attrs["retry_of"] == trial.number
@@ -300,8 +301,8 @@ def test_signal_while_a_finished_trial_closes_its_run_keeps_the_trial_complete(t
     """Ctrl-C after a trial's result is in, while its run is being closed: the trial stays COMPLETE with a FINISHED
     run, and the loop stops before the next trial (before, the trial became FAIL with no reason, its run RUNNING)."""
     spec = study_mod.load_sweep_spec(str(scaleout_spec(tmp_path, tiny_cache_dir, study_name="close", n_trials=2)))
-    study, tracker, parent_id = study_mod.init_study(spec, f"sqlite:///{tmp_path / 'optuna.db'}",
-                                                     f"sqlite:///{tmp_path / 'mlflow.db'}")
+    sweep = Sweep.init(spec, f"sqlite:///{tmp_path / 'optuna.db'}", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    study, tracker, parent_id = sweep.study, sweep.tracker, sweep.parent_id
     real_end = tracker.end
 
     def signal_then_end(run_id, status):
@@ -311,7 +312,7 @@ def test_signal_while_a_finished_trial_closes_its_run_keeps_the_trial_complete(t
 
     tracker.end = signal_then_end
     with sigint_handled(), pytest.raises(KeyboardInterrupt):
-        run_trials(study, spec, tracker, parent_id, 2, progress=False)
+        sweep.run_trials(2, progress=False)
     [trial] = study.trials
     assert trial.state.name == "COMPLETE" and "fail_reason" not in trial.user_attrs
     assert tracker.client.get_run(trial.user_attrs["mlflow_run_id"]).info.status == "FINISHED"
@@ -344,11 +345,12 @@ def test_out_of_memory_retries_with_half_micro_batch_then_fails_with_reason(tmp_
     spec = study_mod.load_sweep_spec(str(scaleout_spec(tmp_path, tiny_cache_dir, study_name="oom", n_trials=2,
                                                        search_space=space, baseline={})))
     storage, tracking = f"sqlite:///{tmp_path / 'optuna.db'}", f"sqlite:///{tmp_path / 'mlflow.db'}"
-    study, tracker, parent_id = study_mod.init_study(spec, storage, tracking)
+    sweep = Sweep.init(spec, storage, tracking)
+    study, tracker = sweep.study, sweep.tracker
     for micro_batch in (4, 8, 2):
         study.enqueue_trial({"train.micro_batch_size": micro_batch})
     simulate_device(monkeypatch, 3)
-    run_trials(study, spec, tracker, parent_id, 2, progress=False)
+    sweep.run_trials(2, progress=False)
 
     retried, failed, plain = study.trials
     assert retried.state.name == "COMPLETE" and retried.user_attrs["oom_retry"] is True

@@ -16,8 +16,9 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution, Int
 
 from critic.config import SpecError
 from sweeper import study as study_mod
-from sweeper.runner import leaderboard, run_trials
+from sweeper.runner import leaderboard
 from sweeper.space import parse_space, suggest, to_distribution
+from sweeper.sweep import Sweep
 from sweeper.verl_export import parse_overrides
 from tests.browser import chromium, mlflow_ui, rendered_dom
 from tests.sweep_helpers import ROOT, cli, sqlite_dump, store_args, tiny_sweep_spec, trials_in_their_run, wait_for
@@ -185,10 +186,11 @@ def _in_process(tmp_path, **sweep):
 
 def test_pruner_that_must_prune_prunes_and_records_reason(tmp_path):
     spec, storage, tracking = _in_process(tmp_path, n_trials=2, baseline={})
-    _, tracker, parent_id = study_mod.init_study(spec, storage, tracking)
+    sweep = Sweep.init(spec, storage, tracking)
+    tracker = sweep.tracker
     # A pruner that must prune: any val/d_acc below 2 is below its lower threshold.
     study = optuna.load_study(study_name="tiny", storage=storage, pruner=optuna.pruners.ThresholdPruner(lower=2.0))
-    run_trials(study, spec, tracker, parent_id, 2, progress=False)
+    sweep.on(study).run_trials(2, progress=False)
     assert [t.state.name for t in study.trials] == ["PRUNED", "PRUNED"]
     assert all("pruned by the pruner at step 2" in t.user_attrs["prune_reason"] for t in study.trials)
     for t in study.trials:
@@ -200,8 +202,9 @@ def test_non_finite_loss_prunes_with_reason_and_sweep_continues(tmp_path):
     space = {"train.lr": {"type": "categorical", "choices": [1.0e30, 1.0e-3]}}
     spec, storage, tracking = _in_process(tmp_path, n_trials=2, search_space=space, baseline={"train.lr": 1.0e30},
                                           sampler="random")
-    study, tracker, parent_id = study_mod.init_study(spec, storage, tracking)
-    run_trials(study, spec, tracker, parent_id, 2, progress=False)
+    sweep = Sweep.init(spec, storage, tracking)
+    study, tracker = sweep.study, sweep.tracker
+    sweep.run_trials(2, progress=False)
     states = [t.state.name for t in study.trials]
     assert states[0] == "PRUNED" and "non-finite" in study.trials[0].user_attrs["prune_reason"]
     assert states.count("COMPLETE") + states.count("PRUNED") >= 2 and "COMPLETE" in states
@@ -211,24 +214,24 @@ def test_non_finite_loss_prunes_with_reason_and_sweep_continues(tmp_path):
 
 def test_resuming_with_a_different_direction_is_refused(tmp_path):
     spec, storage, tracking = _in_process(tmp_path)
-    study_mod.init_study(spec, storage, tracking)
+    Sweep.init(spec, storage, tracking)
     other = study_mod.load_sweep_spec(str(tiny_sweep_spec(tmp_path, sweep={"direction": "minimize"})))
     with pytest.raises(SpecError, match="different objective, direction, search space or data split"):
-        study_mod.init_study(other, storage, tracking)
-    study, _, _ = study_mod.init_study(other, storage, tracking, new_study=True)
+        Sweep.init(other, storage, tracking)
+    study = Sweep.init(other, storage, tracking, new_study=True).study
     assert study.study_name.startswith("tiny-") and study.direction == optuna.study.StudyDirection.MINIMIZE
 
 
 def test_resuming_with_another_held_out_split_is_refused_and_old_fingerprints_still_resume(tmp_path):
     spec, storage, tracking = _in_process(tmp_path)
-    study, _, _ = study_mod.init_study(spec, storage, tracking)
+    study = Sweep.init(spec, storage, tracking).study
     moved = study_mod.load_sweep_spec(str(tiny_sweep_spec(tmp_path, extra={"data": {"split_seed": 7}})))
     with pytest.raises(SpecError, match=r"data split \(stored: .*split=\{'train_path'"):
-        study_mod.init_study(moved, storage, tracking)
+        Sweep.init(moved, storage, tracking)
     # A study stored before the split was fingerprinted: compared on what it recorded, so it resumes.
     old = {k: v for k, v in study.user_attrs["fingerprint"].items() if k != "split"}
     study.set_user_attr("fingerprint", old)
-    assert study_mod.init_study(moved, storage, tracking)[0].study_name == "tiny"
+    assert Sweep.init(moved, storage, tracking).study.study_name == "tiny"
 
 
 def test_preempted_run_resumes_with_the_interrupted_trial_first_and_one_parent(tmp_path):
@@ -313,17 +316,19 @@ def test_best_checkpoint_is_the_critic_of_the_trial_it_is_named_after(tmp_path, 
     """sweep.save_best_checkpoint with several workers: after this process's trial, another worker's trial can be
     the study's newest. The saved critic must be this trial's, saved only when this trial is the best."""
     from sweeper.objective import Objective
-    from sweeper.runner import _maybe_save_best
 
     spec, storage, tracking = _in_process(tmp_path, n_trials=1, save_best_checkpoint=True)
-    study, tracker, parent_id = study_mod.init_study(spec, storage, tracking)
-    objective = Objective(spec.raw, spec.cfg, spec.entries, tracker, parent_id, {})
+    sweep = Sweep.init(spec, storage, tracking)
+    study, tracker, parent_id = sweep.study, sweep.tracker, sweep.parent_id
+    completed = []
+    objective = Objective(sweep, on_complete=lambda number, result: completed.append((number, result)))
     study.optimize(objective, n_trials=1)  # trial 0, the baseline, in this process
     mine = study.trials[0]
     other = optuna.trial.create_trial(params=mine.params, distributions=mine.distributions,
                                       value=mine.value + (0.01 if other_is_better else -0.01))
     study.add_trial(other)  # trial 1: another worker's, finished after mine; its critic is not in this process
-    _maybe_save_best(study, objective, spec, tracker, parent_id)
+    [(number, result)] = completed
+    sweep.save_best_critic(number, result)
 
     parent = tracker.client.get_run(parent_id)
     saved = [a.path for a in tracker.client.list_artifacts(parent_id, "best_checkpoint")]

@@ -112,25 +112,26 @@ def handle_signals(workers: int) -> None:
         signal.signal(signal.SIGTERM, signal.default_int_handler)
 
 
-def guarded(stages, study, tracker, parent_id: str):
-    """Run the stages; close the parent run with the right status whatever happens. Returns (exit code, result)."""
-    from sweeper.runner import SweepStopped, finish_parent
+def guarded(stages, sweep):
+    """Run the stages; close the sweep's study run with the right status whatever happens. Returns (exit code,
+    result)."""
+    from sweeper.runner import SweepStopped
     try:
         result = stages()
     except KeyboardInterrupt:
-        tracker.end(parent_id, "KILLED")
+        sweep.end("KILLED")
         print("\n[sweep] interrupted: the current trial was closed (Optuna FAIL 'interrupted', MLflow KILLED). "
               "Rerun the same command to resume.", file=sys.stderr)
         return 130, None
     except SweepStopped as exc:
-        finish_parent(study, tracker, parent_id)
-        tracker.end(parent_id, "FAILED")
+        sweep.finish()
+        sweep.end("FAILED")
         print(f"[sweep] stopped: {exc}", file=sys.stderr)
         return 1, None
     except BaseException:
-        tracker.end(parent_id, "FAILED")
+        sweep.end("FAILED")
         raise
-    tracker.end(parent_id, "FINISHED")
+    sweep.end("FINISHED")
     return 0, result
 
 
@@ -142,11 +143,3 @@ def print_confirmation(result: dict) -> None:
           f"baseline; 95% intervals over seeds and held-out pairs),\nscored {split_text(result)}:")
     print(format_table(result))
     print("\n" + result["verdict"])
-
-
-def stored_spec(study):
-    """The sweep spec stored in the study's user attributes (validated again)."""
-    import json
-
-    from sweeper.study import load_sweep_spec
-    return load_sweep_spec(study.user_attrs.get("spec_source", "<study>"), raw=json.loads(study.user_attrs["spec"]))

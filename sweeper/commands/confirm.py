@@ -10,7 +10,6 @@ from sweeper.commands.common import (
     handle_signals,
     load_search_study,
     print_confirmation,
-    stored_spec,
     urls,
 )
 
@@ -32,16 +31,13 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> int:
     from critic.config import SpecError
-    from sweeper.commands.report import report_quietly
-    from sweeper.confirm_stage import run_confirmation
-    from sweeper.tracking import Tracker
+    from sweeper.sweep import Sweep
 
     study = load_search_study(args)
-    spec = stored_spec(study)
     storage, tracking = urls(args)
-    tracker = Tracker(tracking, study.study_name)
-    parent_id = study.user_attrs["mlflow_parent_run_id"]
-    tracker.client.update_run(parent_id, status="RUNNING")
+    sweep = Sweep.load(study, tracking, storage)
+    spec = sweep.spec
+    sweep.resume()
     confirm = spec.cfg.sweep.confirm
     top_k = confirm.top_k if args.top_k is None else args.top_k
     seeds = confirm.seeds if args.seeds is None else args.seeds
@@ -51,12 +47,11 @@ def main(args: argparse.Namespace) -> int:
     handle_signals(args.workers)
 
     def stages() -> dict:
-        result = run_confirmation(study, spec, storage, tracker, parent_id, top_k, seeds, args.trials, args.workers,
-                                  not args.no_progress, args.max_seeds)
-        report_quietly(study, tracker, parent_id, storage)  # the study's report, now with the verdict
+        result = sweep.confirm(top_k, seeds, args.trials, args.workers, not args.no_progress, args.max_seeds)
+        sweep.report()  # the study's report, now with the verdict
         return result
 
-    code, result = guarded(stages, study, tracker, parent_id)
+    code, result = guarded(stages, sweep)
     if code:
         return code
     print_confirmation(result)

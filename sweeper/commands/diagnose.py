@@ -53,10 +53,9 @@ def resolve_checkpoint(args: argparse.Namespace) -> tuple[Path, str | None]:
             raise SpecError(f"--checkpoint {path} is not a directory; pass the folder `sweep.py train` printed "
                             f"after 'checkpoint:'")
         return path, None
-    from mlflow import MlflowClient
-
     from diagnose.checkpoints import download_checkpoint, trial_candidates
-    client = MlflowClient(urls(args)[1])
+    from sweeper.tracking import Tracker
+    client = Tracker(urls(args)[1]).client  # diagnose/ reads an MLflow client; it imports nothing of sweeper
     if args.trial is not None:
         return download_checkpoint(client, trial_candidates(load_study(args), args.trial, client),
                                    f"trial {args.trial}")
@@ -81,7 +80,7 @@ def main(args: argparse.Namespace) -> int:
     print(f"[diagnose] wrote {report}, {report.parent / 'figures'}/ and {report.parent / 'diagnosis.json'}",
           file=sys.stderr)
     if run_id is not None:  # the report goes next to the critic it diagnoses
-        from mlflow import MlflowClient
-        MlflowClient(urls(args)[1]).log_artifacts(run_id, str(report.parent), "diagnosis")
+        from sweeper.tracking import Tracker
+        Tracker(urls(args)[1]).log_dir(run_id, report.parent, "diagnosis")
         print(f"[diagnose] logged the report as artifacts 'diagnosis/' of MLflow run {run_id}", file=sys.stderr)
     return 0

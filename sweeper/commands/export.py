@@ -8,7 +8,7 @@ import typing
 from pathlib import Path
 
 from critic.sections import ExportFormat
-from sweeper.commands.common import add_store_args, load_study, stored_spec
+from sweeper.commands.common import add_store_args, load_study
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -39,6 +39,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> int:
     from sweeper.export import confirmation_note, pick_trial, render
+    from sweeper.study import stored_spec
 
     study = load_study(args)
     spec = stored_spec(study)
@@ -83,16 +84,15 @@ def write_weights(args: argparse.Namespace, study, trial_number: int, target: Pa
     """Copy the trial's checkpoint artifact (its own, or the study's best_checkpoint) into `target`; its path."""
     import shutil
 
-    from mlflow import MlflowClient
-
     from critic.config import SpecError
     from diagnose.checkpoints import download_checkpoint, trial_candidates
     from sweeper.commands.common import urls
+    from sweeper.tracking import Tracker
 
     target = target.expanduser().resolve()
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
         raise SpecError(f"--weights {target} already exists and is not empty; choose a new directory")
-    client = MlflowClient(urls(args)[1])
+    client = Tracker(urls(args)[1]).client  # diagnose/ reads an MLflow client; it imports nothing of sweeper
     local, _ = download_checkpoint(client, trial_candidates(study, trial_number, client), f"trial {trial_number}")
     shutil.copytree(local, target, dirs_exist_ok=True)
     shutil.rmtree(local.parent, ignore_errors=True)  # the download's temporary folder

@@ -46,15 +46,17 @@ def main(args: argparse.Namespace) -> int:
         return from_verl(args)
     from critic.config import SpecError
     from sweeper.stores import mask, without_password
-    from sweeper.study import init_study, load_sweep_spec
+    from sweeper.study import load_sweep_spec
+    from sweeper.sweep import Sweep
 
     if not args.spec:
         raise SpecError("init needs a spec (e.g. experiments/demo.yaml), or --from-verl YOUR_LAUNCH_SCRIPT")
     spec = load_sweep_spec(args.spec, args.overrides)
     print_warnings(spec.warnings)
     storage, tracking = urls(args)
-    study, tracker, parent_id = init_study(spec, storage, tracking, args.study, args.new_study)
-    tracker.end(parent_id, "FINISHED")  # workers set it RUNNING again while they work
+    sweep = Sweep.init(spec, storage, tracking, args.study, args.new_study)
+    sweep.end("FINISHED")  # workers set it RUNNING again while they work
+    study = sweep.study
     print(f"[sweep] initialised study {study.study_name!r} in {mask(storage)}; join it from any machine with:\n"
           f"  python sweep.py worker --study {study.study_name} --storage '{without_password(storage)[0]}' "
           f"--tracking-uri '{without_password(tracking)[0]}'\n"

@@ -41,16 +41,16 @@ def write_and_log(study, tracker, storage_url: str, output: Path | None = None) 
     return path
 
 
-def report_quietly(study, tracker, parent_id: str, storage_url: str) -> None:
+def report_quietly(sweep) -> None:
     """The report at the end of `run`/`confirm`: a failure is one warning line and a tag, never a failed sweep."""
     try:
-        path = write_and_log(study, tracker, storage_url)
+        path = write_and_log(sweep.study, sweep.tracker, sweep.storage_url)
     except Exception as exc:  # the sweep's results are stored already; the report is a view of them
         reason = f"{type(exc).__name__}: {exc}"
         print(f"[sweep] warning: the report could not be built ({reason}); retry with `sweep.py report`",
               file=sys.stderr)
         try:
-            tracker.set_tags(parent_id, {"report.error": reason[:5000]})
+            sweep.tracker.set_tags(sweep.parent_id, {"report.error": reason[:5000]})
         except Exception:  # the tracking store itself may be what failed
             pass
         return

@@ -28,39 +28,33 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> int:
-    from sweeper.commands.report import report_quietly
-    from sweeper.confirm_stage import run_confirmation
     from sweeper.pruning import pruned_summary
-    from sweeper.runner import finish_parent, run_trials
     from sweeper.stores import mask
-    from sweeper.study import init_study, load_sweep_spec
-    from sweeper.workers import CloseAndRetry, launch_workers
+    from sweeper.study import load_sweep_spec
+    from sweeper.sweep import Sweep
+    from sweeper.workers import CloseAndRetry
 
     overrides = list(args.overrides) + ([f"sweep.n_trials={args.n_trials}"] if args.n_trials else [])
     spec = load_sweep_spec(args.spec, overrides)  # every spec error stops here, before any trial
     print_warnings(spec.warnings)
     storage, tracking = urls(args)
-    study, tracker, parent_id = init_study(spec, storage, tracking, args.study, args.new_study,
-                                           CloseAndRetry(tracking))
-    print(f"[sweep] study {study.study_name!r} in {mask(storage)}\n[sweep] MLflow runs page: {tracker.ui_link()} "
-          f"(after `python sweep.py ui`)")
+    sweep = Sweep.init(spec, storage, tracking, args.study, args.new_study, CloseAndRetry(tracking))
+    study = sweep.study
+    print(f"[sweep] study {study.study_name!r} in {mask(storage)}\n[sweep] MLflow runs page: "
+          f"{sweep.tracker.ui_link()} (after `python sweep.py ui`)")
     handle_signals(args.workers)
     confirm = spec.cfg.sweep.confirm
     confirming = (confirm.top_k > 0 or bool(spec.candidates)) and bool(spec.cfg.sweep.baseline)
 
     def stages() -> dict | None:
-        if args.workers > 1:
-            launch_workers(study, spec, storage, tracking, args.workers, progress=not args.no_progress)
-        else:
-            run_trials(study, spec, tracker, parent_id, spec.cfg.sweep.n_trials, progress=not args.no_progress,
-                       storage_url=storage)
-        finish_parent(study, tracker, parent_id)
-        result = run_confirmation(study, spec, storage, tracker, parent_id, confirm.top_k, confirm.seeds,
-                                  workers=args.workers, progress=not args.no_progress) if confirming else None
-        report_quietly(study, tracker, parent_id, storage)  # after the confirmation: the report shows it
+        sweep.run(args.workers, progress=not args.no_progress)
+        sweep.finish()
+        result = sweep.confirm(confirm.top_k, confirm.seeds, workers=args.workers,
+                               progress=not args.no_progress) if confirming else None
+        sweep.report()  # after the confirmation: the report shows it
         return result
 
-    code, result = guarded(stages, study, tracker, parent_id)
+    code, result = guarded(stages, sweep)
     if code:
         return code
     print(summary_table(study, spec))
@@ -69,7 +63,7 @@ def main(args: argparse.Namespace) -> int:
         print_confirmation(result)
     elif not spec.cfg.sweep.baseline:
         print("\n[sweep] no confirmation: set sweep.baseline (your current setting) to test finalists against it")
-    print(f"\nOpen the UI: python sweep.py ui   then {tracker.ui_link()}")
+    print(f"\nOpen the UI: python sweep.py ui   then {sweep.tracker.ui_link()}")
     return 0
 
 
