@@ -336,3 +336,40 @@ def test_best_checkpoint_is_the_critic_of_the_trial_it_is_named_after(tmp_path, 
         assert "best.checkpoint_trial" not in parent.data.tags and not saved
     else:  # this trial is the best although it is not the newest: its critic is saved, named after it
         assert parent.data.tags["best.checkpoint_trial"] == "0" and "best_checkpoint/config.json" in saved
+
+
+def test_a_worker_attaches_to_the_sweep_init_made_and_confirmation_shares_its_run(tmp_path):
+    """One handle per study: what `init` made (study, spec, experiment, study run) is what a worker gets back from
+    the storage alone, and a confirmation study is the same sweep on another study."""
+    spec, storage, tracking = _in_process(tmp_path)
+    made = Sweep.init(spec, storage, tracking)
+    joined = Sweep.attach(storage, made.study.study_name, tracking, worker_index=1)
+    assert (joined.study.study_name, joined.parent_id, joined.storage_url) == ("tiny", made.parent_id, storage)
+    assert joined.spec.cfg == made.spec.cfg and joined.spec.entries == made.spec.entries
+    assert joined.tracker.experiment_id == made.tracker.experiment_id
+    assert Sweep.load(made.study, tracking, storage).parent_id == made.parent_id
+    confirm = optuna.create_study(study_name="tiny.confirm", storage=storage)
+    on = made.on(confirm)
+    assert on.study is confirm and on.tracker is made.tracker and on.parent_id == made.parent_id
+    assert made.study.study_name == "tiny"  # the search's handle is unchanged
+    assert made.tracker.client.get_run(made.parent_id).info.status == "RUNNING"
+    made.end("FINISHED")
+    assert made.tracker.client.get_run(made.parent_id).info.status == "FINISHED"
+
+
+def test_a_trials_history_artifact_is_its_results_history_of_every_step(tmp_path):
+    """TrialResult carries the training history it streamed; the trial's run stores exactly that (history.json)."""
+    from sweeper.objective import Objective
+
+    spec, storage, tracking = _in_process(tmp_path, n_trials=1)
+    sweep = Sweep.init(spec, storage, tracking)
+    completed = []
+    sweep.study.optimize(Objective(sweep, on_complete=lambda n, result: completed.append(result)), n_trials=1)
+    [result] = completed
+    steps = int(result.metrics["train/steps"])
+    assert [step for step, _ in result.train_history] == list(range(1, steps + 1))
+    assert all("critic/loss" in metrics for _, metrics in result.train_history)
+    run_id = sweep.study.trials[0].user_attrs["mlflow_run_id"]
+    stored = json.loads(sweep.tracker.download(run_id, "history.json", tmp_path / "dl").read_text())
+    assert stored["train"] == json.loads(json.dumps(result.train_history))
+    assert stored["eval"] == json.loads(json.dumps(result.eval_history))
