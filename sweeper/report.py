@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import html
 import math
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -24,6 +25,8 @@ from plotly.subplots import make_subplots
 from sweeper.board import trial_params
 from sweeper.report_data import KINDS, ReportData, gather, running_best
 from sweeper.stores import DEFAULT_ROOT
+
+ARTIFACT_DIR = "report"  # on the parent run: report/<study>-report.html
 
 # kind -> (legend label, colour, width, opacity): highlighted lines stand out, pruned and failed fade
 STYLE = {
@@ -220,3 +223,29 @@ def write_report(study: optuna.Study, client: MlflowClient, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(page, encoding="utf-8")
     return path
+
+
+def write_and_log(study, tracker, storage_url: str, output: Path | None = None) -> Path:
+    """Write the report and attach it to the study's parent run (when the study has one)."""
+    path = write_report(study, tracker.client, output or report_path(storage_url, study.study_name))
+    parent_id = study.user_attrs.get("mlflow_parent_run_id")
+    if parent_id:
+        tracker.log_file(parent_id, path, ARTIFACT_DIR)
+    return path
+
+
+def report_quietly(sweep) -> None:
+    """The report at the end of `run`/`confirm` (`sweep`: the study's handle, sweeper/sweep.py): a failure is one
+    warning line and a tag, never a failed sweep."""
+    try:
+        path = write_and_log(sweep.study, sweep.tracker, sweep.storage_url)
+    except Exception as exc:  # the sweep's results are stored already; the report is a view of them
+        reason = f"{type(exc).__name__}: {exc}"
+        print(f"[sweep] warning: the report could not be built ({reason}); retry with `sweep.py report`",
+              file=sys.stderr)
+        try:
+            sweep.tracker.set_tags(sweep.parent_id, {"report.error": reason[:5000]})
+        except Exception:  # the tracking store itself may be what failed
+            pass
+        return
+    print(f"[sweep] report: {path} (also on the parent run, {ARTIFACT_DIR}/{path.name})")

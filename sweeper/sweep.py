@@ -6,7 +6,8 @@ built once, by `Sweep.init` (create or resume: schema, study, MLflow experiment,
 study run) or `Sweep.attach` (a worker joining by name), and each stage is a
 method that hands it to the module that does the work: trials (runner.py),
 worker processes (workers.py), the confirmation (confirm_stage.py), the report
-(commands/report.py). MLflow is reached through `tracker` only.
+(report.py). Those modules take the handle as an argument and never import
+this one, so dependencies point one way. MLflow is reached through `tracker` only.
 """
 
 from __future__ import annotations
@@ -135,7 +136,7 @@ class Sweep:
 
     def report(self) -> None:
         """The HTML report, written beside the stores and logged on the study run; a failure is a warning."""
-        from sweeper.commands.report import report_quietly
+        from sweeper.report import report_quietly
         report_quietly(self)
 
     def save_best_critic(self, trial_number: int, result: TrialResult) -> None:
