@@ -90,11 +90,12 @@ def throughput(n_workers: int, spec: Path, folder: Path) -> dict:
 def trivial_run_trial(cfg, reporter=None, progress=False, keep_model=False) -> TrialResult:
     """What the engine reports for a 30-step trial with 3 evaluations, produced in microseconds."""
     rng = np.random.default_rng(int(cfg.train.lr * 1e9) % 2**32)
-    eval_history = []
+    eval_history, train_history = [], []
     for step in range(1, 31):
-        reporter.log_train(step, {f"critic/{k}": float(rng.random()) for k in (
+        train_history.append((step, {f"critic/{k}": float(rng.random()) for k in (
             "loss", "d_acc", "score_diff", "teacher_score_mean", "student_score_mean", "grad_norm", "lr",
-            "temperature", "length_corr")} | {"perf/pairs_per_s": 100.0, "perf/tokens_per_s": 1e4})
+            "temperature", "length_corr")} | {"perf/pairs_per_s": 100.0, "perf/tokens_per_s": 1e4}))
+        reporter.log_train(*train_history[-1])
         if step % 10 == 0:
             metrics = {f"{s}/{m}": float(rng.random()) for s in ("val", "shifted")
                        for m in ("d_acc", "score_diff", "auc", "teacher_score_mean", "student_score_mean")}
@@ -104,7 +105,7 @@ def trivial_run_trial(cfg, reporter=None, progress=False, keep_model=False) -> T
                            "student_score": rng.normal(size=200)})
     metrics = dict(eval_history[-1][1], **{"train/steps": 30.0, "train/progressive_d_acc": 0.6,
                                            "train/gap_progressive_minus_val": 0.0})
-    return TrialResult(metrics, eval_history, scores, {}, timings={"total_s": 0.0})
+    return TrialResult(metrics, eval_history, scores, {}, timings={"total_s": 0.0}, train_history=train_history)
 
 
 def _empty_figure(*args) -> Path:
