@@ -38,8 +38,11 @@ gad-demo: install
 train: install
 	$(PY) sweep.py train $(SPEC)
 
+# One pytest-xdist worker per core, up to 4 (each imports torch and starts its own servers); tests/conftest.py says
+# how the tests are spread over them.
+TEST_WORKERS ?= $(shell python3 -c "import os; print(max(1, min(4, len(os.sched_getaffinity(0)))))")
 test: install
-	$(PY) -m pytest -q -rs --durations=30 tests
+	$(PY) -m pytest -q -rs --durations=30 -n $(TEST_WORKERS) --dist loadgroup tests
 
 lint: install
 	$(PY) -m ruff check .

@@ -32,6 +32,9 @@ from tests.helpers import simulate_device
 from tests.sweep_helpers import ROOT, cli, tiny_sweep_spec, trials_in_their_run, wait_for
 
 FAST_HEARTBEAT = {"heartbeat_interval": 1, "grace_period": 4}
+# The PostgreSQL cases ask for the module's servers inside the test: grouped with the module's other server tests
+# on one pytest-xdist worker (tests/conftest.py), so they start once.
+KINDS = ["sqlite", pytest.param("postgresql", marks=pytest.mark.xdist_group(__name__))]
 
 
 
@@ -91,7 +94,7 @@ def three_worker_sweep(postgres, mlflow_server, tmp_path_factory, tiny_cache_dir
                 argv = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
             except OSError:
                 continue
-            if "sweep.py" in argv and PASSWORD in argv and " run " not in argv:
+            if "sweep.py" in argv and "--study three" in argv and PASSWORD in argv:  # this sweep's workers
                 argv_leaks.add(argv)
         time.sleep(1)
     out, err = proc.communicate()
@@ -167,7 +170,7 @@ def test_local_parent_fails_and_requeues_a_dead_workers_trial_at_once(tmp_path, 
     assert all(r.info.status != "RUNNING" for r in parents + children)
 
 
-@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_killed_worker_trial_is_failed_requeued_and_rerun(kind, tmp_path, request, tiny_cache_dir):
     storage, tracking = stores(kind, tmp_path, request, "kill")
     spec = scaleout_spec(tmp_path, tiny_cache_dir, study_name=f"kill-{kind}", n_trials=3)
@@ -204,7 +207,7 @@ def test_killed_worker_trial_is_failed_requeued_and_rerun(kind, tmp_path, reques
     assert len(children) == 4 and all(r.info.status != "RUNNING" for r in parents + children)
 
 
-@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_workers_started_at_once_on_a_fresh_database(kind, tmp_path, request, tiny_cache_dir):
     """Every task of a job array runs the same `run` command: one creates the study, the others join it."""
     storage = f"sqlite:///{tmp_path / 'optuna.db'}" if kind == "sqlite" else request.getfixturevalue(

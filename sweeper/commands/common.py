@@ -22,9 +22,15 @@ def quiet_libraries() -> None:
     import warnings
 
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # MLflow sets its and alembic's levels on import
-    if not (sys.stdout.isatty() and sys.stderr.isatty()):  # transformers' own bars (loading, saving weights) too
+    bars = sys.stdout.isatty() and sys.stderr.isatty()
+    if not bars:  # transformers' own bars (loading, saving weights) too
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    logging.getLogger("alembic").setLevel(logging.WARNING)
+    # Both variables are read on import: where the libraries are already imported (sweep.py called from Python, or
+    # the tests' fork server, tests/sweep_helpers.py), set the same through their APIs.
+    for name in ("mlflow", "alembic"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    if not bars and "huggingface_hub" in sys.modules:
+        sys.modules["huggingface_hub"].utils.disable_progress_bars()
     import optuna
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
