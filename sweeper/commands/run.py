@@ -28,6 +28,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> int:
+    from critic.data import generate_students
     from sweeper.commands.report import report_quietly
     from sweeper.confirm_stage import run_confirmation
     from sweeper.pruning import pruned_summary
@@ -39,6 +40,7 @@ def main(args: argparse.Namespace) -> int:
     overrides = list(args.overrides) + ([f"sweep.n_trials={args.n_trials}"] if args.n_trials else [])
     spec = load_sweep_spec(args.spec, overrides)  # every spec error stops here, before any trial
     print_warnings(spec.warnings)
+    generate_students(spec.cfg, progress=not args.no_progress)  # once, before any worker's trial reads them
     storage, tracking = urls(args)
     study, tracker, parent_id = init_study(spec, storage, tracking, args.study, args.new_study,
                                            CloseAndRetry(tracking))
