@@ -42,7 +42,7 @@ train: install
 # how the tests are spread over them.
 TEST_WORKERS ?= $(shell python3 -c "import os; print(max(1, min(4, len(os.sched_getaffinity(0)))))")
 test: install
-	$(PY) -m pytest -q -rs --durations=30 -n $(TEST_WORKERS) --dist loadgroup tests
+	$(PY) -m pytest -q -rs --durations=30 -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder tests
 
 lint: install
 	$(PY) -m ruff check .
