@@ -255,7 +255,8 @@ def test_sigint_stops_all_workers_cleanly_and_rerun_completes(tmp_path, tiny_cac
     assert "Rerun the same command to resume" in err
     study = optuna.load_study(study_name="sigint", storage=storage)
     interrupted = [t for t in study.trials if t.state.name == "FAIL"]
-    assert interrupted and all(t.user_attrs["fail_reason"] == "interrupted" for t in interrupted)
+    assert interrupted and all(t.user_attrs["fail_reason"] == "interrupted" for t in interrupted), (
+        [(t.number, t.state.name, t.user_attrs.get("fail_reason")) for t in study.trials], err[-3000:])
     assert not [t for t in study.trials if t.state.name == "RUNNING"]
     client = MlflowClient(tracking)
     parents, children = trial_runs(client, "sigint")
@@ -334,9 +335,11 @@ def sigint_handled():
 
 
 def one_done_one_running(trials) -> bool:
-    """At least one trial finished and another inside its objective (its MLflow run open)."""
-    return (any(t.state.is_finished() for t in trials)
-            and any(t.state.name == "RUNNING" and "mlflow_run_id" in t.user_attrs for t in trials))
+    """A trial finished, and another inside its objective (its MLflow run open) that started after it: one that
+    started with it (the other worker's first trial) may be finishing too, and the signal would find it done."""
+    done = [t.datetime_complete for t in trials if t.state.is_finished()]
+    return bool(done) and any(t.state.name == "RUNNING" and "mlflow_run_id" in t.user_attrs
+                              and t.datetime_start > min(done) for t in trials)
 
 
 def test_out_of_memory_retries_with_half_micro_batch_then_fails_with_reason(tmp_path, monkeypatch,
