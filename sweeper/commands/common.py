@@ -100,11 +100,12 @@ def print_warnings(warnings: list[str]) -> None:
         print(f"[sweep] warning: {warning}", file=sys.stderr)
 
 
-def handle_signals(workers: int) -> None:
+def handle_signals(launched: bool) -> None:
+    """Trials in this process close on SIGINT/SIGTERM; with launched workers this process only tells them."""
     import signal
 
     from sweeper.signals import stop_on_signals
-    if workers <= 1:
+    if not launched:
         stop_on_signals(signal.SIGINT, signal.SIGTERM)
     else:  # the parent only forwards signals to its workers. Set SIGINT too: a shell starts background jobs
         # with SIGINT ignored, and Python then installs no KeyboardInterrupt handler of its own.
