@@ -22,11 +22,8 @@ import socket
 import subprocess
 import sys
 
-import optuna
-
 from critic.config import SpecError
-from sweeper.stores import without_password
-from sweeper.workers import SweepStopped, study_done, watch_until, worker_command
+from critic.redact import without_password
 
 MAX_RETRIES = 3  # Ray's default for tasks: a node lost three times over is more than a blip
 CANCEL_WAIT_S = 120  # a worker closes its trial within seconds of SIGTERM; past this, Ray kills the task
@@ -51,15 +48,16 @@ def _die_with_parent() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)
 
 
-def worker_task(study_name: str, storage_arg: str, password: Secret, tracking_uri: str, index: int, threads: int,
-                cwd: str) -> int:
-    """One Ray task: `sweep.py worker` on this node until the study is done; its exit code."""
+def worker_task(command: list[str], password: Secret, index: int, threads: int, cwd: str) -> int:
+    """One Ray task: `command` (`sweep.py worker ...`) on this node until the study is done; its exit code.
+
+    Light on purpose: the task's process imports neither torch nor the sweeper's trial code; its worker does."""
     import ray
     env = dict(os.environ, SWEEP_OUTAGE_LINES="0", SWEEP_TORCH_THREADS=str(threads), OMP_NUM_THREADS=str(threads),
                SWEEP_JOB=f"ray task {ray.get_runtime_context().get_task_id()}")
     if password.value is not None:
         env["SWEEP_DB_PASSWORD"] = password.value
-    proc = subprocess.Popen(worker_command(study_name, storage_arg, tracking_uri, index), env=env,
+    proc = subprocess.Popen(command, env=env,
                             cwd=cwd if os.path.isdir(cwd) else None, start_new_session=True,
                             preexec_fn=_die_with_parent if sys.platform == "linux" else None)
     try:
@@ -79,7 +77,7 @@ def worker_task(study_name: str, storage_arg: str, password: Secret, tracking_ur
     return code
 
 
-def launch_ray_workers(study: optuna.Study, spec, storage_url: str, tracking_uri: str, n_workers: int,
+def launch_ray_workers(study, spec, storage_url: str, tracking_uri: str, n_workers: int,
                        progress: bool = True, plan=None, *, address: str | None, cpus: int, gpus: int,
                        memory_gb: float | None) -> None:
     """Run n workers as Ray tasks on the cluster at `address` (None: a Ray instance on this machine, for the
@@ -87,6 +85,8 @@ def launch_ray_workers(study: optuna.Study, spec, storage_url: str, tracking_uri
     import logging
 
     import ray
+
+    from sweeper.workers import SweepStopped, study_done, watch_until, worker_command
     storage_arg, password = without_password(storage_url)
     if address:
         ray.init(address=address, logging_level=logging.WARNING)
@@ -101,8 +101,8 @@ def launch_ray_workers(study: optuna.Study, spec, storage_url: str, tracking_uri
         task = ray.remote(worker_task).options(
             num_cpus=cpus, num_gpus=gpus, max_retries=MAX_RETRIES, retry_exceptions=[WorkerLost],
             **({"memory": int(memory_gb * 1024**3)} if memory_gb else {}))
-        refs = [task.remote(study.study_name, storage_arg, Secret(password), tracking_uri, i, cpus, os.getcwd())
-                for i in range(n_workers)]
+        refs = [task.remote(worker_command(study.study_name, storage_arg, tracking_uri, i), Secret(password), i, cpus,
+                            os.getcwd()) for i in range(n_workers)]
         where = f"the Ray cluster at {address}" if address else "a local Ray instance"
         print(f"[sweep] {n_workers} workers as Ray tasks on {where} ({cpus} CPU, {gpus} GPU each)", flush=True)
         n_trials = plan.n_trials if plan else spec.cfg.sweep.n_trials

@@ -26,10 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-import optuna
-
-from sweeper.stores import without_password
-from sweeper.workers import SweepStopped, study_done, watch_until, worker_command
+from critic.redact import without_password
 
 CANCEL_WAIT_S = 120  # scancel: SIGTERM, then Slurm's KillWait (30 s by default) before SIGKILL
 
@@ -62,14 +59,12 @@ class SlurmOptions:
 class SlurmWorker:
     """The callable each task runs (pickled by submitit): `sweep.py worker`, whose exit code is the task's result."""
 
-    study_name: str
-    storage_arg: str  # without its password: that comes from $SWEEP_DB_PASSWORD
-    tracking_uri: str
+    commands: tuple[tuple[str, ...], ...]  # `sweep.py worker ...` of each task; no password: $SWEEP_DB_PASSWORD
 
     def __call__(self, index: int) -> int:
         threads = os.environ.get("SLURM_CPUS_PER_TASK", "1")
         env = dict(os.environ, SWEEP_TORCH_THREADS=threads, OMP_NUM_THREADS=threads)
-        proc = subprocess.Popen(worker_command(self.study_name, self.storage_arg, self.tracking_uri, index), env=env)
+        proc = subprocess.Popen(self.commands[index], env=env)
 
         def forward(signum, frame):  # Slurm signals the whole step too; the worker acts on the first signal only
             if proc.poll() is None:
@@ -79,17 +74,20 @@ class SlurmWorker:
         return proc.wait()
 
 
-def launch_slurm_workers(study: optuna.Study, spec, storage_url: str, tracking_uri: str, n_workers: int,
+def launch_slurm_workers(study, spec, storage_url: str, tracking_uri: str, n_workers: int,
                          progress: bool = True, plan=None, *, options: SlurmOptions) -> None:
     """Submit n workers as a Slurm job array, print its script, follow its tasks and the study until both end."""
     import submitit
+
+    from sweeper.workers import SweepStopped, study_done, watch_until, worker_command
     storage_arg, password = without_password(storage_url)
     if password is not None:  # by environment: sbatch exports it to the tasks (never in the script or argv)
         os.environ["SWEEP_DB_PASSWORD"] = password
     folder = Path(options.folder).resolve()
     executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=0)
     executor.update_parameters(**options.parameters(study.study_name, n_workers))
-    jobs = executor.map_array(SlurmWorker(study.study_name, storage_arg, tracking_uri), range(n_workers))
+    commands = tuple(tuple(worker_command(study.study_name, storage_arg, tracking_uri, i)) for i in range(n_workers))
+    jobs = executor.map_array(SlurmWorker(commands), range(n_workers))
     array_id = jobs[0].job_id.split("_")[0]
     script = next(folder.glob(f"{array_id}*_submission.sh"), None)
     print(f"[sweep] submitted Slurm job {array_id}: {n_workers} task(s), logs in {folder}; its sbatch script "
@@ -145,6 +143,9 @@ class SlurmTasks:
             waiting = [task for task, state in states.items() if state.startswith("PENDING")]
             if waiting:
                 subprocess.run(["scancel", *waiting], capture_output=True, timeout=60)
+                for task in waiting:
+                    print(f"[sweep] slurm task {task}: cancelled, the study is done", file=sys.stderr, flush=True)
+                    states[task] = "ended"  # not printed again when squeue no longer lists it
         return not states
 
     def cancel_all(self) -> None:

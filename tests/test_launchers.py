@@ -125,7 +125,7 @@ def slurm(tmp_path_factory):
         # no cgroups: processes tracked by parentage, no task binding; no accounting database (so no sacct)
         "ProctrackType=proctrack/linuxproc", "TaskPlugin=task/none", "JobAcctGatherType=jobacct_gather/none",
         "AccountingStorageType=accounting_storage/none", "SelectType=select/cons_tres", "SelectTypeParameters=CR_Core",
-        "MpiDefault=none", "ReturnToService=2", "KillWait=10",
+        "MpiDefault=none", "ReturnToService=2", "KillWait=30",
         f"{node} NodeAddr=127.0.0.1 State=UNKNOWN",
         f"PartitionName=test Nodes={host} Default=YES MaxTime=INFINITE State=UP", ""]))
     for folder in ("state", "spool"):
