@@ -127,6 +127,7 @@ def _cancel(refs: list) -> None:
     import ray
     for ref in refs:
         ray.cancel(ref)
+    print(f"[sweep] cancelled {len(refs)} Ray task(s): each worker closes its trial", file=sys.stderr, flush=True)
     _, pending = ray.wait(refs, num_returns=len(refs), timeout=CANCEL_WAIT_S)
     for ref in pending:
         ray.cancel(ref, force=True)

@@ -151,6 +151,7 @@ class SlurmTasks:
     def cancel_all(self) -> None:
         """Ctrl-C: scancel the array (each worker closes its trial as interrupted) and wait until it is gone."""
         subprocess.run(["scancel", self.array_id], capture_output=True, timeout=60)
+        print(f"[sweep] cancelled Slurm job {self.array_id}: each task closes its trial", file=sys.stderr, flush=True)
         deadline = time.monotonic() + CANCEL_WAIT_S
         while time.monotonic() < deadline and self.poll() != {}:
             time.sleep(2)

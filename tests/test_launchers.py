@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -100,6 +101,46 @@ def test_ray_workers_finish_the_study_and_a_killed_ray_worker_has_its_trial_requ
     assert "[sweep] 2 workers as Ray tasks on a local Ray instance (1 CPU, 0 GPU each)" in out
 
 
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """`ray start --head` with 2 CPUs on 127.0.0.1, in a temp dir of its own; stopped with its process group."""
+    pytest.importorskip("ray", reason="the Ray extra is not installed (`pip install -e '.[ray]'`)")
+    from benchmarks.servers import free_port
+    root = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))  # short: Ray's Unix socket paths live under it
+    address = f"127.0.0.1:{free_port()}"
+    ray = str(Path(sys.executable).parent / "ray")
+    head = subprocess.Popen([ray, "start", "--head", "--block", "--num-cpus", "2", "--node-ip-address", "127.0.0.1",
+                             "--port", address.split(":")[1], "--temp-dir", str(root), "--include-dashboard", "false",
+                             "--disable-usage-stats"], env=ENV, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: subprocess.run([ray, "status", "--address", address], env=ENV,
+                                        capture_output=True).returncode == 0, 120, "the Ray head to answer")
+        yield address
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        head.wait(timeout=60)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_ray_workers_on_an_existing_cluster_finish_the_study_on_server_stores(ray_cluster, postgres, tmp_path,
+                                                                             tiny_cache_dir):
+    """`run --launcher ray --ray-address ADDR --workers 2` on a cluster started apart (`ray start --head`), with a
+    PostgreSQL study whose password is in the URL: 4 trials, one line each, no password anywhere on the console."""
+    spec = scaleout_spec(tmp_path, tiny_cache_dir, study_name="ray_cluster", n_trials=4)
+    storage, tracking = postgres.url("ray_cluster"), postgres.url("ray_cluster_mlflow")
+    started = time.monotonic()
+    proc = start_run(spec, tmp_path, "--launcher", "ray", "--ray-address", ray_cluster, "--workers", "2", "--storage",
+                     storage, "--tracking-uri", tracking)
+    out, err = finish(proc, 600)
+    print(f"[test] ray cluster sweep took {time.monotonic() - started:.0f} s\n{out}\n{err}")
+    assert proc.returncode == 0, err[-3000:]
+    assert_settled(optuna.load_study(study_name="ray_cluster", storage=storage), tracking, 4)
+    assert len(re.findall(r"^\[trial \d+\] COMPLETE", out, re.M)) == 4
+    assert f"[sweep] 2 workers as Ray tasks on the Ray cluster at {ray_cluster} (1 CPU, 0 GPU each)" in out
+    assert PASSWORD not in out + err
+
+
 # ---------------------------------------------------------------- Slurm
 
 @pytest.fixture(scope="module")
@@ -181,5 +222,7 @@ def test_slurm_array_finishes_the_study_and_a_requeued_task_has_its_trial_requeu
     status = cli("status", "--storage", storage, "--study", "slurm", cwd=tmp_path)
     assert status.returncode == 0 and "job" in status.stdout and job in status.stdout
     assert PASSWORD not in out + err
+    for kept in (tmp_path / "slurm").iterdir():  # the script, the pickled workers, the task logs
+        assert PASSWORD.encode() not in kept.read_bytes(), kept
     queued = subprocess.run(["squeue", "-h", "-j", task.split("_")[0]], env=slurm, capture_output=True, text=True)
     assert queued.stdout.strip() == ""  # nothing of the array left in the queue
