@@ -3,8 +3,8 @@
 Each task asks Ray for the worker's GPUs (sweep.gpus_per_trial; none with model.device: cpu), CPUs and memory,
 so Ray places it and sets its CUDA_VISIBLE_DEVICES; a trial on several GPUs starts torchrun there, as with
 `--workers`. The task runs the worker as its child process, as `run --workers` does: the same worker loop, with
-its own signal handling and torch state, and the storage password handed over by environment. The password
-reaches the task as an argument (kept by Ray, never on a command line); `Secret` keeps it out of Ray's errors.
+its own signal handling and torch state, and the URLs' passwords handed over by environment. They reach the
+task as an argument (kept by Ray, never on a command line); `Secret` keeps them out of Ray's errors.
 
 Faults. The worker dies with its task's process (SIGTERM from the kernel, PR_SET_PDEATHSIG): it closes its trial
 as interrupted and the study queues it again at once. A worker killed outright (SIGKILL, OOM-killer) or lost with
@@ -23,7 +23,6 @@ import subprocess
 import sys
 
 from critic.config import SpecError
-from critic.redact import without_password
 
 MAX_RETRIES = 3  # Ray's default for tasks: a node lost three times over is more than a blip
 CANCEL_WAIT_S = 120  # a worker closes its trial within seconds of SIGTERM; past this, Ray kills the task
@@ -34,9 +33,9 @@ class WorkerLost(RuntimeError):
 
 
 class Secret:
-    """The storage password as a task argument, shown as *** wherever Ray prints arguments."""
+    """The URLs' passwords (environment variables) as a task argument, shown as *** wherever Ray prints arguments."""
 
-    def __init__(self, value: str | None) -> None:
+    def __init__(self, value: dict[str, str]) -> None:
         self.value = value
 
     def __repr__(self) -> str:
@@ -48,15 +47,13 @@ def _die_with_parent() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)
 
 
-def worker_task(command: list[str], password: Secret, index: int, threads: int, cwd: str) -> int:
+def worker_task(command: list[str], secrets: Secret, index: int, threads: int, cwd: str) -> int:
     """One Ray task: `command` (`sweep.py worker ...`) on this node until the study is done; its exit code.
 
     Light on purpose: the task's process imports neither torch nor the sweeper's trial code; its worker does."""
     import ray
     env = dict(os.environ, SWEEP_OUTAGE_LINES="0", SWEEP_TORCH_THREADS=str(threads), OMP_NUM_THREADS=str(threads),
-               SWEEP_JOB=f"ray task {ray.get_runtime_context().get_task_id()}")
-    if password.value is not None:
-        env["SWEEP_DB_PASSWORD"] = password.value
+               SWEEP_JOB=f"ray task {ray.get_runtime_context().get_task_id()}", **secrets.value)
     proc = subprocess.Popen(command, env=env,
                             cwd=cwd if os.path.isdir(cwd) else None, start_new_session=True,
                             preexec_fn=_die_with_parent if sys.platform == "linux" else None)
@@ -87,7 +84,6 @@ def launch_ray_workers(study, spec, storage_url: str, tracking_uri: str, n_worke
     import ray
 
     from sweeper.workers import SweepStopped, study_done, watch_until, worker_command
-    storage_arg, password = without_password(storage_url)
     if address:
         ray.init(address=address, logging_level=logging.WARNING)
     else:  # the tasks exchange nothing large: a small object store
@@ -101,8 +97,8 @@ def launch_ray_workers(study, spec, storage_url: str, tracking_uri: str, n_worke
         task = ray.remote(worker_task).options(
             num_cpus=cpus, num_gpus=gpus, max_retries=MAX_RETRIES, retry_exceptions=[WorkerLost],
             **({"memory": int(memory_gb * 1024**3)} if memory_gb else {}))
-        refs = [task.remote(worker_command(study.study_name, storage_arg, tracking_uri, i), Secret(password), i, cpus,
-                            os.getcwd()) for i in range(n_workers)]
+        commands = [worker_command(study.study_name, storage_url, tracking_uri, i) for i in range(n_workers)]
+        refs = [task.remote(argv, Secret(secrets), i, cpus, os.getcwd()) for i, (argv, secrets) in enumerate(commands)]
         where = f"the Ray cluster at {address}" if address else "a local Ray instance"
         print(f"[sweep] {n_workers} workers as Ray tasks on {where} ({cpus} CPU, {gpus} GPU each)", flush=True)
         n_trials = plan.n_trials if plan else spec.cfg.sweep.n_trials

@@ -1,9 +1,9 @@
 """`run --launcher slurm`: the workers as one Slurm job array, submitted with submitit.
 
 Task i of the array runs `sweep.py worker --worker-index i` as a child of submitit's Python process, on the node
-Slurm chose, with the GPUs Slurm gave it (CUDA_VISIBLE_DEVICES). The storage password reaches the tasks by
-environment: sbatch exports the submitting environment, where it is put as $SWEEP_DB_PASSWORD; the pickled
-worker holds the URL without it.
+Slurm chose, with the GPUs Slurm gave it (CUDA_VISIBLE_DEVICES). The URLs' passwords reach the tasks by environment:
+sbatch exports the submitting environment, where they are put ($SWEEP_DB_PASSWORD, $SWEEP_TRACKING_PASSWORD);
+the pickled worker holds the URLs without them.
 
 Signals. Slurm preempts, requeues (`scontrol requeue`) or cancels a task with SIGTERM, and submitit has Slurm
 send SIGUSR2 90 s before the time limit (handled here as SIGTERM, not by submitit's checkpointing, which would
@@ -25,8 +25,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-
-from critic.redact import without_password
 
 CANCEL_WAIT_S = 120  # scancel: SIGTERM, then Slurm's KillWait (30 s by default) before SIGKILL
 
@@ -59,7 +57,7 @@ class SlurmOptions:
 class SlurmWorker:
     """The callable each task runs (pickled by submitit): `sweep.py worker`, whose exit code is the task's result."""
 
-    commands: tuple[tuple[str, ...], ...]  # `sweep.py worker ...` of each task; no password: $SWEEP_DB_PASSWORD
+    commands: tuple[tuple[str, ...], ...]  # `sweep.py worker ...` of each task; passwords: by environment
 
     def __call__(self, index: int) -> int:
         threads = os.environ.get("SLURM_CPUS_PER_TASK", "1")
@@ -80,14 +78,12 @@ def launch_slurm_workers(study, spec, storage_url: str, tracking_uri: str, n_wor
     import submitit
 
     from sweeper.workers import SweepStopped, study_done, watch_until, worker_command
-    storage_arg, password = without_password(storage_url)
-    if password is not None:  # by environment: sbatch exports it to the tasks (never in the script or argv)
-        os.environ["SWEEP_DB_PASSWORD"] = password
+    commands = [worker_command(study.study_name, storage_url, tracking_uri, i) for i in range(n_workers)]
+    os.environ.update(commands[0][1])  # the URLs' passwords, the same for every task: sbatch exports them
     folder = Path(options.folder).resolve()
     executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=0)
     executor.update_parameters(**options.parameters(study.study_name, n_workers))
-    commands = tuple(tuple(worker_command(study.study_name, storage_arg, tracking_uri, i)) for i in range(n_workers))
-    jobs = executor.map_array(SlurmWorker(commands), range(n_workers))
+    jobs = executor.map_array(SlurmWorker(tuple(tuple(argv) for argv, _ in commands)), range(n_workers))
     array_id = jobs[0].job_id.split("_")[0]
     script = next(folder.glob(f"{array_id}*_submission.sh"), None)
     print(f"[sweep] submitted Slurm job {array_id}: {n_workers} task(s), logs in {folder}; its sbatch script "

@@ -6,6 +6,7 @@ machine (extra not installed, no Slurm daemons, not root), its tests skip and sa
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -109,17 +110,24 @@ def ray_cluster():
     root = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))  # short: Ray's Unix socket paths live under it
     address = f"127.0.0.1:{free_port()}"
     ray = str(Path(sys.executable).parent / "ray")
+    env = {**ENV, "RAY_AUTH_MODE": "disabled"}  # `ray start` turns on token auth by default (docs/scaleout.md)
     head = subprocess.Popen([ray, "start", "--head", "--block", "--num-cpus", "2", "--node-ip-address", "127.0.0.1",
                              "--port", address.split(":")[1], "--temp-dir", str(root), "--include-dashboard", "false",
-                             "--disable-usage-stats"], env=ENV, start_new_session=True, stdout=subprocess.DEVNULL,
+                             "--disable-usage-stats"], env=env, start_new_session=True, stdout=subprocess.DEVNULL,
                             stderr=subprocess.STDOUT)
     try:
-        wait_for(lambda: subprocess.run([ray, "status", "--address", address], env=ENV,
+        wait_for(lambda: subprocess.run([ray, "status", "--address", address], env=env,
                                         capture_output=True).returncode == 0, 120, "the Ray head to answer")
         yield address
     finally:
-        os.killpg(head.pid, signal.SIGTERM)
-        head.wait(timeout=60)
+        os.killpg(head.pid, signal.SIGTERM)  # `ray start --block` and every Ray process it started
+        try:
+            head.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            pass
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(head.pid, signal.SIGKILL)  # what did not stop on SIGTERM
+        head.wait(timeout=30)
         shutil.rmtree(root, ignore_errors=True)
 
 
@@ -131,7 +139,7 @@ def test_ray_workers_on_an_existing_cluster_finish_the_study_on_server_stores(ra
     storage, tracking = postgres.url("ray_cluster"), postgres.url("ray_cluster_mlflow")
     started = time.monotonic()
     proc = start_run(spec, tmp_path, "--launcher", "ray", "--ray-address", ray_cluster, "--workers", "2", "--storage",
-                     storage, "--tracking-uri", tracking)
+                     storage, "--tracking-uri", tracking, env={**ENV, "RAY_AUTH_MODE": "disabled"})
     out, err = finish(proc, 600)
     print(f"[test] ray cluster sweep took {time.monotonic() - started:.0f} s\n{out}\n{err}")
     assert proc.returncode == 0, err[-3000:]

@@ -67,8 +67,8 @@ def urls(args: argparse.Namespace) -> tuple[str, str]:
 
     The tracking URI is checked here: MLflow retries an unreachable store for minutes before it fails.
     """
-    from sweeper.stores import check_tracking_uri, default_tracking_uri
-    tracking = args.tracking_uri or default_tracking_uri()
+    from sweeper.stores import check_tracking_uri, credentials_from_env, default_tracking_uri
+    tracking = credentials_from_env(args.tracking_uri or default_tracking_uri(), "SWEEP_TRACKING_PASSWORD")
     check_tracking_uri(tracking)
     return storage_url(args), tracking
 
