@@ -47,6 +47,13 @@ def make_launcher(args: argparse.Namespace, spec, storage_url: str, tracking_uri
     None to run the trials in this process. Raises SpecError, in one line, for anything the launcher lacks."""
     if args.workers < 1:
         raise SpecError(f"--workers must be at least 1, got {args.workers}")
+    slurm_only = [f"--{name.replace('_', '-')}" for name in ("slurm_partition", "slurm_gpus_per_task", "slurm_account",
+                                                            "slurm_qos", "slurm_option") if getattr(args, name)]
+    if slurm_only and args.launcher != "slurm":
+        raise SpecError(f"{', '.join(slurm_only)} {'is' if len(slurm_only) == 1 else 'are'} for --launcher slurm; "
+                        f"add --launcher slurm, or leave {'it' if len(slurm_only) == 1 else 'them'} out")
+    if args.ray_address and args.launcher != "ray":
+        raise SpecError("--ray-address is for --launcher ray; add --launcher ray, or leave it out")
     if args.launcher == "local":
         from sweeper.workers import launch_workers
         return launch_workers if args.workers > 1 else None

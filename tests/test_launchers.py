@@ -68,6 +68,13 @@ def test_launchers_for_other_machines_refuse_sqlite_files_before_any_trial(launc
     assert not (tmp_path / "optuna.db").exists()  # refused before the study was created
 
 
+def test_an_option_of_another_launcher_is_refused_in_one_line(tmp_path):
+    spec = scaleout_spec(tmp_path, tmp_path / "cache", study_name="options", n_trials=2)
+    result = cli("run", str(spec), "--workers", "2", "--slurm-partition", "gpu", cwd=tmp_path)
+    assert result.returncode == 2 and result.stderr.strip() == (
+        "error: --slurm-partition is for --launcher slurm; add --launcher slurm, or leave it out")
+
+
 # ---------------------------------------------------------------- Ray
 
 def test_ray_workers_finish_the_study_and_a_killed_ray_worker_has_its_trial_requeued(tmp_path, tiny_cache_dir):
