@@ -186,9 +186,10 @@ def store(result: dict[str, Any], search: optuna.Study, confirm: optuna.Study, t
 
 def run_confirmation(search: optuna.Study, spec: SweepSpec, storage_url: str, tracker: Tracker, parent_id: str,
                      top_k: int, seeds: int, trial_numbers: list[int] | None = None, workers: int = 1,
-                     progress: bool = True, max_seeds: int | None = None) -> dict[str, Any]:
+                     progress: bool = True, max_seeds: int | None = None, launch=None) -> dict[str, Any]:
     """Plan, run (resuming what is done) and analyse the confirmation; store and return the result.
 
+    launch: how `run` starts its workers (sweeper/cluster.py); None: `workers` processes here, or this one.
     max_seeds (default: the spec's sweep.confirm.max_seeds): the second look's last seed index (sweeper.confirm)."""
     baseline, candidates, finalists = choose_finalists(search, top_k, trial_numbers)
     tested = {t.user_attrs["candidate"] for t in candidates}
@@ -199,7 +200,7 @@ def run_confirmation(search: optuna.Study, spec: SweepSpec, storage_url: str, tr
     confirm = open_confirm_study(search, spec, storage_url, items)
     where = "the confirmation split" if spec.cfg.data.confirm_fraction > 0 else "the val pairs (no confirmation split)"
     print(f"[confirm] {plan_summary(items)}, scored on {where}; study {confirm.study_name!r}")
-    _run_plan(confirm, items, spec, storage_url, tracker, parent_id, workers, progress)
+    _run_plan(confirm, items, spec, storage_url, tracker, parent_id, workers, progress, launch)
     maximize = search.directions[0] == optuna.study.StudyDirection.MAXIMIZE
     more = range(seeds + 1, max(seeds, spec.cfg.sweep.confirm.max_seeds if max_seeds is None else max_seeds) + 1)
     if more:
@@ -210,7 +211,7 @@ def run_confirmation(search: optuna.Study, spec: SweepSpec, storage_url: str, tr
             print(f"[confirm] after {seeds} seeds {', '.join(chosen)} look{'s' * (len(chosen) == 1)} better than the "
                   f"baseline: seed indices {more.start}..{more.stop - 1} for them and the baseline "
                   f"({len(more) * (len(chosen) + 1)} runs) before their verdict")
-            _run_plan(confirm, items, spec, storage_url, tracker, parent_id, workers, progress)
+            _run_plan(confirm, items, spec, storage_url, tracker, parent_id, workers, progress, launch)
         else:
             print(f"[confirm] after {seeds} seeds no config looks better than the baseline: no more seeds")
     direction = "maximize" if maximize else "minimize"
@@ -221,14 +222,14 @@ def run_confirmation(search: optuna.Study, spec: SweepSpec, storage_url: str, tr
 
 
 def _run_plan(confirm: optuna.Study, items: list, spec: SweepSpec, storage_url: str, tracker: Tracker,
-              parent_id: str, workers: int, progress: bool) -> None:
-    """Run every planned (config, seed) not yet settled, in this process or in `workers` worker processes."""
+              parent_id: str, workers: int, progress: bool, launch=None) -> None:
+    """Run every planned (config, seed) not yet settled, in this process or in `workers` launched workers."""
     plan = ConfirmPlan(items)
-    if workers > 1:
+    if launch is not None or workers > 1:
         from sweeper.workers import launch_workers
         with StorageLock(storage_url):
             plan.refill(confirm)  # before the workers look
-        launch_workers(confirm, spec, storage_url, tracker.tracking_uri, workers, progress, plan=plan)
+        (launch or launch_workers)(confirm, spec, storage_url, tracker.tracking_uri, workers, progress, plan=plan)
     else:
         run_trials(confirm, spec, tracker, parent_id, plan.n_trials, progress=progress, plan=plan,
                    storage_url=storage_url)

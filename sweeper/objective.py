@@ -188,6 +188,10 @@ class Objective:
                                         nested=stage == "confirm")
         trial.set_user_attr("mlflow_run_id", run_id)
         trial.set_user_attr("worker", worker_id())  # a local parent fails the trial at once if this process dies
+        job = scheduler_job()
+        if job is not None:  # the Slurm task or Ray task holding this worker: `status` shows it
+            trial.set_user_attr("job", job)
+            self.tracker.set_tags(run_id, {"sweep.job": job})
         devices = os.environ.get("CUDA_VISIBLE_DEVICES")
         if devices is not None:  # the GPU slot this worker owns (sweeper/slots.py)
             trial.set_user_attr("devices", devices)
@@ -318,6 +322,17 @@ def interrupted(trial: optuna.Trial) -> None:
 def worker_id(pid: int | None = None) -> str:
     """host:pid of a worker process (this one by default), recorded on each trial it runs (sweeper/workers.py)."""
     return f"{socket.gethostname()}:{os.getpid() if pid is None else pid}"
+
+
+def scheduler_job() -> str | None:
+    """The cluster job that runs this worker, the way its scheduler names it: `slurm 1234_5` (array 1234, task 5:
+    what squeue and `scontrol requeue` take), `slurm 1234`, or what the Ray launcher put in $SWEEP_JOB."""
+    env = os.environ
+    if env.get("SLURM_ARRAY_JOB_ID") and env.get("SLURM_ARRAY_TASK_ID"):
+        return f"slurm {env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
+    if env.get("SLURM_JOB_ID"):
+        return f"slurm {env['SLURM_JOB_ID']}"
+    return env.get("SWEEP_JOB")
 
 
 def save_checkpoint_dir(result: TrialResult, cfg: ExperimentConfig, folder: Path) -> Path:

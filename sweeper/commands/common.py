@@ -73,8 +73,8 @@ def urls(args: argparse.Namespace) -> tuple[str, str]:
 
     The tracking URI is checked here: MLflow retries an unreachable store for minutes before it fails.
     """
-    from sweeper.stores import check_tracking_uri, default_tracking_uri
-    tracking = args.tracking_uri or default_tracking_uri()
+    from sweeper.stores import check_tracking_uri, credentials_from_env, default_tracking_uri
+    tracking = credentials_from_env(args.tracking_uri or default_tracking_uri(), "SWEEP_TRACKING_PASSWORD")
     check_tracking_uri(tracking)
     return storage_url(args), tracking
 
@@ -106,11 +106,12 @@ def print_warnings(warnings: list[str]) -> None:
         print(f"[sweep] warning: {warning}", file=sys.stderr)
 
 
-def handle_signals(workers: int) -> None:
+def handle_signals(launched: bool) -> None:
+    """Trials in this process close on SIGINT/SIGTERM; with launched workers this process only tells them."""
     import signal
 
     from sweeper.signals import stop_on_signals
-    if workers <= 1:
+    if not launched:
         stop_on_signals(signal.SIGINT, signal.SIGTERM)
     else:  # the parent only forwards signals to its workers. Set SIGINT too: a shell starts background jobs
         # with SIGINT ignored, and Python then installs no KeyboardInterrupt handler of its own.
