@@ -83,8 +83,8 @@ def torch_threads(request):
 # tests sharing a module-scoped fixture (a server, a whole sweep) stay together on one worker so that it is built
 # once. Work goes out in collection order (--no-loadscope-reorder), so the modules that run whole sweeps come first,
 # longest first (`make test` prints the slowest tests: --durations), and the workers finish together.
-LONG_FIRST = ("test_scaleout", "test_confirm", "test_sweep", "test_bench_decision", "test_faults", "test_candidates",
-              "test_distributed", "test_report", "test_cli_output", "test_diagnose")
+LONG_FIRST = ("test_launchers", "test_scaleout", "test_confirm", "test_sweep", "test_bench_decision", "test_faults",
+              "test_candidates", "test_distributed", "test_report", "test_cli_output", "test_diagnose")
 
 
 def pytest_collection_modifyitems(config, items):
