@@ -1,20 +1,24 @@
-"""Faults of a long sweep, injected for real: the PostgreSQL server of the study is stopped (`pg_ctl stop -m fast`)
-and started again while worker processes run trials. MLflow stays on a local SQLite store (its own outages are
-another matter). Heartbeats are 1 s; the grace period is longer than the outage window, as the spec requires.
+"""Faults of a long sweep, injected for real while `sweep.py` processes run trials: the PostgreSQL server of the
+study stopped (`pg_ctl stop -m fast`) and started again; a real `mlflow server` SIGKILLed and started again on the
+same port and backend store. Heartbeats are 1 s; the grace period is longer than the outage window, as the spec
+requires.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import optuna
 import pytest
 from mlflow import MlflowClient
 
+from benchmarks.servers import MlflowServer
 from critic.config import SpecError, build_config
 from tests.sweep_helpers import ROOT, cli, tiny_sweep_spec, trials_in_their_run, wait_for
 from tests.test_scaleout import finished, trial_runs, worker
@@ -110,6 +114,110 @@ def test_outage_beyond_the_window_stops_the_worker_and_a_rerun_finishes(postgres
     assert client.get_run(dead.user_attrs["mlflow_run_id"]).info.status == "FAILED"
     assert_nothing_left_running(study, client, 2)
     print(f"\n[rerun took {time.monotonic() - started:.1f} s]")
+
+
+def test_sweep_waits_out_a_tracking_server_restart_mid_trial(tmp_path, tiny_cache_dir):
+    """`sweep.py run` on a real `mlflow server` (artifacts through it), SIGKILLed while a trial is in its run and
+    started again 5 s later: every trial keeps its value, metrics and artifacts, every run ends as its trial did,
+    and the console shows one line when the server goes and one when it is back, no traceback."""
+    server = MlflowServer(f"sqlite:///{tmp_path / 'tracking.db'}", tmp_path / "server" / "artifacts").wait_ready()
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    # MLflow's retries (factor 1) sleep 0, 2, 4, ... 64 s: 7 of them reach past a 120 s window, 126 s; the server
+    # takes seconds to tens of seconds to start, on a loaded machine
+    spec = fault_spec(tmp_path, tiny_cache_dir, study_name="tracker", n_trials=3, storage_outage_s=120)
+    proc = subprocess.Popen([sys.executable, str(ROOT / "sweep.py"), "run", str(spec), "--storage", storage,
+                             "--tracking-uri", server.uri, "--no-progress"],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: trials_in_their_run("tracker", storage), 240, "a running trial with its run")
+        server.stop()
+        time.sleep(5)
+        server.start()
+        server.wait_ready()
+        back, back_at = time.monotonic(), time.strftime("%H:%M:%S")
+        out, err = proc.communicate(timeout=300)
+        ended = time.monotonic()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            proc.communicate()
+    try:
+        assert proc.returncode == 0, err[-3000:]
+        assert "Traceback" not in out + err and "Retrying" not in err, err[-5000:]
+        gone = re.findall(r"\[sweep\] tracking server unreachable since \d\d:\d\d:\d\d, retrying for up to 126 s "
+                          r"\(.+\)", err)
+        returned = re.findall(r"\[sweep\] tracking server back after (\d+) s", err)
+        assert len(gone) == 1 and len(returned) == 1, err[-3000:]
+        study = optuna.load_study(study_name="tracker", storage=storage)
+        assert len(study.trials) == 3, [(t.number, t.state.name, t.user_attrs.get("fail_reason")) for t in study.trials]
+        client = MlflowClient(server.uri)
+        assert_nothing_left_running(study, client, 3)
+        for trial in study.trials:  # the artifacts logged after the restart are there too
+            files = {f.path for f in client.list_artifacts(trial.user_attrs["mlflow_run_id"])}
+            assert {"config.yaml", "history.json", "figures", "scores"} <= files, files
+    finally:
+        server.stop()
+    print(f"\n[outage lines]\n{chr(10).join(line for line in err.splitlines() if 'tracking' in line)}"
+          f"\n[mlflow server answered again at {back_at}; the sweep ended {ended - back:.1f} s later]")
+
+
+# The artifact store on a 64 MiB tmpfs of the sweep's own mount namespace: a real full disk, root or not (chmod stops
+# no write of root's). The shell keeps a copy of what the store held when the sweep ends, as the namespace goes.
+ON_SMALL_DISK = 'mount -t tmpfs -o size=64m sweep-artifacts "$0" && "$@"; code=$?; cp -a "$0/." "$0.kept"; exit $code'
+
+
+def test_a_full_artifact_disk_fails_the_trial_with_its_reason_and_the_sweep_goes_on(tmp_path, tiny_cache_dir):
+    """The artifact store fills up mid-sweep: the trial whose artifacts cannot be written fails with that reason and
+    a FAILED run, its params are queued again, and once space is freed the sweep ends with n_trials finished, each
+    with all its artifacts; no traceback."""
+    artifacts = tmp_path / "artifacts"  # beside the SQLite MLflow store: sweeper/stores.py artifact_root
+    artifacts.mkdir()
+    isolate = ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", ON_SMALL_DISK, str(artifacts)]
+    if subprocess.run([*isolate, "true"], capture_output=True).returncode != 0:
+        pytest.skip("no mount namespace here (unshare --user --mount) to give the artifact store a small disk")
+    storage, tracking = f"sqlite:///{tmp_path / 'optuna.db'}", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    spec = fault_spec(tmp_path, tiny_cache_dir, study_name="full", n_trials=3)
+    proc = subprocess.Popen([*isolate, sys.executable, str(ROOT / "sweep.py"), "run", str(spec), "--storage", storage,
+                             "--tracking-uri", tracking, "--no-progress"],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    states = lambda name: [t for t in optuna.load_study(study_name="full", storage=storage).trials  # noqa: E731
+                           if t.state.name == name]
+    try:
+        wait_for(lambda: states("COMPLETE"), 240, "a first complete trial")
+        filler = Path(f"/proc/{proc.pid}/root{artifacts}/filler")  # the store as the sweep sees it
+        with open(filler, "wb") as out, contextlib.suppress(OSError):
+            while True:
+                out.write(bytes(1 << 16))
+        full_at = time.monotonic()
+        [failed] = wait_for(lambda: states("FAIL"), 240, "a trial failed by the full disk")
+        filler.unlink()
+        freed_at = time.monotonic()
+        out, err = proc.communicate(timeout=300)
+        ended = time.monotonic()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, err[-3000:]
+    assert "Traceback" not in out + err, err[-5000:]
+    assert re.match(r"artifacts not written: \[Errno 28\] No space left on device", failed.user_attrs["fail_reason"])
+    study = optuna.load_study(study_name="full", storage=storage)
+    [retry] = [t for t in study.trials if t.user_attrs.get("retry_of") == failed.number]
+    assert retry.params == failed.params and retry.user_attrs["retry_reason"] == "artifacts not written"
+    client = MlflowClient(tracking)
+    dead = client.get_run(failed.user_attrs["mlflow_run_id"])
+    assert dead.info.status == "FAILED" and dead.data.tags["sweep.fail_reason"] == failed.user_attrs["fail_reason"]
+    assert_nothing_left_running(study, client, 3)
+    kept = Path(f"{artifacts}.kept")
+    for trial in finished(study):  # every finished trial's artifacts are whole, on the disk
+        folder = kept / "full" / trial.user_attrs["mlflow_run_id"] / "artifacts"
+        assert json.loads((folder / "history.json").read_text())["eval"], trial.number
+        assert (folder / "scores" / "heldout_pair_scores.parquet").stat().st_size > 0
+    [line] = [line for line in err.splitlines() if "No space left" in line]
+    assert line.startswith(f"[sweep] trial {failed.number}: artifacts not written ([Errno 28] No space left on "
+                           f"device"), line
+    print(f"\n[console]\n{line}\n[the disk was full for {freed_at - full_at:.1f} s; the sweep ended "
+          f"{ended - freed_at:.1f} s after it was freed]")
 
 
 @pytest.mark.parametrize("sweep, window", [({}, 180), ({"grace_period": 600}, 300), ({"grace_period": 180}, 60),
