@@ -44,6 +44,8 @@ class StorageUnreachable(BaseException):
     to the trial loop and the command, which stop the worker with one line.
     """
 
+    what = "storage"  # the server that stayed away, in the reason of the trial the next start fails
+
 
 def is_connection_fault(exc: BaseException) -> bool:
     """A lost or refused connection (server stopped, restarting, network), as SQLAlchemy reports it; data errors
@@ -197,11 +199,13 @@ for _name in _WAITED:
     setattr(PatientStorage, _name, _patient(getattr(optuna.storages.RDBStorage, _name)))
 
 
-def leave_for_next_start(storage_url: str, study_name: str, number: int) -> None:
-    """Note a trial this worker holds but cannot close (the storage is away) for the next start to fail."""
+def leave_for_next_start(storage_url: str, study_name: str, number: int, what: str = "storage") -> None:
+    """Note a trial this worker holds but cannot close (`what`, the storage or the tracking server, is away) for
+    the next start to fail."""
     with FileLock(LEFT_RUNNING + ".lock"):
         entries = _read_left()
-        entries.append({"storage": mask(storage_url), "study": study_name, "trial": number, "pid": os.getpid()})
+        entries.append({"storage": mask(storage_url), "study": study_name, "trial": number, "pid": os.getpid(),
+                        "reason": f"worker stopped: {what} unreachable"})
         atomic_write_text(Path(LEFT_RUNNING), json.dumps(entries, indent=1))  # a full disk keeps the old list
 
 
@@ -222,13 +226,13 @@ def fail_left_trials(study: optuna.Study, storage_url: str, callback=None) -> li
     stopped on an outage; returns their numbers. Entries of other storages and studies are kept."""
     if not os.path.exists(LEFT_RUNNING):
         return []
-    reason = "worker stopped: storage unreachable"
     failed = []
     with FileLock(LEFT_RUNNING + ".lock"):
         entries = _read_left()
         mine = [e for e in entries if e["storage"] == mask(storage_url) and e["study"] == study.study_name]
         for entry in mine:
             trial = study.get_trials(deepcopy=False)[entry["trial"]]
+            reason = entry.get("reason", "worker stopped: storage unreachable")
             if trial.state == TrialState.RUNNING and fail_running_trial(study, trial.number, reason, callback):
                 failed.append(trial.number)
         rest = [e for e in entries if e not in mine]

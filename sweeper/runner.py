@@ -145,9 +145,9 @@ def run_one_trial(study: optuna.Study, objective, callbacks: list, storage_url: 
                 if isinstance(exc, KeyboardInterrupt) and "fail_reason" not in trial.user_attrs:
                     interrupted(trial)  # the signal came in the instant before the objective deferred it
         frozen = study.tell(trial, values, state=state)
-    except StorageUnreachable:
+    except StorageUnreachable as exc:  # or the tracking server (sweeper/tracking_outage.py)
         if storage_url is not None:
-            leave_for_next_start(storage_url, study.study_name, trial.number)
+            leave_for_next_start(storage_url, study.study_name, trial.number, exc.what)
         raise
     if error is not None and not isinstance(error, TrialFailure):
         raise error

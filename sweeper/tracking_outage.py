@@ -42,6 +42,8 @@ WHAT = "tracking server"
 class TrackingUnreachable(StorageUnreachable):
     """The tracking server stayed away through all of MLflow's retries; handled like a storage outage."""
 
+    what = WHAT
+
 
 def mlflow_retries(window_s: float) -> float:
     """Set MLflow's HTTP retries to reach past `window_s` (unless the environment sets them); the seconds they wait.
@@ -110,19 +112,26 @@ class PatientClient:
         return call
 
     def _call(self, method, *args, **kwargs):
-        if self._gave_up is not None:
-            raise TrackingUnreachable(self._gave_up)
-        try:
-            result = method(*args, **kwargs)
-        except (MlflowException, requests.exceptions.RequestException) as exc:
-            if not _connection_fault(exc):
-                raise
-            self._outage.failed(exc)  # with no retries (MLFLOW_HTTP_REQUEST_MAX_RETRIES=0), the first line is here
-            waited = time.monotonic() - (self._outage.since or time.monotonic())
-            self._gave_up = f"{WHAT} unreachable for {waited:.0f} s: stopping; rerun the same command to resume"
-            raise TrackingUnreachable(self._gave_up) from None
-        self._outage.worked()
-        return result
+        while self._gave_up is None:
+            try:
+                result = method(*args, **kwargs)
+            except (MlflowException, requests.exceptions.RequestException) as exc:
+                if not _connection_fault(exc):
+                    raise
+                self._outage.failed(exc)  # the first line, where urllib3 did not retry
+                waited = time.monotonic() - (self._outage.since or time.monotonic())
+                if waited < self._outage.window_s:
+                    # Not retried by MLflow: the server died while its answer was read (urllib3 retries until the
+                    # answer's head, requests reads its body). Sent again, the request meets MLflow's retries; a
+                    # request the server had done already is harmless again (metrics are deduplicated, params,
+                    # tags and run updates are set to the same values), but for create_run: its first run stays.
+                    time.sleep(1.0)
+                    continue
+                self._gave_up = f"{WHAT} unreachable for {waited:.0f} s: stopping; rerun the same command to resume"
+                break
+            self._outage.worked()
+            return result
+        raise TrackingUnreachable(self._gave_up)
 
 
 def patient_client(client, tracking_uri: str, window_s: float):
@@ -133,9 +142,11 @@ def patient_client(client, tracking_uri: str, window_s: float):
 
 
 def _connection_fault(exc: BaseException | None) -> bool:
-    """The server did not answer (refused, reset, timed out), as requests reports it under MLflow's exception."""
+    """The server did not answer (refused, reset, timed out, cut off half-way), as requests reports it under
+    MLflow's exception."""
     while exc is not None:
-        if isinstance(exc, (requests.exceptions.ConnectionError, requests.exceptions.Timeout)):
+        if isinstance(exc, (requests.exceptions.ConnectionError, requests.exceptions.Timeout,
+                            requests.exceptions.ChunkedEncodingError)):
             return True
         exc = exc.__cause__ or exc.__context__
     return False

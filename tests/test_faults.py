@@ -116,18 +116,30 @@ def test_outage_beyond_the_window_stops_the_worker_and_a_rerun_finishes(postgres
     print(f"\n[rerun took {time.monotonic() - started:.1f} s]")
 
 
-def test_sweep_waits_out_a_tracking_server_restart_mid_trial(tmp_path, tiny_cache_dir):
+@pytest.fixture(scope="module")
+def tracking_server(tmp_path_factory):
+    """A real `mlflow server` (SQLite backend store, artifacts through the server), for the tests to kill."""
+    folder = tmp_path_factory.mktemp("tracking-server")
+    server = MlflowServer(f"sqlite:///{folder / 'tracking.db'}", folder / "artifacts").wait_ready()
+    yield server
+    server.stop()
+
+
+def run_on(server: MlflowServer, spec, storage: str, tmp_path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(ROOT / "sweep.py"), "run", str(spec), "--storage", storage,
+                             "--tracking-uri", server.uri, "--no-progress"],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_sweep_waits_out_a_tracking_server_restart_mid_trial(tracking_server, tmp_path, tiny_cache_dir):
     """`sweep.py run` on a real `mlflow server` (artifacts through it), SIGKILLed while a trial is in its run and
     started again 5 s later: every trial keeps its value, metrics and artifacts, every run ends as its trial did,
     and the console shows one line when the server goes and one when it is back, no traceback."""
-    server = MlflowServer(f"sqlite:///{tmp_path / 'tracking.db'}", tmp_path / "server" / "artifacts").wait_ready()
-    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    server, storage = tracking_server, f"sqlite:///{tmp_path / 'optuna.db'}"
     # MLflow's retries (factor 1) sleep 0, 2, 4, ... 64 s: 7 of them reach past a 120 s window, 126 s; the server
     # takes seconds to tens of seconds to start, on a loaded machine
     spec = fault_spec(tmp_path, tiny_cache_dir, study_name="tracker", n_trials=3, storage_outage_s=120)
-    proc = subprocess.Popen([sys.executable, str(ROOT / "sweep.py"), "run", str(spec), "--storage", storage,
-                             "--tracking-uri", server.uri, "--no-progress"],
-                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = run_on(server, spec, storage, tmp_path)
     try:
         wait_for(lambda: trials_in_their_run("tracker", storage), 240, "a running trial with its run")
         server.stop()
@@ -141,24 +153,63 @@ def test_sweep_waits_out_a_tracking_server_restart_mid_trial(tmp_path, tiny_cach
         if proc.returncode is None:
             proc.kill()
             proc.communicate()
-    try:
-        assert proc.returncode == 0, err[-3000:]
-        assert "Traceback" not in out + err and "Retrying" not in err, err[-5000:]
-        gone = re.findall(r"\[sweep\] tracking server unreachable since \d\d:\d\d:\d\d, retrying for up to 126 s "
-                          r"\(.+\)", err)
-        returned = re.findall(r"\[sweep\] tracking server back after (\d+) s", err)
-        assert len(gone) == 1 and len(returned) == 1, err[-3000:]
-        study = optuna.load_study(study_name="tracker", storage=storage)
-        assert len(study.trials) == 3, [(t.number, t.state.name, t.user_attrs.get("fail_reason")) for t in study.trials]
-        client = MlflowClient(server.uri)
-        assert_nothing_left_running(study, client, 3)
-        for trial in study.trials:  # the artifacts logged after the restart are there too
-            files = {f.path for f in client.list_artifacts(trial.user_attrs["mlflow_run_id"])}
-            assert {"config.yaml", "history.json", "figures", "scores"} <= files, files
-    finally:
-        server.stop()
-    print(f"\n[outage lines]\n{chr(10).join(line for line in err.splitlines() if 'tracking' in line)}"
+    assert proc.returncode == 0, err[-3000:]
+    assert "Traceback" not in out + err and "Retrying" not in err, err[-5000:]
+    gone = re.findall(r"\[sweep\] tracking server unreachable since \d\d:\d\d:\d\d, retrying for up to 126 s "
+                      r"\(.+\)", err)
+    returned = re.findall(r"\[sweep\] tracking server back after (\d+) s", err)
+    assert len(gone) == 1 and len(returned) == 1, err[-3000:]
+    study = optuna.load_study(study_name="tracker", storage=storage)
+    assert len(study.trials) == 3, [(t.number, t.state.name, t.user_attrs.get("fail_reason")) for t in study.trials]
+    client = MlflowClient(server.uri)
+    assert_nothing_left_running(study, client, 3)
+    for trial in study.trials:  # the artifacts logged after the restart are there too
+        files = {f.path for f in client.list_artifacts(trial.user_attrs["mlflow_run_id"])}
+        assert {"config.yaml", "history.json", "figures", "scores"} <= files, files
+    print(f"\n[outage lines]\n{chr(10).join(line for line in err.splitlines() if '[sweep] tracking' in line)}"
           f"\n[mlflow server answered again at {back_at}; the sweep ended {ended - back:.1f} s later]")
+
+
+def test_tracking_server_away_beyond_the_window_stops_the_sweep_and_a_rerun_finishes(tracking_server, tmp_path,
+                                                                                     tiny_cache_dir):
+    """A 5 s window (3 retries, 6 s): the sweep stops with one line (exit 3), no traceback; its trial, whose run could
+    not be closed, is failed and re-queued by the rerun at once, its run closed FAILED; the rerun finishes."""
+    server, storage = tracking_server, f"sqlite:///{tmp_path / 'optuna.db'}"
+    spec = fault_spec(tmp_path, tiny_cache_dir, study_name="gone", n_trials=2, storage_outage_s=5)
+    first = run_on(server, spec, storage, tmp_path)
+    try:
+        [held] = wait_for(lambda: trials_in_their_run("gone", storage), 240, "a running trial with its run")
+        server.stop()
+        out, err = first.communicate(timeout=120)
+    finally:
+        if first.returncode is None:
+            first.kill()
+            first.communicate()
+        server.start()
+    assert first.returncode == 3, err[-3000:]
+    assert "Traceback" not in out + err and "Retrying" not in err, err[-5000:]
+    gone = re.findall(r"\[sweep\] tracking server unreachable since \d\d:\d\d:\d\d, retrying for up to 6 s", err)
+    stop = re.findall(r"\[sweep\] tracking server unreachable for \d+ s: stopping; rerun the same command to resume",
+                      err)
+    assert len(gone) == 1 and len(stop) == 1 and err.strip().endswith(stop[0]), err[-3000:]
+    study = optuna.load_study(study_name="gone", storage=storage)
+    assert study.trials[held.number].state.name == "RUNNING"  # its run could not be closed: the rerun does both
+    print(f"\n[console]\n{chr(10).join(line for line in err.splitlines() if '[sweep] tracking' in line)}")
+
+    server.wait_ready()
+    started = time.monotonic()
+    rerun = run_on(server, spec, storage, tmp_path)
+    out, err = rerun.communicate(timeout=300)
+    assert rerun.returncode == 0 and "Traceback" not in err, err[-3000:]
+    study = optuna.load_study(study_name="gone", storage=storage)
+    dead = study.trials[held.number]
+    [retry] = [t for t in study.trials if t.user_attrs.get("retry_of") == held.number]
+    assert dead.state.name == "FAIL"
+    assert retry.user_attrs["retry_reason"] == "worker stopped: tracking server unreachable"
+    client = MlflowClient(server.uri)
+    assert client.get_run(dead.user_attrs["mlflow_run_id"]).info.status == "FAILED"
+    assert_nothing_left_running(study, client, 2)
+    print(f"[rerun took {time.monotonic() - started:.1f} s]")
 
 
 # The artifact store on a 64 MiB tmpfs of the sweep's own mount namespace: a real full disk, root or not (chmod stops
