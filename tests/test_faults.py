@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 import subprocess
 import sys
@@ -138,7 +139,7 @@ def test_sweep_waits_out_a_tracking_server_restart_mid_trial(tracking_server, tm
     server, storage = tracking_server, f"sqlite:///{tmp_path / 'optuna.db'}"
     # MLflow's retries (factor 1) sleep 0, 2, 4, ... 64 s: 7 of them reach past a 120 s window, 126 s; the server
     # takes seconds to tens of seconds to start, on a loaded machine
-    spec = fault_spec(tmp_path, tiny_cache_dir, study_name="tracker", n_trials=3, storage_outage_s=120)
+    spec = fault_spec(tmp_path, tiny_cache_dir, study_name="tracker", n_trials=2, storage_outage_s=120)
     proc = run_on(server, spec, storage, tmp_path)
     try:
         wait_for(lambda: trials_in_their_run("tracker", storage), 240, "a running trial with its run")
@@ -160,9 +161,9 @@ def test_sweep_waits_out_a_tracking_server_restart_mid_trial(tracking_server, tm
     returned = re.findall(r"\[sweep\] tracking server back after (\d+) s", err)
     assert len(gone) == 1 and len(returned) == 1, err[-3000:]
     study = optuna.load_study(study_name="tracker", storage=storage)
-    assert len(study.trials) == 3, [(t.number, t.state.name, t.user_attrs.get("fail_reason")) for t in study.trials]
+    assert len(study.trials) == 2, [(t.number, t.state.name, t.user_attrs.get("fail_reason")) for t in study.trials]
     client = MlflowClient(server.uri)
-    assert_nothing_left_running(study, client, 3)
+    assert_nothing_left_running(study, client, 2)
     for trial in study.trials:  # the artifacts logged after the restart are there too
         files = {f.path for f in client.list_artifacts(trial.user_attrs["mlflow_run_id"])}
         assert {"config.yaml", "history.json", "figures", "scores"} <= files, files
@@ -282,3 +283,31 @@ def test_the_default_outage_window_leaves_two_heartbeats_of_the_grace_period(swe
 def test_a_window_that_is_not_whole_seconds_is_refused_at_load(value):
     with pytest.raises(SpecError, match=r"spec.yaml.*sweep\.storage_outage_s"):
         build_config({"sweep": {"storage_outage_s": value}}, source="spec.yaml")
+
+
+@pytest.mark.parametrize("window, retries", [(0, 0), (5, 3), (60, 6), (120, 7), (300, 9), (3600, 10)])
+def test_mlflow_retries_reach_past_the_outage_window(monkeypatch, window, retries):
+    """MLflow's retries for a window: the fewest that urllib3's own backoff schedule carries past it (at most
+    MLflow's limit of 10); the seconds they reach are what the outage line announces."""
+    import urllib3
+
+    from sweeper.tracking_outage import mlflow_retries
+    for name in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"):
+        monkeypatch.setenv(name, "")  # restored (unset) after the test
+        monkeypatch.delenv(name)
+    reach = mlflow_retries(window)
+    assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == str(retries)
+    retry, slept = urllib3.util.Retry(total=retries, backoff_factor=1), []  # as MLflow builds it, jitter aside
+    for _ in range(retries):
+        retry = retry.increment(method="POST", error=urllib3.exceptions.ConnectTimeoutError())
+        slept.append(retry.get_backoff_time())
+    assert reach == sum(slept) and (reach >= window or retries == 10)
+    assert retries == 0 or sum(slept[:-1]) < window  # one fewer would not do
+
+
+def test_your_own_mlflow_retry_settings_are_kept(monkeypatch):
+    from sweeper.tracking_outage import mlflow_retries
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "3")
+    assert mlflow_retries(300) == 6  # one retry at once, the next 3 x 2 s later
+    assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "2"
