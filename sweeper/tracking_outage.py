@@ -1,16 +1,18 @@
 """Waiting out an MLflow tracking server that restarts (the window of sweep.storage_outage_s).
 
-Nothing here retries: MLflow's REST client already retries every request it sends (metrics, tags, params, run
-updates, artifact uploads through the server) on a refused, broken or timed-out connection, whatever the HTTP
-method: urllib3's Retry under requests (mlflow/utils/request_utils.py), with MLFLOW_HTTP_REQUEST_MAX_RETRIES
+MLflow's REST client already retries every request it sends (metrics, tags, params, run updates, artifact
+uploads through the server) on a refused, broken or timed-out connection, whatever the HTTP method: urllib3's
+Retry under requests (mlflow/utils/request_utils.py), with MLFLOW_HTTP_REQUEST_MAX_RETRIES
 retries, the first at once and the next MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR x 2, 4, 8, ... s later (each sleep at
 most urllib3's Retry.DEFAULT_BACKOFF_MAX, plus up to MLFLOW_HTTP_REQUEST_BACKOFF_JITTER). `mlflow_retries` sets
 those two variables, unless you set them, so that the retries reach past the window; the call waits meanwhile, and
-the trial's result waits with it in memory. What MLflow does not do is say so: urllib3 logs one warning per failed
-attempt. Those warnings become one line per outage here (and the Tracker's calls, through PatientClient, end it):
+the trial's result waits with it in memory. Two things MLflow does not do. It does not retry a request whose
+answer the dying server cut off half-way (urllib3 retries up to the answer's head; requests reads the body), so
+PatientClient sends that one again. And it does not say so: urllib3 logs one warning per failed attempt. Those
+warnings become one line per outage here (and the Tracker's calls, through PatientClient, end it):
 
-    [sweep] tracking server unreachable since 12:03:04, retrying for up to 62 s ([Errno 111] Connection refused)
-    [sweep] tracking server back after 14 s
+    [sweep] tracking server unreachable since 12:03:04, retrying for up to 126 s ([Errno 111] Connection refused)
+    [sweep] tracking server back after 34 s
 
 A call that fails after all of MLflow's retries stops the worker with one line (TrackingUnreachable, exit 3), its
 trial noted for the next start like a storage outage's (sweeper/outage.py); every later call fails at once, so
@@ -121,10 +123,10 @@ class PatientClient:
                 self._outage.failed(exc)  # the first line, where urllib3 did not retry
                 waited = time.monotonic() - (self._outage.since or time.monotonic())
                 if waited < self._outage.window_s:
-                    # Not retried by MLflow: the server died while its answer was read (urllib3 retries until the
-                    # answer's head, requests reads its body). Sent again, the request meets MLflow's retries; a
-                    # request the server had done already is harmless again (metrics are deduplicated, params,
-                    # tags and run updates are set to the same values), but for create_run: its first run stays.
+                    # Not retried by MLflow: the answer was cut off (see the module docstring). Sent again, the
+                    # request meets MLflow's retries; a request the server had done already is harmless again
+                    # (metrics are deduplicated, params, tags and run updates are set to the same values), but
+                    # for create_run: its first run stays.
                     time.sleep(1.0)
                     continue
                 self._gave_up = f"{WHAT} unreachable for {waited:.0f} s: stopping; rerun the same command to resume"
