@@ -213,9 +213,16 @@ def test_tracking_server_away_beyond_the_window_stops_the_sweep_and_a_rerun_fini
     print(f"[rerun took {time.monotonic() - started:.1f} s]")
 
 
-# The artifact store on a 64 MiB tmpfs of the sweep's own mount namespace: a real full disk, root or not (chmod stops
-# no write of root's). The shell keeps a copy of what the store held when the sweep ends, as the namespace goes.
-ON_SMALL_DISK = 'mount -t tmpfs -o size=64m sweep-artifacts "$0" && "$@"; code=$?; cp -a "$0/." "$0.kept"; exit $code'
+def on_small_disk(artifacts: Path, size: str) -> list[str]:
+    """The command prefix that runs a sweep with its artifact store on a tmpfs of `size` in its own mount namespace:
+    a real full disk, root or not (chmod stops no write of root's). The shell keeps a copy of what the store held
+    when the sweep ends, in `<artifacts>.kept`, as the namespace goes with it."""
+    artifacts.mkdir()
+    script = f'mount -t tmpfs -o size={size} sweep-artifacts "$0" && "$@"; code=$?; cp -a "$0/." "$0.kept"; exit $code'
+    isolate = ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script, str(artifacts)]
+    if subprocess.run([*isolate, "true"], capture_output=True).returncode != 0:
+        pytest.skip("no mount namespace here (unshare --user --mount) to give the artifact store a small disk")
+    return isolate
 
 
 def test_a_full_artifact_disk_fails_the_trial_with_its_reason_and_the_sweep_goes_on(tmp_path, tiny_cache_dir):
@@ -223,10 +230,7 @@ def test_a_full_artifact_disk_fails_the_trial_with_its_reason_and_the_sweep_goes
     a FAILED run, its params are queued again, and once space is freed the sweep ends with n_trials finished, each
     with all its artifacts; no traceback."""
     artifacts = tmp_path / "artifacts"  # beside the SQLite MLflow store: sweeper/stores.py artifact_root
-    artifacts.mkdir()
-    isolate = ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", ON_SMALL_DISK, str(artifacts)]
-    if subprocess.run([*isolate, "true"], capture_output=True).returncode != 0:
-        pytest.skip("no mount namespace here (unshare --user --mount) to give the artifact store a small disk")
+    isolate = on_small_disk(artifacts, "64m")
     storage, tracking = f"sqlite:///{tmp_path / 'optuna.db'}", f"sqlite:///{tmp_path / 'mlflow.db'}"
     spec = fault_spec(tmp_path, tiny_cache_dir, study_name="full", n_trials=3)
     proc = subprocess.Popen([*isolate, sys.executable, str(ROOT / "sweep.py"), "run", str(spec), "--storage", storage,
@@ -270,6 +274,33 @@ def test_a_full_artifact_disk_fails_the_trial_with_its_reason_and_the_sweep_goes
                            f"device"), line
     print(f"\n[console]\n{line}\n[the disk was full for {freed_at - full_at:.1f} s; the sweep ended "
           f"{ended - freed_at:.1f} s after it was freed]")
+
+
+def test_a_best_checkpoint_that_does_not_fit_is_one_line_and_never_trusted(tmp_path, tiny_cache_dir):
+    """sweep.save_best_checkpoint on a 1 MiB artifact disk: the trial's artifacts fit, its whole critic does not.
+    The trial stays COMPLETE, the save is one line, and the half-written `best_checkpoint` folder is named after no
+    trial, so `diagnose`/`export --weights` (diagnose/checkpoints.py) never take it for the trial's."""
+    from diagnose.checkpoints import trial_candidates
+
+    artifacts = tmp_path / "artifacts"
+    isolate = on_small_disk(artifacts, "1m")
+    storage, tracking = f"sqlite:///{tmp_path / 'optuna.db'}", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    spec = fault_spec(tmp_path, tiny_cache_dir, study_name="nofit", n_trials=1, save_best_checkpoint=True)
+    run = subprocess.run([*isolate, sys.executable, str(ROOT / "sweep.py"), "run", str(spec), "--storage", storage,
+                          "--tracking-uri", tracking, "--no-progress"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and "Traceback" not in run.stdout + run.stderr, run.stderr[-3000:]
+    [line] = [line for line in run.stderr.splitlines() if "best checkpoint" in line]
+    assert line.startswith("[sweep] best checkpoint (trial 0) not saved: [Errno 28] No space left on device"), line
+    study = optuna.load_study(study_name="nofit", storage=storage)
+    client = MlflowClient(tracking)
+    assert_nothing_left_running(study, client, 1)
+    parent = study.user_attrs["mlflow_parent_run_id"]
+    assert client.get_run(parent).data.tags["best.checkpoint_trial"].startswith("none: trial 0's not saved")
+    assert (parent, "best_checkpoint") not in trial_candidates(study, 0, client)
+    saved = Path(f"{artifacts}.kept") / "nofit" / parent / "artifacts" / "best_checkpoint"
+    assert any(saved.iterdir())  # part of a checkpoint (MLflow copies a folder file by file), and nobody trusts it
+    print(f"\n[console]\n{line}")
 
 
 @pytest.mark.parametrize("sweep, window", [({}, 180), ({"grace_period": 600}, 300), ({"grace_period": 180}, 60),
