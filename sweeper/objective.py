@@ -283,6 +283,18 @@ class Objective:
         key_metrics = {k: v for k, v in result.metrics.items() if k.endswith("/d_acc") or k in self._names(trial)}
         key_metrics.update(summary)
         trial.set_user_attr("metrics", json.dumps(key_metrics))
+        try:
+            self._log_files(cfg, run_id, result)
+        except OSError as exc:  # a full disk, an unwritable artifact store: later reads (confirmation, export)
+            # trust a COMPLETE trial's artifacts, so it fails; its params run again (a fault of the machine)
+            requeue(trial, "artifacts not written")
+            print(f"[sweep] trial {trial.number}: artifacts not written ({exc}); failed, its params queued again",
+                  file=sys.stderr, flush=True)
+            raise TrialFailure(f"artifacts not written: {exc}") from None
+        self.last_result = (trial.number, result)
+
+    def _log_files(self, cfg: ExperimentConfig, run_id: str, result: TrialResult) -> None:
+        """The trial's artifacts: its config, curves, held-out scores and (train.save_checkpoint) checkpoint."""
         eval_sets = list(dict.fromkeys(result.pair_scores["set"]))
         with tempfile.TemporaryDirectory() as tmp:
             folder = Path(tmp)
@@ -299,7 +311,6 @@ class Objective:
             if result.model is not None and cfg.train.save_checkpoint:
                 save_checkpoint_dir(result, cfg, folder / "checkpoint")
                 self.tracker.log_dir(run_id, folder / "checkpoint", "checkpoint")
-        self.last_result = (trial.number, result)
 
 
 # user attrs a re-queued trial inherits (interrupted here, or its worker died: sweeper/workers.py); the rest belong
@@ -312,11 +323,16 @@ def interrupted(trial: optuna.Trial) -> None:
     queued again with its params, so the rerun runs it first: the baseline and the candidates are never lost, nor a
     sampled config. Confirmation runs need nothing: their plan re-enqueues every (config, seed) without a result."""
     trial.set_user_attr("fail_reason", "interrupted")
+    requeue(trial, "interrupted")
+
+
+def requeue(trial: optuna.Trial, reason: str) -> None:
+    """Queue a search trial that is failing for a reason outside its config again, with its params (see
+    `interrupted`); `status` explains it with `reason`."""
     if trial.user_attrs.get("stage", "search") != "search":
         return
     kept = {k: v for k, v in trial.user_attrs.items() if k in KEEP_ON_RETRY}
-    trial.study.enqueue_trial(trial.params, user_attrs={**kept, "retry_of": trial.number,
-                                                        "retry_reason": "interrupted"})
+    trial.study.enqueue_trial(trial.params, user_attrs={**kept, "retry_of": trial.number, "retry_reason": reason})
 
 
 def worker_id(pid: int | None = None) -> str:

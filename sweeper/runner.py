@@ -7,7 +7,9 @@ failed trial never silently shrinks the sweep; `sweep.max_failures` bounds them.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import sys
 import tempfile
 import time
 import warnings
@@ -15,6 +17,7 @@ from pathlib import Path
 
 import optuna
 from mlflow.entities import Metric
+from mlflow.exceptions import MlflowException
 from optuna.storages._heartbeat import get_heartbeat_thread  # optimize's own heartbeat thread (optuna pinned)
 from optuna.trial import TrialState
 from tqdm.auto import tqdm
@@ -26,6 +29,8 @@ from sweeper.signals import defer_signals, raise_if_stop_requested, resume_signa
 from sweeper.stores import StorageLock
 from sweeper.study import SweepSpec, config_for, finished_count, state_counts
 from sweeper.tracking import Tracker, now_ms
+
+CHECKPOINT_TAG = "best.checkpoint_trial"  # on the parent run: the trial whose critic `best_checkpoint` holds
 
 
 class SweepStopped(RuntimeError):
@@ -112,7 +117,7 @@ def run_trials(study: optuna.Study, spec: SweepSpec, tracker: Tracker, parent_id
                 finally:
                     resume_signals(raise_now=False)
             if plan.is_search:
-                _maybe_save_best(study, objective, spec, tracker, parent_id)
+                _maybe_save_best(study, objective, spec, tracker, parent_id, storage_url)
     finally:
         bar.close()
 
@@ -140,9 +145,9 @@ def run_one_trial(study: optuna.Study, objective, callbacks: list, storage_url: 
                 if isinstance(exc, KeyboardInterrupt) and "fail_reason" not in trial.user_attrs:
                     interrupted(trial)  # the signal came in the instant before the objective deferred it
         frozen = study.tell(trial, values, state=state)
-    except StorageUnreachable:
+    except StorageUnreachable as exc:  # or the tracking server (sweeper/tracking_outage.py)
         if storage_url is not None:
-            leave_for_next_start(storage_url, study.study_name, trial.number)
+            leave_for_next_start(storage_url, study.study_name, trial.number, exc.what)
         raise
     if error is not None and not isinstance(error, TrialFailure):
         raise error
@@ -164,26 +169,47 @@ def _postfix(study: optuna.Study, counts: dict[str, int]) -> str:
     return f"{best_text} complete={counts['COMPLETE']} pruned={counts['PRUNED']} fail={counts['FAIL']}"
 
 
-def _maybe_save_best(study, objective: Objective, spec: SweepSpec, tracker: Tracker, parent_id: str) -> None:
+def _maybe_save_best(study, objective: Objective, spec: SweepSpec, tracker: Tracker, parent_id: str,
+                     storage_url: str | None = None) -> None:
     """sweep.save_best_checkpoint: the best trial's critic, as a HF checkpoint under the parent run's artifacts.
 
     Only this process's last trial has its critic in memory, so it is saved when *that* trial (by number, not the
-    study's newest trial, which with several workers can be another worker's) is now the study's best."""
+    study's newest trial, which with several workers can be another worker's) is now the study's best. Workers
+    take turns (the storage's lock) from that check to the tag, so two saves never mix their files. While the
+    folder changes, `best.checkpoint_trial` names no trial: readers (diagnose, export) trust the folder only for
+    the trial it names, so a save that fails half-way (a full disk) leaves nothing they would trust."""
     last, objective.last_result = objective.last_result, None
     if not spec.cfg.sweep.save_best_checkpoint or last is None or last[1].model is None:
         return
     number, result = last
-    best = best_trials(study)  # COMPLETE trials only
-    if best and best[0].number == number:
+    with StorageLock(storage_url):
+        best = best_trials(study)  # COMPLETE trials only
+        if not best or best[0].number != number:
+            return
         cfg = config_for(spec, trial_params(best[0]), "best trial")
-        with tempfile.TemporaryDirectory() as tmp:
-            folder = save_checkpoint_dir(result, cfg, Path(tmp) / "best_checkpoint")
-            tracker.log_dir(parent_id, folder, "best_checkpoint")
-        tracker.set_tags(parent_id, {"best.checkpoint_trial": number})
+        try:
+            tracker.set_tags(parent_id, {CHECKPOINT_TAG: f"saving trial {number}"})
+            with tempfile.TemporaryDirectory() as tmp:
+                folder = save_checkpoint_dir(result, cfg, Path(tmp) / "best_checkpoint")
+                tracker.log_dir(parent_id, folder, "best_checkpoint")
+            tracker.set_tags(parent_id, {CHECKPOINT_TAG: number})
+        except (OSError, MlflowException) as exc:  # the trial keeps its result; the sweep goes on
+            print(f"[sweep] best checkpoint (trial {number}) not saved: {exc}", file=sys.stderr, flush=True)
+            with contextlib.suppress(OSError, MlflowException):
+                tracker.set_tags(parent_id, {CHECKPOINT_TAG: f"none: trial {number}'s not saved ({exc})"})
 
 
 def finish_parent(study: optuna.Study, tracker: Tracker, parent_id: str) -> None:
-    """Leaderboard CSV, best trial JSON and Optuna's plots (HTML) on the parent run."""
+    """Leaderboard CSV, best trial JSON and Optuna's plots (HTML) on the parent run; a full disk is one line, never
+    a failed sweep (the results are in the stores already, and `sweep.py run SPEC` on the study logs them again)."""
+    try:
+        _log_summaries(study, tracker, parent_id)
+    except OSError as exc:
+        print(f"[sweep] warning: the study's leaderboard and plots not all logged to its run ({exc}); rerun "
+              f"`sweep.py run` on the study once there is space", file=sys.stderr, flush=True)
+
+
+def _log_summaries(study: optuna.Study, tracker: Tracker, parent_id: str) -> None:
     board = leaderboard(study)
     tracker.log_frame(parent_id, board, "leaderboard.csv")
     best = best_trials(study)

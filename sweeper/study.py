@@ -184,7 +184,7 @@ def _init_study(spec: SweepSpec, storage_url: str, tracking_uri: str, study_name
             print(f"[sweep] starting a new study {name!r}")
     study = optuna.create_study(study_name=name, storage=storage, directions=spec.cfg.sweep.directions,
                                 sampler=make_sampler(spec), pruner=make_pruner(spec.cfg), load_if_exists=True)
-    tracker = Tracker(tracking_uri, name)
+    tracker = Tracker(tracking_uri, name, spec.cfg.sweep.outage_window_s)
     parent_id = tracker.parent_run(name, run_tags(spec, name))
     fail_left_trials(study, storage_url, stale_trial_callback)  # a worker stopped on an outage: fail them now
     if "fingerprint" not in study.user_attrs:
@@ -217,7 +217,7 @@ def attach(storage_url: str, study_name: str, tracking_uri: str, worker_index: i
     study = optuna.load_study(study_name=study_name, storage=storage, sampler=make_sampler(spec, worker_index),
                               pruner=optuna.pruners.NopPruner() if confirming else make_pruner(spec.cfg))
     # confirmation runs join the search's experiment
-    tracker = Tracker(tracking_uri, attrs.get("confirm_of", study_name))
+    tracker = Tracker(tracking_uri, attrs.get("confirm_of", study_name), spec.cfg.sweep.outage_window_s)
     fail_left_trials(study, storage_url, stale_trial_callback)  # a worker stopped on an outage: fail them now
     return study, spec, tracker, attrs["mlflow_parent_run_id"]
 

@@ -24,8 +24,10 @@ from mlflow import MlflowClient
 from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
 
 from critic.reporting import Reporter
+from sweeper.outage import DEFAULT_WINDOW_S
 from sweeper.runs_view import SORT_TAG, charts_link, sort_key
 from sweeper.stores import artifact_root, mask
+from sweeper.tracking_outage import patient_client
 
 DATASET_FIELDS = ("name", "digest", "source_type", "source", "schema", "profile")  # of Dataset.to_dict()
 
@@ -49,9 +51,10 @@ def git_commit() -> str:
 class Tracker:
     """The MLflow side of a study: experiment, parent run, child runs."""
 
-    def __init__(self, tracking_uri: str, experiment_name: str) -> None:
+    def __init__(self, tracking_uri: str, experiment_name: str, outage_s: float = DEFAULT_WINDOW_S) -> None:
+        """`outage_s`: how long a call waits out a tracking server that is away (sweeper/tracking_outage.py)."""
         self.tracking_uri = tracking_uri
-        self.client = MlflowClient(tracking_uri=tracking_uri)
+        self.client = patient_client(MlflowClient(tracking_uri=tracking_uri), tracking_uri, outage_s)
         experiment = self.client.get_experiment_by_name(experiment_name)
         if experiment is None:
             try:

@@ -18,7 +18,9 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import optuna
+import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
@@ -168,6 +170,39 @@ def test_local_parent_fails_and_requeues_a_dead_workers_trial_at_once(tmp_path, 
     assert client.get_run(dead.user_attrs["mlflow_run_id"]).info.status == "FAILED"
     parents, children = trial_runs(client, "dead")
     assert all(r.info.status != "RUNNING" for r in parents + children)
+
+
+def test_two_workers_save_the_critic_of_the_best_trial_under_its_number(tmp_path, tiny_cache_dir):
+    """`run --workers 2` with sweep.save_best_checkpoint: each worker saves its own trial's critic when that trial is
+    the study's best. At the end the parent run's `best_checkpoint` is the critic of the trial its tag names, and
+    that trial is the study's best: the saved weights give, pair by pair, the held-out scores that trial logged."""
+    from critic.checkpoint import load_checkpoint
+    from critic.data import load_trial_data
+    from critic.evaluate import metrics_from_scores, score_set
+    from critic.model import tokenizer_digest
+    from tests.helpers import tiny_tolerance
+
+    spec = scaleout_spec(tmp_path, tiny_cache_dir, study_name="best", n_trials=4, save_best_checkpoint=True)
+    storage, tracking = f"sqlite:///{tmp_path / 'optuna.db'}", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run = cli("run", str(spec), "--workers", "2", "--storage", storage, "--tracking-uri", tracking, "--no-progress",
+              cwd=tmp_path)
+    assert run.returncode == 0 and "Traceback" not in run.stderr, run.stderr[-3000:]
+    study = optuna.load_study(study_name="best", storage=storage)
+    assert len({t.user_attrs["worker"] for t in study.trials}) == 2  # both workers ran trials
+    client = MlflowClient(tracking)
+    parent = study.user_attrs["mlflow_parent_run_id"]
+    assert client.get_run(parent).data.tags["best.checkpoint_trial"] == str(study.best_trial.number)
+
+    model, tokenizer, cfg, _ = load_checkpoint(client.download_artifacts(parent, "best_checkpoint", str(tmp_path)))
+    val = load_trial_data(cfg.data, tokenizer, tokenizer_digest(tokenizer)).eval_sets["val"]
+    scores = score_set(model, val, cfg.score, cfg.eval.batch_size, model.device, tokenizer.pad_token_id)
+    logged = pd.read_parquet(client.download_artifacts(study.best_trial.user_attrs["mlflow_run_id"],
+                                                       "scores/heldout_pair_scores.parquet", str(tmp_path)))
+    logged = logged[logged["set"] == "val"].reset_index(drop=True)
+    row = cfg.data.max_prompt_length + 2 * cfg.data.max_response_length  # the same sums, maybe in other batches
+    for side in ("teacher_score", "student_score"):
+        assert np.abs(scores[side] - logged[side]).max() <= tiny_tolerance(logged[side], row), side
+    assert metrics_from_scores(scores)["d_acc"] == study.best_trial.value  # the objective, val/d_acc
 
 
 @pytest.mark.parametrize("kind", KINDS)
