@@ -83,7 +83,7 @@ def torch_threads(request):
 # tests sharing a module-scoped fixture (a server, a whole sweep) stay together on one worker so that it is built
 # once. Work goes out in collection order (--no-loadscope-reorder), so the modules that run whole sweeps come first,
 # longest first (`make test` prints the slowest tests: --durations), and the workers finish together.
-LONG_FIRST = ("test_launchers", "test_scaleout", "test_confirm", "test_sweep", "test_bench_decision", "test_faults",
+LONG_FIRST = ("test_faults", "test_launchers", "test_scaleout", "test_confirm", "test_sweep", "test_bench_decision",
               "test_candidates", "test_distributed", "test_report", "test_cli_output", "test_diagnose")
 
 
