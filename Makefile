@@ -8,7 +8,7 @@ export TOKENIZERS_PARALLELISM := false
 
 .PHONY: install sweep gad-demo train test lint smoke bench bench-decision bench-scale bench-gpu ui export clean
 
-install: .venv/.installed .venv/.verl-extra
+install: .venv/.installed .venv/.verl-extra .venv/.launcher-extras
 
 # torch first, pinned to the CPU build that satisfies requirements.txt's range without pulling CUDA wheels.
 # Then the project itself, editable (pyproject.toml; its dependencies are requirements.txt, installed just before).
@@ -26,6 +26,12 @@ install: .venv/.installed .venv/.verl-extra
 	if $(PIP) install -q --no-deps -r requirements-verl.txt; then touch $@; \
 	else echo "[make] verl test extra not installed: tests/test_verl_*.py will skip"; fi
 
+# The launchers' extras (requirements-ray.txt, requirements-slurm.txt), which tests/test_launchers.py needs. Where
+# they cannot be installed, `run --launcher local` still works and those tests skip, printing why.
+.venv/.launcher-extras: .venv/.installed requirements-ray.txt requirements-slurm.txt
+	if $(PIP) install -q -r requirements-ray.txt -r requirements-slurm.txt; then touch $@; \
+	else echo "[make] ray/slurm extras not installed: tests/test_launchers.py will skip them"; fi
+
 sweep: install
 	$(PY) sweep.py run $(SPEC)
 
@@ -38,8 +44,11 @@ gad-demo: install
 train: install
 	$(PY) sweep.py train $(SPEC)
 
+# One pytest-xdist worker per core, up to 4 (each imports torch and starts its own servers); tests/conftest.py says
+# how the tests are spread over them.
+TEST_WORKERS ?= $(shell python3 -c "import os; print(max(1, min(4, len(os.sched_getaffinity(0)))))")
 test: install
-	$(PY) -m pytest -q -rs --durations=30 tests
+	$(PY) -m pytest -q -rs --durations=30 -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder tests
 
 lint: install
 	$(PY) -m ruff check .

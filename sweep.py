@@ -3,6 +3,7 @@
 
   python sweep.py train SPEC [--set section.key=value ...] [--json]
   python sweep.py run SPEC [--n-trials N] [--study NAME] [--storage URL] [--tracking-uri URI] [--workers N]
+                          [--launcher local|ray|slurm ...]
   python sweep.py status | best | confirm | export | generate | diagnose | ui | init | worker     (each has --help)
 """
 

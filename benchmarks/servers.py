@@ -128,12 +128,16 @@ class MlflowServer:
         self.uri = f"http://127.0.0.1:{self.port}"
         self.log = artifacts.parent / "mlflow-server.log"
         artifacts.mkdir(parents=True, exist_ok=True)
-        command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend_uri,
-                   "--artifacts-destination", str(artifacts), "--host", "127.0.0.1", "--port", str(self.port),
-                   "--workers", "1"]
+        self.command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend_uri,
+                        "--artifacts-destination", str(artifacts), "--host", "127.0.0.1", "--port", str(self.port),
+                        "--workers", "1"]
+        self.start()
+
+    def start(self) -> None:
+        """Start the server process (again after `stop`: the same port, backend store and artifacts)."""
         env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
-        with open(self.log, "w") as log:
-            self.proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env,
+        with open(self.log, "a") as log:
+            self.proc = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT, env=env,
                                          start_new_session=True)
 
     def wait_ready(self, timeout: float = 180) -> "MlflowServer":
@@ -150,6 +154,7 @@ class MlflowServer:
         raise RuntimeError(f"mlflow server not ready after {timeout}s:\n{self.log.read_text()[-3000:]}")
 
     def stop(self) -> None:
+        """SIGKILL the server and its workers (a crash; also how a throwaway server ends)."""
         if self.proc.poll() is None:
-            os.killpg(self.proc.pid, 9)  # a throwaway server: no need to wait for a graceful shutdown
+            os.killpg(self.proc.pid, 9)
             self.proc.wait()

@@ -16,12 +16,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from critic.config import DataConfig, StudentConfig
+from critic.config import DataConfig, ExperimentConfig, StudentConfig
 from critic.demo import demo_path
 from critic.files import atomic_write, atomic_write_text, file_digest
 from critic.prompts import prompt_messages, prompt_text
 from critic.sections import CONFIRM_SET, DataError
-from critic.student import student_responses
+from critic.student import StudentResponses, student_responses, student_source
 
 DROP_REASONS = ("null", "non_string", "empty")  # counted as data/<set>_dropped_<reason>
 DROP_WARNING = 0.05  # dropping more than this fraction of a file's rows is a warning
@@ -226,17 +226,29 @@ def _load(path: Path, name: str, digest: str) -> PairSet:
 _MEMORY: dict[str, PairSet] = {}
 
 
+def generate_students(cfg: ExperimentConfig, progress: bool | None = None) -> dict[str, StudentResponses | None]:
+    """The explicit step before any trial: the student's responses for every data file of the spec (train and each
+    eval set) that needs them, generated once on model.device and cached; {set name: responses, or None where the
+    file's own student column is used}. Nothing happens without a student source."""
+    if student_source(cfg.student) is None:
+        return {}
+    files = {"train": cfg.data.train_path, **cfg.data.eval_sets}
+    return {name: student_responses(resolve_path(path_spec, cfg.data.cache_dir), cfg.data, cfg.student, progress,
+                                    device=cfg.model.device)
+            for name, path_spec in files.items()}
+
+
 def load_pair_set(path_spec: str, cfg: DataConfig, tokenizer, tokenizer_id: str, name: str,
                   student: StudentConfig | None = None) -> PairSet:
     """Read, check and tokenize one file; cached in memory and on disk by file digest + tokenizer + options.
 
     With `student` configured, a file without the student column (or any file, with student.regenerate)
-    is read with responses generated once by the frozen actor (see critic/student/).
+    is read with the frozen actor's responses that `generate_students` made (see critic/student/).
     """
     path = source = resolve_path(path_spec, cfg.cache_dir)
     generated = None
     if student is not None:
-        generated = student_responses(path, cfg, student)
+        generated = student_responses(path, cfg, student, generate=False)  # generate_students made them
         path = generated.path if generated else path
     digest = file_digest(path)
     key = _cache_key(digest, tokenizer_id, cfg, keep_empty_student=generated is not None)

@@ -207,8 +207,8 @@ class SweepConfig:
     # A dead remote worker's trial is re-queued after this long without a heartbeat (Optuna's heartbeat thread
     # beats every heartbeat_interval while the trial computes): five missed beats, minutes rather than ten.
     grace_period: int = 300
-    # seconds a worker waits out an unreachable storage server (restart, lost connection) before it stops;
-    # null: see outage_window_s
+    # seconds a worker waits out an unreachable storage server (restart, lost connection) before it stops, and
+    # about as long (MLflow's own retries, sweeper/tracking_outage.py) a tracking server; null: see outage_window_s
     storage_outage_s: int | None = None
     # GPUs (ranks) per trial: > 1 runs each trial as a torchrun job with FSDP2 (critic/distributed.py)
     gpus_per_trial: int = 1

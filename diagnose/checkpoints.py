@@ -9,13 +9,16 @@ from critic.config import SpecError
 
 
 def trial_candidates(study, trial_number: int, client) -> list[tuple[str, str]]:
-    """(run id, artifact) that may hold trial N's critic: its own `checkpoint`, or the parent run's
-    `best_checkpoint` when N is the trial it holds."""
+    """(run id, artifact) that may hold trial N's critic: its own `checkpoint` (a COMPLETE trial's), or the parent
+    run's `best_checkpoint` when N is the trial it holds."""
     trials = [t for t in study.get_trials(deepcopy=False) if t.number == trial_number]
     if not trials or "mlflow_run_id" not in trials[0].user_attrs:
         raise SpecError(f"trial {trial_number} of study {study.study_name!r} has no MLflow run; "
                         f"pick a trial from `sweep.py status`")
-    candidates = [(trials[0].user_attrs["mlflow_run_id"], "checkpoint")]
+    # Only a COMPLETE trial's checkpoint is whole: a trial whose artifacts failed half-way (a full disk) is FAIL,
+    # and MLflow copies a folder file by file.
+    complete = trials[0].state.name == "COMPLETE"
+    candidates = [(trials[0].user_attrs["mlflow_run_id"], "checkpoint")] if complete else []
     parent = study.user_attrs.get("mlflow_parent_run_id")
     if parent and client.get_run(parent).data.tags.get("best.checkpoint_trial") == str(trial_number):
         candidates.append((parent, "best_checkpoint"))

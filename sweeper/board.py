@@ -56,10 +56,12 @@ def state_counts(study: optuna.Study) -> dict[str, int]:
 
 
 def leaderboard(study: optuna.Study) -> pd.DataFrame:
-    """One row per trial: number, state, value(s), params, reason, duration, baseline flag."""
+    """One row per trial: number, state, value(s), params, reason, duration, baseline flag (and the cluster job
+    that ran it, where one did)."""
     rows = []
     trials = study.get_trials(deepcopy=False)
     named = any(candidate_name(t) is not None for t in trials)  # a column only where the study has candidates
+    jobs = any("job" in t.user_attrs for t in trials)  # run by a Slurm or Ray launcher (sweeper/cluster.py)
     retried = {t.user_attrs["retry_of"]: t for t in trials if "retry_of" in t.user_attrs}  # see CloseAndRetry
     for t in trials:
         row = {"number": t.number, "state": t.state.name,
@@ -74,6 +76,8 @@ def leaderboard(study: optuna.Study) -> pd.DataFrame:
         reason = t.user_attrs.get("fail_reason") or t.user_attrs.get("prune_reason") or (
             retry.user_attrs.get("retry_reason", "worker died (no heartbeat)") if retry else "")
         row["reason"] = f"{reason}; re-run as trial {retry.number}" if retry else reason
+        if jobs:
+            row["job"] = t.user_attrs.get("job", "")
         rows.append(row)
     return pd.DataFrame(rows)
 

@@ -181,10 +181,11 @@ def store(result: dict[str, Any], search: optuna.Study, confirm: optuna.Study, t
 
 
 def run_confirmation(sweep, top_k: int, seeds: int, trial_numbers: list[int] | None = None, workers: int = 1,
-                     progress: bool = True, max_seeds: int | None = None) -> dict[str, Any]:
+                     progress: bool = True, max_seeds: int | None = None, launch=None) -> dict[str, Any]:
     """Plan, run (resuming what is done) and analyse the confirmation of `sweep`'s search (the study's handle,
     sweeper/sweep.py); store and return the result.
 
+    launch: how `run` starts its workers (sweeper/cluster.py); None: `workers` processes here, or this one.
     max_seeds (default: the spec's sweep.confirm.max_seeds): the second look's last seed index (sweeper.confirm)."""
     search, spec = sweep.study, sweep.spec
     baseline, candidates, finalists = choose_finalists(search, top_k, trial_numbers)
@@ -196,7 +197,7 @@ def run_confirmation(sweep, top_k: int, seeds: int, trial_numbers: list[int] | N
     confirm = sweep.on(open_confirm_study(search, spec, sweep.storage_url, items))
     where = "the confirmation split" if spec.cfg.data.confirm_fraction > 0 else "the val pairs (no confirmation split)"
     print(f"[confirm] {plan_summary(items)}, scored on {where}; study {confirm.study.study_name!r}")
-    _run_plan(confirm, items, workers, progress)
+    _run_plan(confirm, items, workers, progress, launch)
     maximize = search.directions[0] == optuna.study.StudyDirection.MAXIMIZE
     more = range(seeds + 1, max(seeds, spec.cfg.sweep.confirm.max_seeds if max_seeds is None else max_seeds) + 1)
     if more:
@@ -207,7 +208,7 @@ def run_confirmation(sweep, top_k: int, seeds: int, trial_numbers: list[int] | N
             print(f"[confirm] after {seeds} seeds {', '.join(chosen)} look{'s' * (len(chosen) == 1)} better than the "
                   f"baseline: seed indices {more.start}..{more.stop - 1} for them and the baseline "
                   f"({len(more) * (len(chosen) + 1)} runs) before their verdict")
-            _run_plan(confirm, items, workers, progress)
+            _run_plan(confirm, items, workers, progress, launch)
         else:
             print(f"[confirm] after {seeds} seeds no config looks better than the baseline: no more seeds")
     direction = "maximize" if maximize else "minimize"
@@ -218,14 +219,14 @@ def run_confirmation(sweep, top_k: int, seeds: int, trial_numbers: list[int] | N
     return result
 
 
-def _run_plan(confirm, items: list, workers: int, progress: bool) -> None:
-    """Run every planned (config, seed) not yet settled, in this process or in `workers` worker processes.
+def _run_plan(confirm, items: list, workers: int, progress: bool, launch=None) -> None:
+    """Run every planned (config, seed) not yet settled, in this process or in `workers` launched workers.
 
     `confirm`: the sweep's handle on its confirmation study."""
     plan = ConfirmPlan(items)
-    if workers > 1:
+    if launch is not None or workers > 1:
         with StorageLock(confirm.storage_url):
             plan.refill(confirm.study)  # before the workers look
-        confirm.launch_workers(workers, progress, plan=plan)
+        confirm.launch_workers(workers, progress, plan=plan, launch=launch)
     else:
         confirm.run_trials(plan.n_trials, progress=progress, plan=plan)

@@ -186,6 +186,10 @@ class Objective:
                                         nested=stage == "confirm")
         trial.set_user_attr("mlflow_run_id", run_id)
         trial.set_user_attr("worker", worker_id())  # a local parent fails the trial at once if this process dies
+        job = scheduler_job()
+        if job is not None:  # the Slurm task or Ray task holding this worker: `status` shows it
+            trial.set_user_attr("job", job)
+            self.tracker.set_tags(run_id, {"sweep.job": job})
         devices = os.environ.get("CUDA_VISIBLE_DEVICES")
         if devices is not None:  # the GPU slot this worker owns (sweeper/slots.py)
             trial.set_user_attr("devices", devices)
@@ -252,7 +256,14 @@ class Objective:
 
     def _record_success(self, trial: optuna.Trial, cfg: ExperimentConfig, run_id: str, result: TrialResult) -> None:
         """The run's records (sweeper/tracking.py); on the trial, the key metrics and which student it scored."""
-        self.tracker.log_trial_result(run_id, cfg, result)
+        try:
+            self.tracker.log_trial_result(run_id, cfg, result)
+        except OSError as exc:  # a full disk, an unwritable artifact store: later reads (confirmation, export)
+            # trust a COMPLETE trial's artifacts, so it fails; its params run again (a fault of the machine)
+            requeue(trial, "artifacts not written")
+            print(f"[sweep] trial {trial.number}: artifacts not written ({exc}); failed, its params queued again",
+                  file=sys.stderr, flush=True)
+            raise TrialFailure(f"artifacts not written: {exc}") from None
         if result.lineage:
             trial.set_user_attr("student_lineage", mask(json.dumps(result.lineage)))
             trial.study.set_user_attr("student_lineage", mask(json.dumps(result.lineage)))
@@ -274,16 +285,32 @@ def interrupted(trial: optuna.Trial) -> None:
     queued again with its params, so the rerun runs it first: the baseline and the candidates are never lost, nor a
     sampled config. Confirmation runs need nothing: their plan re-enqueues every (config, seed) without a result."""
     trial.set_user_attr("fail_reason", "interrupted")
+    requeue(trial, "interrupted")
+
+
+def requeue(trial: optuna.Trial, reason: str) -> None:
+    """Queue a search trial that is failing for a reason outside its config again, with its params (see
+    `interrupted`); `status` explains it with `reason`."""
     if trial.user_attrs.get("stage", "search") != "search":
         return
     kept = {k: v for k, v in trial.user_attrs.items() if k in KEEP_ON_RETRY}
-    trial.study.enqueue_trial(trial.params, user_attrs={**kept, "retry_of": trial.number,
-                                                        "retry_reason": "interrupted"})
+    trial.study.enqueue_trial(trial.params, user_attrs={**kept, "retry_of": trial.number, "retry_reason": reason})
 
 
 def worker_id(pid: int | None = None) -> str:
     """host:pid of a worker process (this one by default), recorded on each trial it runs (sweeper/workers.py)."""
     return f"{socket.gethostname()}:{os.getpid() if pid is None else pid}"
+
+
+def scheduler_job() -> str | None:
+    """The cluster job that runs this worker, the way its scheduler names it: `slurm 1234_5` (array 1234, task 5:
+    what squeue and `scontrol requeue` take), `slurm 1234`, or what the Ray launcher put in $SWEEP_JOB."""
+    env = os.environ
+    if env.get("SLURM_ARRAY_JOB_ID") and env.get("SLURM_ARRAY_TASK_ID"):
+        return f"slurm {env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
+    if env.get("SLURM_JOB_ID"):
+        return f"slurm {env['SLURM_JOB_ID']}"
+    return env.get("SWEEP_JOB")
 
 
 def release_memory() -> None:

@@ -22,12 +22,14 @@ import os
 import sys
 import threading
 import time
+from pathlib import Path
 
 import optuna
 import sqlalchemy
 from filelock import FileLock
 from optuna.trial import TrialState
 
+from critic.files import atomic_write_text
 from critic.redact import mask
 
 LEFT_RUNNING = "mlruns/left_running.json"  # beside sweep.log (commands/common.py), relative to the working folder
@@ -41,6 +43,8 @@ class StorageUnreachable(BaseException):
     A BaseException, like KeyboardInterrupt: the objective's and Optuna's `except Exception` must let it through
     to the trial loop and the command, which stop the worker with one line.
     """
+
+    what = "storage"  # the server that stayed away, in the reason of the trial the next start fails
 
 
 def is_connection_fault(exc: BaseException) -> bool:
@@ -58,19 +62,20 @@ def is_connection_fault(exc: BaseException) -> bool:
 class Outage:
     """One storage's outages as this process sees them, from every thread (the trial loop, the heartbeat)."""
 
-    def __init__(self, window_s: float, announce: bool = True) -> None:
-        self.window_s, self.announce = window_s, announce
+    def __init__(self, window_s: float, announce: bool = True, what: str = "storage") -> None:
+        self.window_s, self.announce, self.what = window_s, announce, what  # what: the server, in the lines
         self.since: float | None = None  # time.monotonic() of the first failure of the current outage
         self._lock = threading.Lock()
 
-    def failed(self, exc: BaseException) -> None:
-        """A call failed on a lost connection: the first one of an outage prints when and why."""
+    def failed(self, exc: BaseException | str) -> None:
+        """A call failed on a lost connection (`exc`, or its reason in words): the first one of an outage prints
+        when and why."""
         with self._lock:
             if self.since is not None:
                 return
             self.since = time.monotonic()
-        self._say(f"storage unreachable since {time.strftime('%H:%M:%S')}, retrying for up to "
-                  f"{self.window_s:g} s ({_reason(exc)})")
+        self._say(f"{self.what} unreachable since {time.strftime('%H:%M:%S')}, retrying for up to "
+                  f"{self.window_s:g} s ({exc if isinstance(exc, str) else _reason(exc)})")
 
     def worked(self) -> None:
         """A call worked: an outage in progress is over."""
@@ -79,15 +84,15 @@ class Outage:
         with self._lock:
             since, self.since = self.since, None
         if since is not None:
-            self._say(f"storage back after {time.monotonic() - since:.0f} s")
+            self._say(f"{self.what} back after {time.monotonic() - since:.0f} s")
 
     def check(self) -> float:
         """Seconds of the window left; past it, StorageUnreachable."""
         since = self.since
         left = self.window_s - (time.monotonic() - since) if since is not None else self.window_s
         if left <= 0:
-            raise StorageUnreachable(f"storage unreachable for {self.window_s:g} s: stopping; rerun the same command "
-                                     f"to resume")
+            raise StorageUnreachable(f"{self.what} unreachable for {self.window_s:g} s: stopping; rerun the same "
+                                     f"command to resume")
         return left
 
     def _say(self, line: str) -> None:
@@ -194,13 +199,14 @@ for _name in _WAITED:
     setattr(PatientStorage, _name, _patient(getattr(optuna.storages.RDBStorage, _name)))
 
 
-def leave_for_next_start(storage_url: str, study_name: str, number: int) -> None:
-    """Note a trial this worker holds but cannot close (the storage is away) for the next start to fail."""
+def leave_for_next_start(storage_url: str, study_name: str, number: int, what: str = "storage") -> None:
+    """Note a trial this worker holds but cannot close (`what`, the storage or the tracking server, is away) for
+    the next start to fail."""
     with FileLock(LEFT_RUNNING + ".lock"):
         entries = _read_left()
-        entries.append({"storage": mask(storage_url), "study": study_name, "trial": number, "pid": os.getpid()})
-        with open(LEFT_RUNNING, "w") as out:
-            json.dump(entries, out, indent=1)
+        entries.append({"storage": mask(storage_url), "study": study_name, "trial": number, "pid": os.getpid(),
+                        "reason": f"worker stopped: {what} unreachable"})
+        atomic_write_text(Path(LEFT_RUNNING), json.dumps(entries, indent=1))  # a full disk keeps the old list
 
 
 def fail_running_trial(study: optuna.Study, number: int, reason: str, callback=None) -> bool:
@@ -220,18 +226,17 @@ def fail_left_trials(study: optuna.Study, storage_url: str, callback=None) -> li
     stopped on an outage; returns their numbers. Entries of other storages and studies are kept."""
     if not os.path.exists(LEFT_RUNNING):
         return []
-    reason = "worker stopped: storage unreachable"
     failed = []
     with FileLock(LEFT_RUNNING + ".lock"):
         entries = _read_left()
         mine = [e for e in entries if e["storage"] == mask(storage_url) and e["study"] == study.study_name]
         for entry in mine:
             trial = study.get_trials(deepcopy=False)[entry["trial"]]
+            reason = entry.get("reason", "worker stopped: storage unreachable")
             if trial.state == TrialState.RUNNING and fail_running_trial(study, trial.number, reason, callback):
                 failed.append(trial.number)
         rest = [e for e in entries if e not in mine]
-        with open(LEFT_RUNNING, "w") as out:
-            json.dump(rest, out, indent=1)
+        atomic_write_text(Path(LEFT_RUNNING), json.dumps(rest, indent=1))
     return failed
 
 

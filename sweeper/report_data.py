@@ -57,8 +57,9 @@ def best_vs_baseline(study: optuna.Study) -> list[tuple[str, FrozenTrial | None,
     trials' stored metrics (user attr `metrics`)."""
     best = best_trials(study)
     trials = study.get_trials(deepcopy=False)
-    baseline = [t for t in trials if t.user_attrs.get("baseline")]
-    columns = [("best", best[0] if best else None), ("baseline", baseline[0] if baseline else None)]
+    baseline = [t for t in trials if t.user_attrs.get("baseline")]  # several: an interrupted one was re-run
+    latest = max(baseline, key=lambda t: (t.state == TrialState.COMPLETE, t.number)) if baseline else None
+    columns = [("best", best[0] if best else None), ("baseline", latest)]
     columns += list({candidate_name(t): t for t in trials if candidate_name(t) is not None}.items())
     return [(name, t, json.loads(t.user_attrs.get("metrics", "{}")) if t else {}) for name, t in columns]
 

@@ -8,6 +8,7 @@ failed trial never silently shrinks the sweep; `sweep.max_failures` bounds them.
 from __future__ import annotations
 
 import json
+import sys
 import tempfile
 import time
 import warnings
@@ -144,9 +145,9 @@ def run_one_trial(study: optuna.Study, objective, callbacks: list, storage_url: 
                 if isinstance(exc, KeyboardInterrupt) and "fail_reason" not in trial.user_attrs:
                     interrupted(trial)  # the signal came in the instant before the objective deferred it
         frozen = study.tell(trial, values, state=state)
-    except StorageUnreachable:
+    except StorageUnreachable as exc:  # or the tracking server (sweeper/tracking_outage.py)
         if storage_url is not None:
-            leave_for_next_start(storage_url, study.study_name, trial.number)
+            leave_for_next_start(storage_url, study.study_name, trial.number, exc.what)
         raise
     if error is not None and not isinstance(error, TrialFailure):
         raise error
@@ -169,8 +170,16 @@ def _postfix(study: optuna.Study, counts: dict[str, int]) -> str:
 
 
 def finish_parent(sweep) -> None:
-    """Leaderboard CSV, best trial JSON and Optuna's plots (HTML) on the parent run."""
-    study, tracker, parent_id = sweep.study, sweep.tracker, sweep.parent_id
+    """Leaderboard CSV, best trial JSON and Optuna's plots (HTML) on the parent run; a full disk is one line, never
+    a failed sweep (the results are in the stores already, and `sweep.py run SPEC` on the study logs them again)."""
+    try:
+        _log_summaries(sweep.study, sweep.tracker, sweep.parent_id)
+    except OSError as exc:
+        print(f"[sweep] warning: the study's leaderboard and plots not all logged to its run ({exc}); rerun "
+              f"`sweep.py run` on the study once there is space", file=sys.stderr, flush=True)
+
+
+def _log_summaries(study: optuna.Study, tracker, parent_id: str) -> None:
     board = leaderboard(study)
     tracker.log_frame(parent_id, board, "leaderboard.csv")
     best = best_trials(study)

@@ -173,9 +173,10 @@ class StorageLock:
         self.release()
 
 
-def credentials_from_env(url: str) -> str:
-    """Fill a password from $SWEEP_DB_PASSWORD when the URL names a user without one (URL-quoted, any characters)."""
-    password = os.environ.get("SWEEP_DB_PASSWORD")
+def credentials_from_env(url: str, variable: str = "SWEEP_DB_PASSWORD") -> str:
+    """Fill a password from $SWEEP_DB_PASSWORD (or `variable`) when the URL names a user without one (URL-quoted,
+    any characters). Launched workers get the tracking URI's password as $SWEEP_TRACKING_PASSWORD."""
+    password = os.environ.get(variable)
     if not password or "://" not in url:
         return url
     scheme, rest = url.split("://", 1)

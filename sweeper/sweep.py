@@ -12,8 +12,10 @@ this one, so dependencies point one way. MLflow is reached through `tracker` onl
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import sys
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -27,7 +29,7 @@ from sweeper.outage import fail_left_trials
 from sweeper.pruning import make_pruner
 from sweeper.stores import StorageLock, make_storage, mask
 from sweeper.study import SweepSpec, config_for, fingerprint, fingerprint_differs, make_sampler, run_tags, stored_spec
-from sweeper.tracking import BEST_CHECKPOINT_ARTIFACT, Tracker
+from sweeper.tracking import BEST_CHECKPOINT_ARTIFACT, CHECKPOINT_TAG, Tracker, TrackingError
 
 if TYPE_CHECKING:
     from critic.trial import TrialResult
@@ -53,7 +55,7 @@ class Sweep:
             study = optuna.create_study(study_name=name, storage=storage, directions=spec.cfg.sweep.directions,
                                         sampler=make_sampler(spec), pruner=make_pruner(spec.cfg),
                                         load_if_exists=True)
-            tracker = Tracker(tracking_uri, name)
+            tracker = Tracker(tracking_uri, name, spec.cfg.sweep.outage_window_s)
             sweep = cls(study, spec, tracker, tracker.parent_run(name, run_tags(spec, name)), storage_url)
             fail_left_trials(study, storage_url, stale_trial_callback)  # a worker stopped on an outage: fail them now
             if "fingerprint" not in study.user_attrs:
@@ -77,14 +79,15 @@ class Sweep:
         study = optuna.load_study(study_name=study_name, storage=storage, sampler=make_sampler(spec, worker_index),
                                   pruner=optuna.pruners.NopPruner() if confirming else make_pruner(spec.cfg))
         # confirmation runs join the search's experiment
-        tracker = Tracker(tracking_uri, attrs.get("confirm_of", study_name))
+        tracker = Tracker(tracking_uri, attrs.get("confirm_of", study_name), spec.cfg.sweep.outage_window_s)
         fail_left_trials(study, storage_url, stale_trial_callback)  # a worker stopped on an outage: fail them now
         return cls(study, spec, tracker, attrs["mlflow_parent_run_id"], storage_url)
 
     @classmethod
     def load(cls, study: optuna.Study, tracking_uri: str, storage_url: str) -> Sweep:
         """A study loaded as it is (`confirm` on a finished search): its stored spec, experiment and study run."""
-        return cls(study, stored_spec(study), Tracker(tracking_uri, study.study_name),
+        spec = stored_spec(study)
+        return cls(study, spec, Tracker(tracking_uri, study.study_name, spec.cfg.sweep.outage_window_s),
                    study.user_attrs["mlflow_parent_run_id"], storage_url)
 
     def _record_setup(self) -> None:
@@ -111,23 +114,27 @@ class Sweep:
         from sweeper.runner import run_trials
         run_trials(self, self.spec.cfg.sweep.n_trials if n_trials is None else n_trials, progress, plan=plan)
 
-    def launch_workers(self, n_workers: int, progress: bool = True, plan=None) -> None:
-        """Trials in `n_workers` worker processes on this machine, until the plan is done."""
-        from sweeper.workers import launch_workers
-        launch_workers(self, n_workers, progress, plan)
+    def launch_workers(self, n_workers: int, progress: bool = True, plan=None, launch=None) -> None:
+        """Trials in `n_workers` launched workers until the plan is done: `launch` (sweeper/cluster.py: Ray tasks, a
+        Slurm job array), by default processes on this machine (sweeper/workers.py)."""
+        if launch is None:
+            from sweeper.workers import launch_workers as launch
+        launch(self, n_workers, progress, plan)
 
-    def run(self, workers: int = 1, progress: bool = True) -> None:
-        """The search: in this process, or in `workers` processes."""
-        if workers > 1:
-            self.launch_workers(workers, progress)
+    def run(self, workers: int = 1, progress: bool = True, launch=None) -> None:
+        """The search: in this process, or in `workers` launched workers (`launch`, sweeper/cluster.py
+        make_launcher; None with workers > 1: processes on this machine)."""
+        if launch is not None or workers > 1:
+            self.launch_workers(workers, progress, launch=launch)
         else:
             self.run_trials(progress=progress)
 
     def confirm(self, top_k: int, seeds: int, trial_numbers: list[int] | None = None, workers: int = 1,
-                progress: bool = True, max_seeds: int | None = None) -> dict[str, Any]:
-        """The confirmation stage (sweeper/confirm_stage.py): its result, also stored on the study and its run."""
+                progress: bool = True, max_seeds: int | None = None, launch=None) -> dict[str, Any]:
+        """The confirmation stage (sweeper/confirm_stage.py): its result, also stored on the study and its run.
+        `launch`: as for `run`."""
         from sweeper.confirm_stage import run_confirmation
-        return run_confirmation(self, top_k, seeds, trial_numbers, workers, progress, max_seeds)
+        return run_confirmation(self, top_k, seeds, trial_numbers, workers, progress, max_seeds, launch)
 
     def finish(self) -> None:
         """Leaderboard, best trials and Optuna's plots on the study run."""
@@ -142,14 +149,27 @@ class Sweep:
     def save_best_critic(self, trial_number: int, result: TrialResult) -> None:
         """sweep.save_best_checkpoint: trial `trial_number`'s critic (`result`, in this process) on the study run,
         if that trial is now the study's best. With several workers the study's newest trial can be another
-        worker's, whose critic is not here: so the trial is named, not taken to be the newest."""
+        worker's, whose critic is not here: so the trial is named, not taken to be the newest. Workers take turns
+        (the storage's lock) from that check to the tag, so two saves never mix their files. While the folder
+        changes, CHECKPOINT_TAG names no trial: readers (diagnose, export) trust the folder only for the trial it
+        names, so a save that fails half-way (a full disk) leaves nothing they would trust."""
         if not self.spec.cfg.sweep.save_best_checkpoint or result.model is None:
             return
-        best = best_trials(self.study)  # COMPLETE trials only
-        if best and best[0].number == trial_number:
+        with StorageLock(self.storage_url):
+            best = best_trials(self.study)  # COMPLETE trials only
+            if not best or best[0].number != trial_number:
+                return
             cfg = config_for(self.spec, trial_params(best[0]), "best trial")
-            self.tracker.log_checkpoint(self.parent_id, result, cfg, BEST_CHECKPOINT_ARTIFACT)
-            self.tracker.set_tags(self.parent_id, {"best.checkpoint_trial": trial_number})
+            try:
+                self.tracker.set_tags(self.parent_id, {CHECKPOINT_TAG: f"saving trial {trial_number}"})
+                self.tracker.log_checkpoint(self.parent_id, result, cfg, BEST_CHECKPOINT_ARTIFACT)
+                self.tracker.set_tags(self.parent_id, {CHECKPOINT_TAG: trial_number})
+            except (OSError, TrackingError) as exc:  # the trial keeps its result; the sweep goes on
+                print(f"[sweep] best checkpoint (trial {trial_number}) not saved: {exc}", file=sys.stderr,
+                      flush=True)
+                with contextlib.suppress(OSError, TrackingError):
+                    self.tracker.set_tags(self.parent_id,
+                                          {CHECKPOINT_TAG: f"none: trial {trial_number}'s not saved ({exc})"})
 
     def resume(self) -> None:
         """The study run is RUNNING again while this process works on it."""

@@ -26,8 +26,10 @@ from mlflow import MlflowClient
 from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
 
 from critic.reporting import Reporter
+from sweeper.outage import DEFAULT_WINDOW_S
 from sweeper.runs_view import SORT_TAG, charts_link, sort_key
 from sweeper.stores import artifact_root, mask
+from sweeper.tracking_outage import patient_client
 
 if TYPE_CHECKING:
     from critic.config import ExperimentConfig
@@ -44,6 +46,7 @@ TrackingError = mlflow.exceptions.MlflowException  # what a failed call to the t
 SCORES_ARTIFACT = "scores/heldout_pair_scores.parquet"  # one row per held-out pair at the final evaluation
 CHECKPOINT_ARTIFACT = "checkpoint"  # the trial's critic, with train.save_checkpoint
 BEST_CHECKPOINT_ARTIFACT = "best_checkpoint"  # on the study's run, with sweep.save_best_checkpoint
+CHECKPOINT_TAG = "best.checkpoint_trial"  # on the study's run: the trial whose critic BEST_CHECKPOINT_ARTIFACT holds
 # train/* summaries and model sizes, logged once at the trial's last step (and kept on the Optuna trial)
 SUMMARY_KEYS = ("train/progressive_d_acc", "train/gap_progressive_minus_val", "train/steps",
                 "model/trainable_params", "model/trainable_fraction")
@@ -68,9 +71,11 @@ class Tracker:
     Without `experiment_name` only calls on existing runs work (closing a dead worker's run, downloading artifacts).
     """
 
-    def __init__(self, tracking_uri: str, experiment_name: str | None = None) -> None:
+    def __init__(self, tracking_uri: str, experiment_name: str | None = None,
+                 outage_s: float = DEFAULT_WINDOW_S) -> None:
+        """`outage_s`: how long a call waits out a tracking server that is away (sweeper/tracking_outage.py)."""
         self.tracking_uri = tracking_uri
-        self.client = MlflowClient(tracking_uri=tracking_uri)
+        self.client = patient_client(MlflowClient(tracking_uri=tracking_uri), tracking_uri, outage_s)
         self.experiment_id: str | None = None
         if experiment_name is None:
             return

@@ -87,10 +87,19 @@ class LocalWorkers:
         print(f"[sweep] {reason}{requeued}", file=sys.stderr, flush=True)
 
 
-def _worker_env(n_workers: int, password: str | None, slot: list[str] | None) -> dict[str, str]:
-    env = dict(os.environ, SWEEP_OUTAGE_LINES="0")  # the parent prints one line per storage outage for all
-    if password is not None:  # by environment, not argv: other users can read a process's arguments
-        env["SWEEP_DB_PASSWORD"] = password
+def worker_command(study_name: str, storage_url: str, tracking_uri: str, index: int) -> tuple[list[str], dict]:
+    """`sweep.py worker` for one launched worker, and the passwords of its URLs as the environment variables it
+    reads them from: by environment, not argv, which every user of a machine can read."""
+    storage_arg, storage_password = without_password(storage_url)
+    tracking_arg, tracking_password = without_password(tracking_uri)
+    secrets = {name: value for name, value in (("SWEEP_DB_PASSWORD", storage_password),
+                                               ("SWEEP_TRACKING_PASSWORD", tracking_password)) if value is not None}
+    return [sys.executable, str(ROOT / "sweep.py"), "worker", "--study", study_name, "--storage", storage_arg,
+            "--tracking-uri", tracking_arg, "--worker-index", str(index), "--no-progress"], secrets
+
+
+def _worker_env(n_workers: int, secrets: dict, slot: list[str] | None) -> dict[str, str]:
+    env = dict(os.environ, SWEEP_OUTAGE_LINES="0", **secrets)  # the parent prints one line per outage for all
     if slot:  # this worker's GPUs for its whole life: concurrent trials never share one (sweeper/slots.py)
         env["CUDA_VISIBLE_DEVICES"] = ",".join(slot)
     else:  # split the CPU cores: each worker gets its share of torch threads
@@ -103,23 +112,20 @@ def _worker_env(n_workers: int, password: str | None, slot: list[str] | None) ->
 def launch_workers(sweep, n_workers: int, progress: bool = True, plan=None) -> None:
     """Start n worker processes on `sweep`'s study (the study's handle, sweeper/sweep.py) on this machine, forward
     SIGINT/SIGTERM to them, show the study's progress."""
-    study, spec, tracking_uri = sweep.study, sweep.spec, sweep.tracker.tracking_uri
-    storage_arg, password = without_password(sweep.storage_url)
+    study, spec, storage_url, tracking_uri = sweep.study, sweep.spec, sweep.storage_url, sweep.tracker.tracking_uri
     slots, notice = plan_slots(n_workers, visible_device_ids(), spec.cfg.sweep.gpus_per_trial)
     if notice:
         print(notice, file=sys.stderr)
     n_workers = len(slots) or n_workers
     # Own sessions: a terminal's Ctrl-C reaches only this process, which forwards one SIGTERM to each worker.
-    procs = [subprocess.Popen([sys.executable, str(ROOT / "sweep.py"), "worker", "--study", study.study_name,
-                               "--storage", storage_arg, "--tracking-uri", tracking_uri, "--worker-index", str(i),
-                               "--no-progress"], env=_worker_env(n_workers, password, slots[i] if slots else None),
-                              cwd=os.getcwd(),
+    commands = [worker_command(study.study_name, storage_url, tracking_uri, i) for i in range(n_workers)]
+    procs = [subprocess.Popen(argv, env=_worker_env(n_workers, secrets, slots[i] if slots else None), cwd=os.getcwd(),
                               start_new_session=True)
-             for i in range(n_workers)]
+             for i, (argv, secrets) in enumerate(commands)]
     workers = LocalWorkers(study, procs, CloseAndRetry(tracking_uri))
     n_trials = plan.n_trials if plan else spec.cfg.sweep.n_trials
     try:
-        _watch_until(study, n_trials, workers.all_exited, progress, plan)
+        watch_until(study, n_trials, workers.all_exited, progress, plan)
     except StorageUnreachable:  # the workers stop too once their own window is over (or finish, if it comes back)
         for p in procs:
             p.wait()
@@ -132,13 +138,18 @@ def launch_workers(sweep, n_workers: int, progress: bool = True, plan=None) -> N
             p.wait()
         raise
     codes = [p.wait() for p in procs]
-    counts = study_mod.state_counts(study)
-    done = (plan.finished(study, counts) if plan else study_mod.finished_count(counts)) >= n_trials
-    if any(code != 0 for code in codes) and not done:  # a worker that died after the others finished its trial: fine
+    # a worker that died after the others finished its trial: fine
+    if any(code != 0 for code in codes) and not study_done(study, n_trials, plan):
         raise SweepStopped(f"worker exit codes {codes}; see their output above and `sweep.py status`")
 
 
-def _watch_until(study: optuna.Study, n_trials: int, done, progress: bool, plan=None, poll_s: float = 2.0) -> None:
+def study_done(study: optuna.Study, n_trials: int, plan=None) -> bool:
+    """The study (or the confirmation `plan`) holds its n_trials finished trials: the workers have nothing left."""
+    counts = study_mod.state_counts(study)
+    return (plan.finished(study, counts) if plan else study_mod.finished_count(counts)) >= n_trials
+
+
+def watch_until(study: optuna.Study, n_trials: int, done, progress: bool, plan=None, poll_s: float = 2.0) -> None:
     """A bar on a terminal; otherwise one line per trial any worker finishes (launched workers print nothing)."""
     bars = show_bars(progress)
     bar = tqdm(total=n_trials, desc="trials (all workers)", disable=not bars, dynamic_ncols=True)
@@ -189,7 +200,7 @@ def watch(study: optuna.Study) -> int:
     """`status --watch`: poll the storage until the study is done or Ctrl-C."""
     n_trials = study_mod.stored_spec(study).cfg.sweep.n_trials
     try:
-        _watch_until(study, n_trials, lambda: _finished(study) >= n_trials, progress=True)
+        watch_until(study, n_trials, lambda: _finished(study) >= n_trials, progress=True)
     except KeyboardInterrupt:
         pass
     return 0

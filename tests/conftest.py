@@ -1,6 +1,13 @@
 import os
 from pathlib import Path
 
+# `make test` runs the suite on several pytest-xdist workers (Makefile TEST_WORKERS). Each gets its share of the
+# cores, for torch here and for the `sweep.py` processes its tests start: more threads than cores makes torch's
+# OpenMP workers wait on each other, and tiny models gain nothing from a second thread anyway.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    _cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    os.environ["OMP_NUM_THREADS"] = str(max(1, _cores // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -70,3 +77,20 @@ def torch_threads(request):
     torch.set_num_threads(THREAD_SETTINGS[0] if request.param == 1 else THREAD_SETTINGS[1])
     yield torch.get_num_threads()
     torch.set_num_threads(threads)
+
+
+# `make test` spreads the tests over pytest-xdist workers (`--dist loadgroup`), one test at a time, except that the
+# tests sharing a module-scoped fixture (a server, a whole sweep) stay together on one worker so that it is built
+# once. Work goes out in collection order (--no-loadscope-reorder), so the modules that run whole sweeps come first,
+# longest first (`make test` prints the slowest tests: --durations), and the workers finish together.
+LONG_FIRST = ("test_faults", "test_launchers", "test_scaleout", "test_confirm", "test_sweep", "test_bench_decision",
+              "test_candidates", "test_distributed", "test_report", "test_cli_output", "test_diagnose")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONG_FIRST)}
+    items.sort(key=lambda item: rank.get(item.module.__name__.rsplit(".", 1)[-1], len(rank)))
+    for item in items:
+        fixtures = getattr(item, "_fixtureinfo", None)
+        if fixtures and any(d.scope == "module" for defs in fixtures.name2fixturedefs.values() for d in defs):
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))

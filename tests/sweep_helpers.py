@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -59,11 +61,52 @@ def store_args(tmp_path: Path) -> list[str]:
     return ["--storage", f"sqlite:///{tmp_path / 'optuna.db'}", "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]
 
 
-def cli(*args: str, cwd: Path, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run `python sweep.py ARGS` the way a user does."""
+# The libraries every command imports: a fork server imports them once, then forks one fresh process per `cli`
+# call. Each command still runs in its own process (own exit code, signals, stdout and stderr) but skips the
+# seconds of imports that ~40 end-to-end calls would otherwise repeat (multiprocessing's documented preload).
+PRELOAD = ["torch", "transformers", "mlflow", "optuna", "pandas", "sweeper.commands", "sweeper.runner",
+           "sweeper.workers", "sweeper.report", "critic.trial", "diagnose.diagnosis"]
+
+
+def cli(*args: str, cwd: Path, timeout: float = 300, env: dict | None = None,
+        fresh: bool = False) -> subprocess.CompletedProcess:
+    """Run `sweep.py ARGS` the way a user does: in a new process, in `cwd`, output captured. `fresh`: a new
+    interpreter that imports everything itself (for what depends on import order, e.g. library logging)."""
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "MLFLOW_DISABLE_TELEMETRY": "true", **(env or {})}
-    return subprocess.run([sys.executable, str(ROOT / "sweep.py"), *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, env=full_env)
+    if fresh:
+        return subprocess.run([sys.executable, str(ROOT / "sweep.py"), *args], cwd=cwd, capture_output=True,
+                              text=True, timeout=timeout, env=full_env)
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(PRELOAD)
+    with tempfile.TemporaryDirectory() as tmp:
+        out, err = Path(tmp) / "stdout", Path(tmp) / "stderr"
+        proc = ctx.Process(target=_sweep_main, args=(list(args), str(cwd), full_env, str(out), str(err)))
+        proc.start()
+        proc.join(timeout)
+        if proc.exitcode is None:
+            proc.kill()
+            proc.join()
+            raise subprocess.TimeoutExpired(["sweep.py", *args], timeout, out.read_text(), err.read_text())
+        return subprocess.CompletedProcess(["sweep.py", *args], proc.exitcode, out.read_text(), err.read_text())
+
+
+def _sweep_main(argv: list[str], cwd: str, env: dict[str, str], out: str, err: str) -> None:
+    """In the forked process: the user's working folder, environment and output files, then `sweep.py`'s main."""
+    os.chdir(cwd)
+    os.environ.clear()
+    os.environ.update(env)
+    for fd, path in ((1, out), (2, err)):
+        target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        os.dup2(target, fd)
+        os.close(target)
+    sys.argv = [str(ROOT / "sweep.py"), *argv]
+    from sweeper.commands import main
+    try:
+        code = main(argv)
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    sys.exit(code)
 
 
 def wait_for(condition, timeout: float, what: str, poll: float = 0.5):

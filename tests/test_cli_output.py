@@ -35,7 +35,8 @@ def test_a_load_names_the_file_its_kept_pairs_and_drops_with_a_warning(tmp_path,
 
 def test_redirected_sweep_prints_no_bars_and_one_line_per_trial(tmp_path, tiny_cache_dir):
     spec = tiny_sweep_spec(tmp_path, n_pairs=40, extra={"data": {"cache_dir": str(tiny_cache_dir)}})
-    out = cli("run", str(spec), "--n-trials", "2", *store_args(tmp_path), cwd=tmp_path)  # captured: not a terminal
+    out = cli("run", str(spec), "--n-trials", "2", *store_args(tmp_path), cwd=tmp_path,
+              fresh=True)  # captured: not a terminal; a new interpreter: library logging is set up on import
     assert out.returncode == 0, out.stderr[-3000:]
     console = out.stdout + out.stderr
     assert "\r" not in console and "it/s" not in console  # no tqdm frames

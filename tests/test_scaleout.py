@@ -18,7 +18,9 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import optuna
+import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
@@ -33,6 +35,9 @@ from tests.helpers import simulate_device
 from tests.sweep_helpers import ROOT, cli, tiny_sweep_spec, trials_in_their_run, wait_for
 
 FAST_HEARTBEAT = {"heartbeat_interval": 1, "grace_period": 4}
+# The PostgreSQL cases ask for the module's servers inside the test: grouped with the module's other server tests
+# on one pytest-xdist worker (tests/conftest.py), so they start once.
+KINDS = ["sqlite", pytest.param("postgresql", marks=pytest.mark.xdist_group(__name__))]
 
 
 
@@ -92,7 +97,7 @@ def three_worker_sweep(postgres, mlflow_server, tmp_path_factory, tiny_cache_dir
                 argv = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
             except OSError:
                 continue
-            if "sweep.py" in argv and PASSWORD in argv and " run " not in argv:
+            if "sweep.py" in argv and "--study three" in argv and PASSWORD in argv:  # this sweep's workers
                 argv_leaks.add(argv)
         time.sleep(1)
     out, err = proc.communicate()
@@ -168,7 +173,40 @@ def test_local_parent_fails_and_requeues_a_dead_workers_trial_at_once(tmp_path, 
     assert all(r.info.status != "RUNNING" for r in parents + children)
 
 
-@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+def test_two_workers_save_the_critic_of_the_best_trial_under_its_number(tmp_path, tiny_cache_dir):
+    """`run --workers 2` with sweep.save_best_checkpoint: each worker saves its own trial's critic when that trial is
+    the study's best. At the end the parent run's `best_checkpoint` is the critic of the trial its tag names, and
+    that trial is the study's best: the saved weights give, pair by pair, the held-out scores that trial logged."""
+    from critic.checkpoint import load_checkpoint
+    from critic.data import load_trial_data
+    from critic.evaluate import metrics_from_scores, score_set
+    from critic.model import tokenizer_digest
+    from tests.helpers import tiny_tolerance
+
+    spec = scaleout_spec(tmp_path, tiny_cache_dir, study_name="best", n_trials=4, save_best_checkpoint=True)
+    storage, tracking = f"sqlite:///{tmp_path / 'optuna.db'}", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run = cli("run", str(spec), "--workers", "2", "--storage", storage, "--tracking-uri", tracking, "--no-progress",
+              cwd=tmp_path)
+    assert run.returncode == 0 and "Traceback" not in run.stderr, run.stderr[-3000:]
+    study = optuna.load_study(study_name="best", storage=storage)
+    assert len({t.user_attrs["worker"] for t in study.trials}) == 2  # both workers ran trials
+    client = MlflowClient(tracking)
+    parent = study.user_attrs["mlflow_parent_run_id"]
+    assert client.get_run(parent).data.tags["best.checkpoint_trial"] == str(study.best_trial.number)
+
+    model, tokenizer, cfg, _ = load_checkpoint(client.download_artifacts(parent, "best_checkpoint", str(tmp_path)))
+    val = load_trial_data(cfg.data, tokenizer, tokenizer_digest(tokenizer)).eval_sets["val"]
+    scores = score_set(model, val, cfg.score, cfg.eval.batch_size, model.device, tokenizer.pad_token_id)
+    logged = pd.read_parquet(client.download_artifacts(study.best_trial.user_attrs["mlflow_run_id"],
+                                                       "scores/heldout_pair_scores.parquet", str(tmp_path)))
+    logged = logged[logged["set"] == "val"].reset_index(drop=True)
+    row = cfg.data.max_prompt_length + 2 * cfg.data.max_response_length  # the same sums, maybe in other batches
+    for side in ("teacher_score", "student_score"):
+        assert np.abs(scores[side] - logged[side]).max() <= tiny_tolerance(logged[side], row), side
+    assert metrics_from_scores(scores)["d_acc"] == study.best_trial.value  # the objective, val/d_acc
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_killed_worker_trial_is_failed_requeued_and_rerun(kind, tmp_path, request, tiny_cache_dir):
     storage, tracking = stores(kind, tmp_path, request, "kill")
     spec = scaleout_spec(tmp_path, tiny_cache_dir, study_name=f"kill-{kind}", n_trials=3)
@@ -205,7 +243,7 @@ def test_killed_worker_trial_is_failed_requeued_and_rerun(kind, tmp_path, reques
     assert len(children) == 4 and all(r.info.status != "RUNNING" for r in parents + children)
 
 
-@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_workers_started_at_once_on_a_fresh_database(kind, tmp_path, request, tiny_cache_dir):
     """Every task of a job array runs the same `run` command: one creates the study, the others join it."""
     storage = f"sqlite:///{tmp_path / 'optuna.db'}" if kind == "sqlite" else request.getfixturevalue(
@@ -253,7 +291,8 @@ def test_sigint_stops_all_workers_cleanly_and_rerun_completes(tmp_path, tiny_cac
     assert "Rerun the same command to resume" in err
     study = optuna.load_study(study_name="sigint", storage=storage)
     interrupted = [t for t in study.trials if t.state.name == "FAIL"]
-    assert interrupted and all(t.user_attrs["fail_reason"] == "interrupted" for t in interrupted)
+    assert interrupted and all(t.user_attrs["fail_reason"] == "interrupted" for t in interrupted), (
+        [(t.number, t.state.name, t.user_attrs.get("fail_reason")) for t in study.trials], err[-3000:])
     assert not [t for t in study.trials if t.state.name == "RUNNING"]
     client = MlflowClient(tracking)
     parents, children = trial_runs(client, "sigint")
@@ -332,9 +371,11 @@ def sigint_handled():
 
 
 def one_done_one_running(trials) -> bool:
-    """At least one trial finished and another inside its objective (its MLflow run open)."""
-    return (any(t.state.is_finished() for t in trials)
-            and any(t.state.name == "RUNNING" and "mlflow_run_id" in t.user_attrs for t in trials))
+    """A trial finished, and another inside its objective (its MLflow run open) that started after it: one that
+    started with it (the other worker's first trial) may be finishing too, and the signal would find it done."""
+    done = [t.datetime_complete for t in trials if t.state.is_finished()]
+    return bool(done) and any(t.state.name == "RUNNING" and "mlflow_run_id" in t.user_attrs
+                              and t.datetime_start > min(done) for t in trials)
 
 
 def test_out_of_memory_retries_with_half_micro_batch_then_fails_with_reason(tmp_path, monkeypatch,

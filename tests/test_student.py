@@ -18,7 +18,7 @@ from transformers import AutoTokenizer, GenerationConfig, GenerationMixin, Qwen2
 
 from critic import data as data_mod
 from critic.config import DataConfig, SpecError, StudentConfig
-from critic.data import DataError, load_pair_set, read_pairs
+from critic.data import DataError, generate_students, load_pair_set, read_pairs
 from critic.student import StudentGenerationError, student_responses
 from critic.student import endpoint as student_endpoint
 from critic.student import responses as student_mod
@@ -346,6 +346,10 @@ def test_trials_on_prompts_only_data_generate_once(tmp_path, tiny_cache_dir, act
     cfg = tiny_config(path, tiny_cache_dir, {"train.max_steps": 2, "student.model": str(actor_dir),
                                              "student.max_new_tokens": 6, "student.batch_size": 8})
     before = counts()
+    with pytest.raises(DataError, match=r"not generated yet: run `sweep.py generate SPEC` first"):
+        run_trial(cfg)  # a trial never starts a generation itself
+    assert generated_since(before)["responses"] == 0
+    generate_students(cfg)  # the explicit step, as `sweep.py run`, `train` and `generate` take it
     first = run_trial(cfg)
     second = run_trial(cfg)  # the next trial of a sweep
     assert generated_since(before) == {"batches": 2, "requests": 0, "responses": 16}  # once, not per trial
@@ -362,6 +366,19 @@ def test_trials_on_prompts_only_data_generate_once(tmp_path, tiny_cache_dir, act
     assert data.lineage["student.actor"].startswith(str(actor_dir.resolve()))
     assert set(data.lineage) == {"student.source", "student.actor", "student.generation", "student.train_cache_key"}
     assert data.digests["train"] != data_mod.file_digest(path)  # the file trials read: prompts + generated column
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks that a CPU machine refuses model.device: cuda")
+def test_generation_runs_on_the_specs_model_device(tmp_path, tiny_cache_dir, actor_dir):
+    """The actor generates on model.device, not on a device of its own choosing: asked for CUDA on a machine
+    without it, generation stops with the spec's one-line error instead of running on the CPU."""
+    path = prompts_only(tmp_path / "prompts.parquet")
+    cfg = tiny_config(path, tiny_cache_dir, {"student.model": str(actor_dir), "student.max_new_tokens": 6,
+                                             "model.device": "cuda"})
+    before = counts()
+    with pytest.raises(SpecError, match=r"model\.device is 'cuda' but no CUDA device is available"):
+        generate_students(cfg)
+    assert generated_since(before)["responses"] == 0
 
 
 def test_generate_command_fills_the_cache_that_trials_read(tmp_path, tiny_cache_dir, actor_dir, capsys):

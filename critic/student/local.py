@@ -1,4 +1,4 @@
-"""Student responses from a local causal LM: batched `generate`, GPU when present.
+"""Student responses from a local causal LM: batched `generate` on the spec's model.device.
 
 Calls `on_batch(rows, texts, finish_reasons)` after every batch; a finish reason is "stop" (the actor
 ended with EOS) or "length" (cut at max_new_tokens).
@@ -14,17 +14,21 @@ from critic.prompts import prompt_text
 from critic.student.base import OnBatch
 
 
-def generate_with_model(student: StudentConfig, messages: dict[int, list[dict]], on_batch: OnBatch) -> None:
-    """Batched `generate` of a local causal LM (left padding, chat template when it has one), GPU when present."""
+def generate_with_model(student: StudentConfig, messages: dict[int, list[dict]], on_batch: OnBatch,
+                        device: str = "auto") -> None:
+    """Batched `generate` of a local causal LM (left padding, chat template when it has one) on `device`, the spec's
+    model.device (the critic's: generation runs before its trials, on the same machine)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    from critic.model import select_device
 
     path = Path(student.model).expanduser()
     tokenizer = AutoTokenizer.from_pretrained(path)
     tokenizer.padding_side = "left"  # new tokens are appended on the right: every prompt must end there
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = select_device(device)
     dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
     eos = model.generation_config.eos_token_id

@@ -3,7 +3,10 @@
 Used when a data file has no student column (or `student.regenerate` is set) and
 `student.model` (a local causal LM; `demo:actor` is the demo's, built once by
 critic/demo_actor.py) or `student.endpoint` (an OpenAI-compatible server) is configured.
-Responses are cached under `<data.cache_dir>/students/<key>/`,
+Generation is an explicit step before any trial: `sweep.py generate`, or `sweep.py run` / `train`
+before their first trial (critic/data.py `generate_students`); loading data for a trial only reads the cache and
+says what to run when the responses are not there. Responses are cached under
+`<data.cache_dir>/students/<key>/`,
 where the key digests the actor (path + weights digest, or endpoint + model name),
 the prompts and the generation parameters. They are written in parts as they come,
 so an interrupted run resumes where it stopped; once complete, the original file
@@ -16,7 +19,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import sys
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -59,10 +64,12 @@ _MEMORY: dict[tuple, StudentResponses | None] = {}
 
 
 def student_responses(path: Path, data_cfg: DataConfig, student: StudentConfig, progress: bool | None = None,
-                      on_progress: ProgressHook | None = None, chunk_rows: int = 512) -> StudentResponses | None:
+                      on_progress: ProgressHook | None = None, chunk_rows: int = 512, device: str = "auto",
+                      generate: bool = True) -> StudentResponses | None:
     """The file with generated student responses, or None when its own student column is used.
 
-    Generates only what neither this process nor the disk cache already holds.
+    Generates only what neither this process nor the disk cache already holds; with `generate=False` (loading
+    data for a trial) a DataError says how to generate what is missing. `device`: the spec's model.device.
     `progress`: False = no bar; True or None = a tqdm bar on a terminal only; `on_progress(done, total)` after
     every batch.
     """
@@ -72,7 +79,7 @@ def student_responses(path: Path, data_cfg: DataConfig, student: StudentConfig, 
     if memo_key not in _MEMORY:
         if needs_generation(path, data_cfg, student):
             _MEMORY[memo_key] = _cached_or_generated(path, data_cfg, _resolve_demo_actor(student, data_cfg), progress,
-                                                     on_progress, chunk_rows)
+                                                     on_progress, chunk_rows, device, generate)
         else:
             _MEMORY[memo_key] = None
     return _MEMORY[memo_key]
@@ -109,7 +116,8 @@ def _generation_params(student: StudentConfig) -> dict:
 
 
 def _cached_or_generated(path: Path, data_cfg: DataConfig, student: StudentConfig, progress: bool | None,
-                         on_progress: ProgressHook | None, chunk_rows: int) -> StudentResponses:
+                         on_progress: ProgressHook | None, chunk_rows: int, device: str,
+                         generate: bool) -> StudentResponses:
     prompts = _read_prompts(path, data_cfg.prompt_key)
     rows = [i for i, value in enumerate(prompts) if _usable(value)]
     messages = {i: prompt_messages(prompts[i]) for i in rows}
@@ -126,6 +134,10 @@ def _cached_or_generated(path: Path, data_cfg: DataConfig, student: StudentConfi
     out = folder / f"with-student-{data_cfg.student_key}-{file_digest(path)}.parquet"
     if out.exists():
         return StudentResponses(out, lineage)
+    if not generate:
+        raise DataError(f"{path} has no {data_cfg.student_key!r} column and the student's responses for it are not "
+                        f"generated yet: run `sweep.py generate SPEC` first (`sweep.py run` and `train` do it before "
+                        f"their first trial), with data.cache_dir ({data_cfg.cache_dir}) shared by every worker")
     folder.mkdir(parents=True, exist_ok=True)
     waiting = f"[student] another process is generating these responses; waiting for it ({folder / '.lock'})"
     with exclusive(folder / ".lock", waiting):
@@ -134,7 +146,7 @@ def _cached_or_generated(path: Path, data_cfg: DataConfig, student: StudentConfi
         store = ResponseStore(folder, chunk_rows)
         todo = [i for i in rows if i not in store.done]
         if todo:
-            _generate(todo, messages, student, store, len(rows), progress, on_progress)
+            _generate(todo, messages, student, store, len(rows), progress, on_progress, device)
         store.compact()
         (folder / "lineage.json").write_text(json.dumps({**lineage, "prompts_digest": prompts_digest,
                                                          "rows": len(rows)}, indent=1))
@@ -143,12 +155,12 @@ def _cached_or_generated(path: Path, data_cfg: DataConfig, student: StudentConfi
 
 
 def _generate(todo: list[int], messages: dict[int, list[dict]], student: StudentConfig, store: ResponseStore,
-              total: int, progress: bool | None, on_progress: ProgressHook | None) -> None:
+              total: int, progress: bool | None, on_progress: ProgressHook | None, device: str) -> None:
     """Generate the rows `todo` into `store`; a failure keeps what was made and says how to resume."""
     source = student_source(student)
     where = student.model if source == "model" else f"{mask(student.endpoint)} ({student.model_name})"
     print(f"[student] generating {len(todo)} of {total} responses with {where}"
-          + (f" ({total - len(todo)} already cached)" if len(todo) < total else ""))
+          + (f" ({total - len(todo)} already cached)" if len(todo) < total else ""), file=sys.stderr)
     bar = tqdm(total=total, initial=total - len(todo), unit="resp", desc="student responses", dynamic_ncols=True,
                disable=True if progress is False else None)  # None: only on a terminal
 
@@ -158,7 +170,7 @@ def _generate(todo: list[int], messages: dict[int, list[dict]], student: Student
         if on_progress is not None:
             on_progress(len(store.done), total)
 
-    generate = generate_with_model if source == "model" else generate_with_endpoint
+    generate = partial(generate_with_model, device=device) if source == "model" else generate_with_endpoint
     try:
         generate(student, {i: messages[i] for i in todo}, on_batch)
     except StudentGenerationError as exc:
@@ -171,7 +183,7 @@ def _generate(todo: list[int], messages: dict[int, list[dict]], student: Student
     empty = sum(1 for text, _ in store.done.values() if not text.strip())
     cut = sum(1 for _, reason in store.done.values() if reason == "length")
     print(f"[student] done: {len(store.done)} responses in {store.folder} ({empty} empty, {cut} cut at "
-          f"max_new_tokens={student.max_new_tokens})")
+          f"max_new_tokens={student.max_new_tokens})", file=sys.stderr)
 
 
 

@@ -22,9 +22,15 @@ def quiet_libraries() -> None:
     import warnings
 
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # MLflow sets its and alembic's levels on import
-    if not (sys.stdout.isatty() and sys.stderr.isatty()):  # transformers' own bars (loading, saving weights) too
+    bars = sys.stdout.isatty() and sys.stderr.isatty()
+    if not bars:  # transformers' own bars (loading, saving weights) too
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    logging.getLogger("alembic").setLevel(logging.WARNING)
+    # Both variables are read on import: where the libraries are already imported (sweep.py called from Python, or
+    # the tests' fork server, tests/sweep_helpers.py), set the same through their APIs.
+    for name in ("mlflow", "alembic"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    if not bars and "huggingface_hub" in sys.modules:
+        sys.modules["huggingface_hub"].utils.disable_progress_bars()
     import optuna
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
@@ -67,8 +73,8 @@ def urls(args: argparse.Namespace) -> tuple[str, str]:
 
     The tracking URI is checked here: MLflow retries an unreachable store for minutes before it fails.
     """
-    from sweeper.stores import check_tracking_uri, default_tracking_uri
-    tracking = args.tracking_uri or default_tracking_uri()
+    from sweeper.stores import check_tracking_uri, credentials_from_env, default_tracking_uri
+    tracking = credentials_from_env(args.tracking_uri or default_tracking_uri(), "SWEEP_TRACKING_PASSWORD")
     check_tracking_uri(tracking)
     return storage_url(args), tracking
 
@@ -100,11 +106,12 @@ def print_warnings(warnings: list[str]) -> None:
         print(f"[sweep] warning: {warning}", file=sys.stderr)
 
 
-def handle_signals(workers: int) -> None:
+def handle_signals(launched: bool) -> None:
+    """Trials in this process close on SIGINT/SIGTERM; with launched workers this process only tells them."""
     import signal
 
     from sweeper.signals import stop_on_signals
-    if workers <= 1:
+    if not launched:
         stop_on_signals(signal.SIGINT, signal.SIGTERM)
     else:  # the parent only forwards signals to its workers. Set SIGINT too: a shell starts background jobs
         # with SIGINT ignored, and Python then installs no KeyboardInterrupt handler of its own.

@@ -44,7 +44,7 @@ def main(args: argparse.Namespace) -> int:
     if seeds < 2 or (top_k < 1 and not args.trials and not spec.candidates):
         raise SpecError(f"confirm needs --seeds >= 2 and --top-k >= 1 (or --trials, or sweep.candidates); got "
                         f"seeds={seeds}, top_k={top_k}")
-    handle_signals(args.workers)
+    handle_signals(args.workers > 1)
 
     def stages() -> dict:
         result = sweep.confirm(top_k, seeds, args.trials, args.workers, not args.no_progress, args.max_seeds)

@@ -23,8 +23,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> int:
     from critic.config import SpecError, load_config
-    from critic.data import resolve_path
-    from critic.student import student_responses, student_source
+    from critic.data import generate_students
+    from critic.student import student_source
 
     cfg = load_config(args.spec, args.overrides)
     if cfg.model.torch_threads > 0:  # the same knob as in trials: on a shared CPU, fewer threads can be faster
@@ -34,26 +34,23 @@ def main(args: argparse.Namespace) -> int:
         raise SpecError(f"{args.spec}: nothing to generate with; set student.model (a local causal LM directory) "
                         f"or student.endpoint and student.model_name, e.g. --set student.model=/path/to/actor "
                         f"(or student.model=demo:actor, the offline demo's actor)")
-    files = {"train": cfg.data.train_path, **cfg.data.eval_sets}
 
     def on_sigterm(signum, frame):  # a scheduler's kill saves what was made, like Ctrl-C
         raise KeyboardInterrupt(f"signal {signum}")
     signal.signal(signal.SIGTERM, on_sigterm)
-    lineage: dict[str, str] = {}
     try:
-        for name, path_spec in files.items():
-            path = resolve_path(path_spec, cfg.data.cache_dir)
-            result = student_responses(path, cfg.data, cfg.student, progress=True)
-            if result is None:
-                print(f"[generate] {name}: {path} has its own {cfg.data.student_key!r} column, which trials use "
-                      f"(student.regenerate: true replaces it)")
-                continue
-            print(f"[generate] {name}: {result.path}")
-            lineage = result.lineage
+        made = generate_students(cfg, progress=True)
     except KeyboardInterrupt:
         print("\n[generate] interrupted: the responses made so far are saved; rerun the same command to resume.",
               file=sys.stderr)
         return 130
+    for name, result in made.items():
+        if result is None:
+            print(f"[generate] {name}: its file has its own {cfg.data.student_key!r} column, which trials use "
+                  f"(student.regenerate: true replaces it)")
+        else:
+            print(f"[generate] {name}: {result.path}")
+    lineage = next((r.lineage for r in made.values() if r is not None), None)
     if lineage:
         print(f"[generate] student: {lineage['source']} {lineage['actor']}, generation {lineage['generation']}")
     return 0

@@ -45,6 +45,7 @@ def main(args: argparse.Namespace) -> int:
     if args.from_verl:
         return from_verl(args)
     from critic.config import SpecError
+    from critic.data import generate_students
     from sweeper.stores import mask, without_password
     from sweeper.study import load_sweep_spec
     from sweeper.sweep import Sweep
@@ -53,6 +54,7 @@ def main(args: argparse.Namespace) -> int:
         raise SpecError("init needs a spec (e.g. experiments/demo.yaml), or --from-verl YOUR_LAUNCH_SCRIPT")
     spec = load_sweep_spec(args.spec, args.overrides)
     print_warnings(spec.warnings)
+    generate_students(spec.cfg)  # once, before any worker's trial reads them (in the shared data.cache_dir)
     storage, tracking = urls(args)
     sweep = Sweep.init(spec, storage, tracking, args.study, args.new_study)
     sweep.end("FINISHED")  # workers set it RUNNING again while they work

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from sweeper.cluster import add_launcher_args
 from sweeper.commands.common import (
     add_spec_args,
     add_store_args,
@@ -21,13 +22,17 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     add_store_args(p)
     p.add_argument("--n-trials", type=int, help="override sweep.n_trials")
     p.add_argument("--new-study", action="store_true", help="start a fresh study when the stored one differs")
-    p.add_argument("--workers", type=int, default=1, help="worker processes on this machine sharing the study")
+    p.add_argument("--workers", type=int, default=1, help="workers sharing the study (processes on this machine, "
+                   "or Ray tasks / Slurm array tasks with --launcher)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_launcher_args(p)
     p.set_defaults(func=main)
     return p
 
 
 def main(args: argparse.Namespace) -> int:
+    from critic.data import generate_students
+    from sweeper.cluster import make_launcher
     from sweeper.pruning import pruned_summary
     from sweeper.stores import mask
     from sweeper.study import load_sweep_spec
@@ -38,19 +43,21 @@ def main(args: argparse.Namespace) -> int:
     spec = load_sweep_spec(args.spec, overrides)  # every spec error stops here, before any trial
     print_warnings(spec.warnings)
     storage, tracking = urls(args)
+    launch = make_launcher(args, spec, storage, tracking)  # its own errors too, before the study is opened
+    generate_students(spec.cfg, progress=not args.no_progress)  # once, before any worker's trial reads them
     sweep = Sweep.init(spec, storage, tracking, args.study, args.new_study, CloseAndRetry(tracking))
     study = sweep.study
     print(f"[sweep] study {study.study_name!r} in {mask(storage)}\n[sweep] MLflow runs page: "
           f"{sweep.tracker.ui_link()} (after `python sweep.py ui`)")
-    handle_signals(args.workers)
+    handle_signals(launch is not None)
     confirm = spec.cfg.sweep.confirm
     confirming = (confirm.top_k > 0 or bool(spec.candidates)) and bool(spec.cfg.sweep.baseline)
 
     def stages() -> dict | None:
-        sweep.run(args.workers, progress=not args.no_progress)
+        sweep.run(args.workers, progress=not args.no_progress, launch=launch)
         sweep.finish()
-        result = sweep.confirm(confirm.top_k, confirm.seeds, workers=args.workers,
-                               progress=not args.no_progress) if confirming else None
+        result = sweep.confirm(confirm.top_k, confirm.seeds, workers=args.workers, progress=not args.no_progress,
+                               launch=launch) if confirming else None
         sweep.report()  # after the confirmation: the report shows it
         return result
 

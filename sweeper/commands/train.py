@@ -40,9 +40,11 @@ def train_once(spec: str, overrides: list[str], as_json: bool = False) -> int:
     """Train and evaluate the config once; print the table (or one JSON object) and the checkpoint's path."""
     from critic.checkpoint import save_trial_checkpoint
     from critic.config import load_config
+    from critic.data import generate_students
     from critic.trial import run_trial
 
     cfg = load_config(spec, overrides)
+    generate_students(cfg, progress=not as_json)  # the frozen student's responses, where the data lacks them
     result = run_trial(cfg, progress=not as_json)
     checkpoint = save_trial_checkpoint(result, cfg, result.train_history) if cfg.train.save_checkpoint else None
     if as_json:

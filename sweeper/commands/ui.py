@@ -30,9 +30,11 @@ def main(args: argparse.Namespace) -> int:
         command += ["--default-artifact-root", root]
     print(f"[sweep] MLflow UI on http://{args.host}:{args.port} — open an experiment's runs page "
           f"(#/experiments/<id>/runs); `sweep.py run` prints the direct link")
-    # MLflow's server starts job-queue consumers of its own: run it as a process group and stop the whole group,
-    # so no consumer outlives the UI when this command is interrupted or terminated.
-    server = subprocess.Popen(command, start_new_session=True)
+    # MLflow's server starts job-queue consumers of its own (for its GenAI jobs, which a sweep never submits): off
+    # unless the user's environment turns them on, and in any case the server runs as a process group that is
+    # stopped whole, so no consumer outlives the UI when this command is interrupted or terminated.
+    env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **os.environ}
+    server = subprocess.Popen(command, start_new_session=True, env=env)
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         return server.wait()
