@@ -87,6 +87,7 @@ LONG_FIRST = ("test_faults", "test_launchers", "test_scaleout", "test_confirm", 
               "test_candidates", "test_distributed", "test_report", "test_cli_output", "test_diagnose")
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook reads the xdist_group marks
 def pytest_collection_modifyitems(config, items):
     rank = {name: i for i, name in enumerate(LONG_FIRST)}
     items.sort(key=lambda item: rank.get(item.module.__name__.rsplit(".", 1)[-1], len(rank)))
