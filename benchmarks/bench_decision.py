@@ -149,13 +149,14 @@ def same_params(a: dict[str, Any], b: dict[str, Any]) -> bool:
 
 
 def run_benchmark(size: Size, repeats: int, out: Path, budget_s: float = math.inf, log=print,
-                  append: bool = False, first_seed: int | None = None) -> list[dict]:
+                  append: bool = False, first_seed: int | None = None, truth: dict | None = None) -> list[dict]:
     """Every (repetition, scenario, policy) pipeline, interleaved; returns the aggregated table rows.
 
     append: keep the runs already in out/decision.jsonl and add repetitions with the next sweep seeds (repeats 0:
-    only table and figure again). first_seed: the first repetition's sweep seed (default: 0, or the next one)."""
+    only table and figure again). first_seed: the first repetition's sweep seed (default: 0, or the next one).
+    truth: a truth already measured at `size` (default: load_truth's)."""
     out.mkdir(parents=True, exist_ok=True)
-    truth = load_truth(size, log=log)
+    truth = truth or load_truth(size, log=log)
     improvement = TrueImprovement(truth, size)
     planted = truth["scenarios"]["planted"]["margin"]
     runs, started = [], time.perf_counter()

@@ -7,6 +7,7 @@ failed trial never silently shrinks the sweep; `sweep.max_failures` bounds them.
 
 from __future__ import annotations
 
+import gc
 import json
 import sys
 import tempfile
@@ -89,6 +90,10 @@ def run_trials(sweep, n_trials: int, progress: bool = True, poll_s: float = 5.0,
     if progress and not bars:
         callbacks.append(lambda _, trial: print(trial_line(trial), flush=True))
     max_failures = sweep.spec.cfg.sweep.max_failures or plan.n_trials
+    # Each trial ends with gc.collect() to free its critic. What exists now (the imported libraries, the study, the
+    # data) lives until the process ends: freeze it, so those collections walk only what trials create (the gc
+    # module's documented use of freeze; a full collection over torch/transformers/mlflow is ~0.2 s per trial).
+    gc.freeze()
     bar = tqdm(total=plan.n_trials, desc="trials", disable=not bars, dynamic_ncols=True)
     try:
         while True:

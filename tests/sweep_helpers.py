@@ -69,9 +69,11 @@ PRELOAD = ["torch", "transformers", "mlflow", "optuna", "pandas", "sweeper.comma
 
 
 def cli(*args: str, cwd: Path, timeout: float = 300, env: dict | None = None,
-        fresh: bool = False) -> subprocess.CompletedProcess:
+        fresh: bool = False, before=None) -> subprocess.CompletedProcess:
     """Run `sweep.py ARGS` the way a user does: in a new process, in `cwd`, output captured. `fresh`: a new
-    interpreter that imports everything itself (for what depends on import order, e.g. library logging)."""
+    interpreter that imports everything itself (for what depends on import order, e.g. library logging).
+    `before`: a module-level function the new process calls first (e.g. to send itself a signal at a chosen
+    point of a trial)."""
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "MLFLOW_DISABLE_TELEMETRY": "true", **(env or {})}
     if fresh:
         return subprocess.run([sys.executable, str(ROOT / "sweep.py"), *args], cwd=cwd, capture_output=True,
@@ -80,7 +82,7 @@ def cli(*args: str, cwd: Path, timeout: float = 300, env: dict | None = None,
     ctx.set_forkserver_preload(PRELOAD)
     with tempfile.TemporaryDirectory() as tmp:
         out, err = Path(tmp) / "stdout", Path(tmp) / "stderr"
-        proc = ctx.Process(target=_sweep_main, args=(list(args), str(cwd), full_env, str(out), str(err)))
+        proc = ctx.Process(target=_sweep_main, args=(list(args), str(cwd), full_env, str(out), str(err), before))
         proc.start()
         proc.join(timeout)
         if proc.exitcode is None:
@@ -90,7 +92,7 @@ def cli(*args: str, cwd: Path, timeout: float = 300, env: dict | None = None,
         return subprocess.CompletedProcess(["sweep.py", *args], proc.exitcode, out.read_text(), err.read_text())
 
 
-def _sweep_main(argv: list[str], cwd: str, env: dict[str, str], out: str, err: str) -> None:
+def _sweep_main(argv: list[str], cwd: str, env: dict[str, str], out: str, err: str, before=None) -> None:
     """In the forked process: the user's working folder, environment and output files, then `sweep.py`'s main."""
     os.chdir(cwd)
     os.environ.clear()
@@ -100,6 +102,8 @@ def _sweep_main(argv: list[str], cwd: str, env: dict[str, str], out: str, err: s
         os.dup2(target, fd)
         os.close(target)
     sys.argv = [str(ROOT / "sweep.py"), *argv]
+    if before is not None:
+        before()
     from sweeper.commands import main
     try:
         code = main(argv)

@@ -3,12 +3,20 @@
 import json
 import math
 
+import pytest
+
 from benchmarks.bench_decision import POLICIES, TrueImprovement, run_benchmark
 from benchmarks.decision_truth import SCENARIOS, TINY, compute_truth
 
 
-def test_one_tiny_repetition_gives_a_row_per_policy_and_scenario(tmp_path):
-    rows = run_benchmark(TINY, repeats=1, out=tmp_path, log=lambda _: None)
+@pytest.fixture(scope="module")
+def tiny_truth():
+    """The tiny case's truth, measured once (a few tiny runs) for both tests."""
+    return compute_truth(TINY, log=lambda _: None)
+
+
+def test_one_tiny_repetition_gives_a_row_per_policy_and_scenario(tmp_path, tiny_truth):
+    rows = run_benchmark(TINY, repeats=1, out=tmp_path, log=lambda _: None, truth=tiny_truth)
 
     assert {(r["policy"], r["scenario"]) for r in rows} == {(p.name, s) for p in POLICIES for s in SCENARIOS}
     for row in rows:
@@ -21,8 +29,8 @@ def test_one_tiny_repetition_gives_a_row_per_policy_and_scenario(tmp_path):
     assert (tmp_path / "decision.png").stat().st_size > 0
 
 
-def test_the_true_improvement_of_the_baseline_itself_is_zero_within_its_noise():
-    truth = compute_truth(TINY, log=lambda _: None)
+def test_the_true_improvement_of_the_baseline_itself_is_zero_within_its_noise(tiny_truth):
+    truth = tiny_truth
     baseline = truth["scenarios"]["null"]["baseline"]
 
     improvement = TrueImprovement(truth, TINY).measure("null", baseline["params"])  # measured, not taken as 0

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
-import subprocess
-import sys
 
 import optuna
 import pytest
@@ -14,7 +13,7 @@ from mlflow import MlflowClient
 from critic.config import SpecError
 from sweeper.confirm import ConfirmPlan
 from sweeper.space import check_effective, parse_space
-from tests.sweep_helpers import ROOT, cli, store_args, tiny_sweep_spec, trials_in_their_run, wait_for
+from tests.sweep_helpers import cli, store_args, tiny_sweep_spec
 
 LEARNS, FROZEN = 3.0e-3, 1.0e-9  # the second rate is so small that nothing moves
 
@@ -105,21 +104,32 @@ def test_unconfirmed_export_warns(tmp_path):
     assert out.returncode == 0 and "NOT CONFIRMED" in out.stderr and "# NOT CONFIRMED" in out.stdout
 
 
+def interrupt_the_third_run() -> None:
+    """In the `confirm` process: Ctrl-C while its third run trains, after two runs finished. Sent from inside, at
+    that point, so it never lands between runs (where it would interrupt nothing)."""
+    from sweeper import objective
+
+    real_run_trial, calls = objective.run_trial, []
+
+    def run_trial(*args, **kwargs):  # the run is open: called by the objective once it recorded the run's id
+        calls.append(None)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_run_trial(*args, **kwargs)
+
+    objective.run_trial = run_trial
+
+
 def test_interrupted_confirmation_resumes_without_repeating_finished_seeds(tmp_path):
     _study_with(tmp_path, LEARNS, [FROZEN], n_pairs=120)
     storage = store_args(tmp_path)[1]
-    proc = subprocess.Popen([sys.executable, str(ROOT / "sweep.py"), "confirm", "--trials", "1", "--seeds", "3",
-                             *store_args(tmp_path), "--no-progress"], cwd=tmp_path, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    def two_done_one_running():
-        done = [t for t in optuna.load_study(study_name="tiny.confirm", storage=storage).trials
-                if t.state.name == "COMPLETE"]
-        return len(done) >= 2 and trials_in_their_run("tiny.confirm", storage) and done
-
-    done_before = wait_for(two_done_one_running, 240, "two finished confirmation runs and one running with its run")
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err[-2000:]
+    stopped = cli("confirm", "--trials", "1", "--seeds", "3", *store_args(tmp_path), "--no-progress", cwd=tmp_path,
+                  before=interrupt_the_third_run)
+    assert stopped.returncode == 130, stopped.stderr[-2000:]
+    trials = optuna.load_study(study_name="tiny.confirm", storage=storage).trials
+    done_before = [t for t in trials if t.state.name == "COMPLETE"]
+    assert [t.number for t in done_before] == [0, 1]
+    assert trials[2].state.name == "FAIL" and trials[2].user_attrs["fail_reason"] == "interrupted"
     rerun = cli("confirm", "--trials", "1", "--seeds", "3", *store_args(tmp_path), "--no-progress", cwd=tmp_path)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     confirm = optuna.load_study(study_name="tiny.confirm", storage=storage)
@@ -127,10 +137,11 @@ def test_interrupted_confirmation_resumes_without_repeating_finished_seeds(tmp_p
     keys = [ConfirmPlan.key(t) for t in complete]
     assert len(keys) == len(set(keys)) == 6  # 2 configs x 3 seeds, none run twice
     assert {t.number for t in done_before} <= {t.number for t in complete}
-    assert any(t.user_attrs.get("fail_reason") == "interrupted" for t in confirm.trials)
     client = MlflowClient(store_args(tmp_path)[3])
     runs = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
     assert all(r.info.status != "RUNNING" for r in runs)
+    interrupted = confirm.trials[2]
+    assert client.get_run(interrupted.user_attrs["mlflow_run_id"]).info.status == "KILLED"
 
 
 @pytest.mark.parametrize("space,base,message", [
