@@ -135,7 +135,8 @@ class MlflowServer:
 
     def start(self) -> None:
         """Start the server process (again after `stop`: the same port, backend store and artifacts)."""
-        env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
+        # Without the job-queue consumers for MLflow's GenAI jobs, which a sweep never submits (as `sweep.py ui`).
+        env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
         with open(self.log, "a") as log:
             self.proc = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT, env=env,
                                          start_new_session=True)

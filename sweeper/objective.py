@@ -14,7 +14,6 @@ import gc
 import json
 import math
 import os
-import socket
 import sys
 import time
 from collections.abc import Callable
@@ -29,8 +28,8 @@ from critic.reporting import FanoutReporter, Reporter
 from critic.train import NonFiniteError, TrialOutOfMemory
 from critic.trial import TrialResult, run_trial
 from sweeper import pruning
-from sweeper.candidates import ATTRS as CANDIDATE_ATTRS
-from sweeper.confirm import STAGE_ATTRS, confirmation_metric, confirmation_overrides
+from sweeper.confirm import confirmation_metric, confirmation_overrides
+from sweeper.retry import interrupted, requeue, scheduler_job, worker_id
 from sweeper.runs_view import SORT_TAG, confirm_run_name, run_color, run_name, sort_key
 from sweeper.signals import defer_signals, raise_if_stop_requested, resume_signals
 from sweeper.space import suggest
@@ -273,44 +272,6 @@ class Objective:
         trial.set_user_attr("metrics", json.dumps(key_metrics))
         if self.on_complete is not None:
             self.on_complete(trial.number, result)
-
-
-# user attrs a re-queued trial inherits (interrupted here, or its worker died: sweeper/workers.py); the rest belong
-# to the attempt that did not finish
-KEEP_ON_RETRY = ("baseline", *CANDIDATE_ATTRS, *STAGE_ATTRS)
-
-
-def interrupted(trial: optuna.Trial) -> None:
-    """An interrupted trial (Ctrl-C, or SIGTERM from a scheduler preempting the job) records why; a search trial is
-    queued again with its params, so the rerun runs it first: the baseline and the candidates are never lost, nor a
-    sampled config. Confirmation runs need nothing: their plan re-enqueues every (config, seed) without a result."""
-    trial.set_user_attr("fail_reason", "interrupted")
-    requeue(trial, "interrupted")
-
-
-def requeue(trial: optuna.Trial, reason: str) -> None:
-    """Queue a search trial that is failing for a reason outside its config again, with its params (see
-    `interrupted`); `status` explains it with `reason`."""
-    if trial.user_attrs.get("stage", "search") != "search":
-        return
-    kept = {k: v for k, v in trial.user_attrs.items() if k in KEEP_ON_RETRY}
-    trial.study.enqueue_trial(trial.params, user_attrs={**kept, "retry_of": trial.number, "retry_reason": reason})
-
-
-def worker_id(pid: int | None = None) -> str:
-    """host:pid of a worker process (this one by default), recorded on each trial it runs (sweeper/workers.py)."""
-    return f"{socket.gethostname()}:{os.getpid() if pid is None else pid}"
-
-
-def scheduler_job() -> str | None:
-    """The cluster job that runs this worker, the way its scheduler names it: `slurm 1234_5` (array 1234, task 5:
-    what squeue and `scontrol requeue` take), `slurm 1234`, or what the Ray launcher put in $SWEEP_JOB."""
-    env = os.environ
-    if env.get("SLURM_ARRAY_JOB_ID") and env.get("SLURM_ARRAY_TASK_ID"):
-        return f"slurm {env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
-    if env.get("SLURM_JOB_ID"):
-        return f"slurm {env['SLURM_JOB_ID']}"
-    return env.get("SWEEP_JOB")
 
 
 def release_memory() -> None:

@@ -1,4 +1,4 @@
-"""The trial loop of one worker process, and the parent run's summaries.
+"""The trial loop of one worker process.
 
 A worker asks for one trial at a time until the study holds `n_trials`
 finished (COMPLETE or PRUNED) trials. Failed trials do not count, so a dead or
@@ -8,12 +8,8 @@ failed trial never silently shrinks the sweep; `sweep.max_failures` bounds them.
 from __future__ import annotations
 
 import gc
-import json
-import sys
-import tempfile
 import time
 import warnings
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import optuna
@@ -21,41 +17,17 @@ from optuna.storages._heartbeat import get_heartbeat_thread  # optimize's own he
 from optuna.trial import TrialState
 from tqdm.auto import tqdm
 
-from sweeper.board import best_trials, count_failures, leaderboard, show_bars, trial_line, trial_params  # noqa: F401
-from sweeper.objective import Objective, TrialFailure, interrupted
+from sweeper.board import best_trials, count_failures, show_bars, trial_line
+from sweeper.objective import Objective, TrialFailure
 from sweeper.outage import StorageUnreachable, leave_for_next_start
+from sweeper.parent import ParentUpdater
+from sweeper.retry import interrupted
 from sweeper.signals import defer_signals, raise_if_stop_requested, resume_signals
 from sweeper.stores import StorageLock
-from sweeper.study import finished_count, state_counts
-from sweeper.tracking import Metric, now_ms
+from sweeper.study import SweepStopped, finished_count, state_counts
 
 if TYPE_CHECKING:
     from critic.trial import TrialResult
-
-
-class SweepStopped(RuntimeError):
-    """The study stopped on purpose (too many failures); the message says why."""
-
-
-class ParentUpdater:
-    """Study-level curves on the parent run (trial value and best value by trial number), so its charts show data."""
-
-    def __init__(self, sweep) -> None:
-        self.tracker, self.parent_id = sweep.tracker, sweep.parent_id
-
-    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        metrics = []
-        if trial.state == TrialState.COMPLETE and trial.values:
-            metrics.append(Metric("sweep/trial_value", trial.values[0], now_ms(), trial.number))
-        best = best_trials(study)
-        if best and len(study.directions) == 1:
-            metrics.append(Metric("sweep/best_value", best[0].value, now_ms(), trial.number))
-            self.tracker.set_tags(self.parent_id, {"best.trial": best[0].number, "best.value": best[0].value,
-                                                   **{f"best.{k}": v for k, v in best[0].params.items()}})
-        counts = state_counts(study)
-        metrics.extend(Metric(f"sweep/n_{s.lower()}", counts[s], now_ms(), trial.number)
-                       for s in ("COMPLETE", "PRUNED", "FAIL"))
-        self.tracker.log_metrics(self.parent_id, metrics)
 
 
 class SearchPlan:
@@ -172,37 +144,3 @@ def _postfix(study: optuna.Study, counts: dict[str, int]) -> str:
     best = best_trials(study)
     best_text = f"best={best[0].values[0]:.4f}" if best else "best=n/a"
     return f"{best_text} complete={counts['COMPLETE']} pruned={counts['PRUNED']} fail={counts['FAIL']}"
-
-
-def finish_parent(sweep) -> None:
-    """Leaderboard CSV, best trial JSON and Optuna's plots (HTML) on the parent run; a full disk is one line, never
-    a failed sweep (the results are in the stores already, and `sweep.py run SPEC` on the study logs them again)."""
-    try:
-        _log_summaries(sweep.study, sweep.tracker, sweep.parent_id)
-    except OSError as exc:
-        print(f"[sweep] warning: the study's leaderboard and plots not all logged to its run ({exc}); rerun "
-              f"`sweep.py run` on the study once there is space", file=sys.stderr, flush=True)
-
-
-def _log_summaries(study: optuna.Study, tracker, parent_id: str) -> None:
-    board = leaderboard(study)
-    tracker.log_frame(parent_id, board, "leaderboard.csv")
-    best = best_trials(study)
-    if best:
-        tracker.log_text(parent_id, json.dumps([{"number": t.number, "values": t.values, "params": t.params}
-                                                for t in best], indent=2), "best_trials.json")
-    plots = {"optimization_history": optuna.visualization.plot_optimization_history,
-             "param_importances": optuna.visualization.plot_param_importances,
-             "parallel_coordinate": optuna.visualization.plot_parallel_coordinate,
-             "intermediate_values": optuna.visualization.plot_intermediate_values}
-    with tempfile.TemporaryDirectory() as tmp:
-        for name, plot in plots.items():
-            try:
-                figure = plot(study) if len(study.directions) == 1 else plot(study, target=lambda t: t.values[0])
-            except (ValueError, RuntimeError, TypeError, ZeroDivisionError) as exc:  # importances: 2+ trials
-                tracker.set_tags(parent_id, {f"plot.{name}": f"skipped: {exc}"[:500]})
-                continue
-            path = Path(tmp) / f"{name}.html"
-            figure.write_html(path, include_plotlyjs=True)
-            tracker.log_file(parent_id, path, "optuna")
-

@@ -12,6 +12,9 @@ import os
 from critic.config import SpecError
 
 DEVICE_IDS_ENV = "SWEEP_DEVICE_IDS"  # e.g. "0,1,2,3": overrides discovery (tests use fake ids on a CPU machine)
+# What a loaded GPU driver exposes, in containers too: the NVIDIA kernel module's procfs folder and control device
+# (CUDA opens it), ROCm's kernel interface. None of them: no GPU that torch.cuda could see.
+GPU_DRIVER_PATHS = ("/proc/driver/nvidia", "/dev/nvidiactl", "/dev/kfd")
 
 
 def visible_device_ids() -> list[str]:
@@ -19,6 +22,8 @@ def visible_device_ids() -> list[str]:
     given = os.environ.get(DEVICE_IDS_ENV)
     if given is not None:
         return _split(given)
+    if not any(os.path.exists(path) for path in GPU_DRIVER_PATHS):
+        return []  # no GPU driver loaded: torch would find none; the parent that launches workers never loads it
     import torch
     if not torch.cuda.is_available():
         return []

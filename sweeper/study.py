@@ -113,6 +113,10 @@ def config_for(spec: SweepSpec | dict[str, Any], params: dict[str, Any], source:
     return build_config(apply_overrides(raw, params), source)
 
 
+class SweepStopped(RuntimeError):
+    """The study stopped on purpose (too many failures); the message says why."""
+
+
 def finished_count(counts: dict[str, int]) -> int:
     """Trials that count towards n_trials, from `state_counts`: COMPLETE or PRUNED (a FAIL is retried)."""
     return sum(counts[state.name] for state in FINISHED)

@@ -4,9 +4,9 @@ What `optuna.Study` is to a storage, a sampler and a pruner, `Sweep` is to the
 orchestration: the five values every stage needs travel as one object. It is
 built once, by `Sweep.init` (create or resume: schema, study, MLflow experiment,
 study run) or `Sweep.attach` (a worker joining by name), and each stage is a
-method that hands it to the module that does the work: trials (runner.py),
-worker processes (workers.py), the confirmation (confirm_stage.py), the report
-(report.py). Those modules take the handle as an argument and never import
+method that hands it to the module that does the work: trials (runner.py), the
+parent run's summaries (parent.py), worker processes (workers.py), the
+confirmation (confirm_stage.py), the report (report.py). Those modules take the handle as an argument and never import
 this one, so dependencies point one way. MLflow is reached through `tracker` only.
 """
 
@@ -138,7 +138,7 @@ class Sweep:
 
     def finish(self) -> None:
         """Leaderboard, best trials and Optuna's plots on the study run."""
-        from sweeper.runner import finish_parent
+        from sweeper.parent import finish_parent
         finish_parent(self)
 
     def report(self) -> None:

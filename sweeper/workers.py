@@ -23,12 +23,12 @@ from optuna.trial import TrialState
 from tqdm.auto import tqdm
 
 from sweeper import study as study_mod
-from sweeper.board import show_bars, trial_line
-from sweeper.objective import KEEP_ON_RETRY, worker_id
+from sweeper.board import best_trials, show_bars, trial_line
 from sweeper.outage import StorageUnreachable, fail_running_trial
-from sweeper.runner import SweepStopped, best_trials
+from sweeper.retry import KEEP_ON_RETRY, worker_id
 from sweeper.slots import plan_slots, visible_device_ids
 from sweeper.stores import without_password
+from sweeper.study import SweepStopped
 from sweeper.tracking import Tracker, TrackingError
 
 ROOT = Path(__file__).resolve().parents[1]

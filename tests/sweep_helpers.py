@@ -63,9 +63,13 @@ def store_args(tmp_path: Path) -> list[str]:
 
 # The libraries every command imports: a fork server imports them once, then forks one fresh process per `cli`
 # call. Each command still runs in its own process (own exit code, signals, stdout and stderr) but skips the
-# seconds of imports that ~40 end-to-end calls would otherwise repeat (multiprocessing's documented preload).
+# seconds of imports that ~90 end-to-end calls would otherwise repeat (multiprocessing's documented preload).
+# The second line: what the commands import when they first need it (MLflow's SQL store, the figures, the
+# report's plots and Optuna's parameter importances, which use scikit-learn's random forest), ~1.5 s a command.
 PRELOAD = ["torch", "transformers", "mlflow", "optuna", "pandas", "sweeper.commands", "sweeper.runner",
-           "sweeper.workers", "sweeper.report", "critic.trial", "diagnose.diagnosis"]
+           "sweeper.workers", "sweeper.report", "critic.trial", "diagnose.diagnosis",
+           "mlflow.store.tracking.sqlalchemy_store", "matplotlib.figure", "matplotlib.backends.backend_agg",
+           "optuna.visualization", "sklearn.ensemble", "sweeper.figures", "sweeper.confirm_stage"]
 
 
 def cli(*args: str, cwd: Path, timeout: float = 300, env: dict | None = None,
@@ -74,22 +78,68 @@ def cli(*args: str, cwd: Path, timeout: float = 300, env: dict | None = None,
     interpreter that imports everything itself (for what depends on import order, e.g. library logging).
     `before`: a module-level function the new process calls first (e.g. to send itself a signal at a chosen
     point of a trial)."""
-    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "MLFLOW_DISABLE_TELEMETRY": "true", **(env or {})}
     if fresh:
         return subprocess.run([sys.executable, str(ROOT / "sweep.py"), *args], cwd=cwd, capture_output=True,
-                              text=True, timeout=timeout, env=full_env)
-    ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(PRELOAD)
-    with tempfile.TemporaryDirectory() as tmp:
-        out, err = Path(tmp) / "stdout", Path(tmp) / "stderr"
-        proc = ctx.Process(target=_sweep_main, args=(list(args), str(cwd), full_env, str(out), str(err), before))
-        proc.start()
-        proc.join(timeout)
-        if proc.exitcode is None:
-            proc.kill()
-            proc.join()
-            raise subprocess.TimeoutExpired(["sweep.py", *args], timeout, out.read_text(), err.read_text())
-        return subprocess.CompletedProcess(["sweep.py", *args], proc.exitcode, out.read_text(), err.read_text())
+                              text=True, timeout=timeout, env=_cli_env(env))
+    proc = CliProcess(*args, cwd=cwd, env=env, before=before)
+    try:
+        out, err = proc.communicate(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def _cli_env(env: dict | None) -> dict[str, str]:
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "MLFLOW_DISABLE_TELEMETRY": "true", **(env or {})}
+
+
+class CliProcess:
+    """`sweep.py ARGS` started and left running, like `subprocess.Popen([python, sweep.py, ...])` (pid, poll,
+    returncode, send_signal, kill, communicate), but forked from the fork server that preloaded the libraries: its
+    own process, exit code, signals and output, without seconds of imports. A `run --workers N` started so still
+    starts its workers as new interpreters (`sweep.py worker`), as it does for a user."""
+
+    def __init__(self, *args: str, cwd: Path, env: dict | None = None, before=None) -> None:
+        ctx = multiprocessing.get_context("forkserver")
+        ctx.set_forkserver_preload(PRELOAD)
+        self.args = ["sweep.py", *args]
+        self._folder = tempfile.TemporaryDirectory()
+        self._out, self._err = Path(self._folder.name) / "stdout", Path(self._folder.name) / "stderr"
+        self._proc = ctx.Process(target=_sweep_main, args=(list(args), str(cwd), _cli_env(env), str(self._out),
+                                                            str(self._err), before))
+        self._proc.start()
+        self.pid = self._proc.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self._proc.exitcode
+
+    def poll(self) -> int | None:
+        return self._proc.exitcode
+
+    def send_signal(self, sig: int) -> None:
+        if self._proc.exitcode is None:
+            os.kill(self.pid, sig)
+
+    def kill(self) -> None:
+        self._proc.kill()
+        self._proc.join()
+
+    def wait(self, timeout: float | None = None) -> int:
+        self._proc.join(timeout)
+        if self._proc.exitcode is None:
+            raise subprocess.TimeoutExpired(self.args, timeout, self._read(self._out), self._read(self._err))
+        return self._proc.exitcode
+
+    def communicate(self, timeout: float | None = None) -> tuple[str, str]:
+        """(stdout, stderr) once it has ended; TimeoutExpired (it keeps running) after `timeout` seconds."""
+        self.wait(timeout)
+        return self._read(self._out), self._read(self._err)
+
+    @staticmethod
+    def _read(path: Path) -> str:
+        return path.read_text() if path.exists() else ""
 
 
 def _sweep_main(argv: list[str], cwd: str, env: dict[str, str], out: str, err: str, before=None) -> None:

@@ -21,7 +21,7 @@ from mlflow import MlflowClient
 
 from benchmarks.servers import MlflowServer
 from critic.config import SpecError, build_config
-from tests.sweep_helpers import ROOT, cli, tiny_sweep_spec, trials_in_their_run, wait_for
+from tests.sweep_helpers import ROOT, CliProcess, cli, tiny_sweep_spec, trials_in_their_run, wait_for
 from tests.test_scaleout import finished, trial_runs, worker
 
 
@@ -50,9 +50,8 @@ def test_sweep_waits_out_a_15_s_database_restart_mid_trial(postgres, tmp_path, t
     storage, tracking = postgres.url("restart"), f"sqlite:///{tmp_path / 'mlflow.db'}"
     spec = fault_spec(tmp_path, tiny_cache_dir, study_name="restart", n_trials=4, grace_period=40,
                       storage_outage_s=30)
-    proc = subprocess.Popen([sys.executable, str(ROOT / "sweep.py"), "run", str(spec), "--workers", "2",
-                             "--storage", storage, "--tracking-uri", tracking, "--no-progress"],
-                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = CliProcess("run", str(spec), "--workers", "2", "--storage", storage, "--tracking-uri", tracking,
+                      "--no-progress", cwd=tmp_path)
     try:
         wait_for(lambda: trials_in_their_run("restart", storage)[1:], 240, "two running trials with their runs")
         postgres.halt()
@@ -126,10 +125,9 @@ def tracking_server(tmp_path_factory):
     server.stop()
 
 
-def run_on(server: MlflowServer, spec, storage: str, tmp_path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, str(ROOT / "sweep.py"), "run", str(spec), "--storage", storage,
-                             "--tracking-uri", server.uri, "--no-progress"],
-                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def run_on(server: MlflowServer, spec, storage: str, tmp_path) -> CliProcess:
+    return CliProcess("run", str(spec), "--storage", storage, "--tracking-uri", server.uri, "--no-progress",
+                      cwd=tmp_path)
 
 
 def test_sweep_waits_out_a_tracking_server_restart_mid_trial(tracking_server, tmp_path, tiny_cache_dir):

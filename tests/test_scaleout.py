@@ -28,11 +28,11 @@ import sweep
 from benchmarks.servers import PASSWORD, MlflowServer, dump_postgres
 from critic.config import SpecError
 from sweeper import study as study_mod
-from sweeper.runner import leaderboard
+from sweeper.board import leaderboard
 from sweeper.stores import credentials_from_env, mask, without_password
 from sweeper.sweep import Sweep
 from tests.helpers import simulate_device
-from tests.sweep_helpers import ROOT, cli, tiny_sweep_spec, trials_in_their_run, wait_for
+from tests.sweep_helpers import ROOT, CliProcess, cli, tiny_sweep_spec, trials_in_their_run, wait_for
 
 FAST_HEARTBEAT = {"heartbeat_interval": 1, "grace_period": 4}
 # The PostgreSQL cases ask for the module's servers inside the test: grouped with the module's other server tests
@@ -65,13 +65,12 @@ def finished(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     return [t for t in study.trials if t.state.name in ("COMPLETE", "PRUNED")]
 
 
-def worker(study_name: str, storage: str, tracking: str, index: int, tmp_path: Path) -> subprocess.Popen:
+def worker(study_name: str, storage: str, tracking: str, index: int, tmp_path: Path) -> CliProcess:
     """`sweep.py worker` the way a second machine starts it; a password travels in $SWEEP_DB_PASSWORD."""
     storage_arg, password = without_password(storage)
     env = {**os.environ, **({"SWEEP_DB_PASSWORD": password} if password else {})}
-    return subprocess.Popen([sys.executable, str(ROOT / "sweep.py"), "worker", "--study", study_name, "--storage",
-                             storage_arg, "--tracking-uri", tracking, "--worker-index", str(index), "--no-progress"],
-                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return CliProcess("worker", "--study", study_name, "--storage", storage_arg, "--tracking-uri", tracking,
+                      "--worker-index", str(index), "--no-progress", cwd=tmp_path, env=env)
 
 
 def trial_runs(client: MlflowClient, experiment_name: str):
@@ -86,10 +85,8 @@ def three_worker_sweep(postgres, mlflow_server, tmp_path_factory, tiny_cache_dir
     tmp_path = tmp_path_factory.mktemp("three-workers")
     storage = postgres.url("three")
     spec = scaleout_spec(tmp_path, tiny_cache_dir, study_name="three", n_trials=6)
-    proc = subprocess.Popen([sys.executable, str(ROOT / "sweep.py"), "run", str(spec), "--workers", "3",
-                             "--storage", storage, "--tracking-uri", mlflow_server.uri, "--no-progress"],
-                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    proc = CliProcess("run", str(spec), "--workers", "3", "--storage", storage, "--tracking-uri", mlflow_server.uri,
+                      "--no-progress", cwd=tmp_path)
     argv_leaks = set()
     while proc.poll() is None:  # other users can read argv: the workers must get the password another way
         for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
@@ -143,12 +140,15 @@ def test_local_parent_fails_and_requeues_a_dead_workers_trial_at_once(tmp_path, 
                            extra={"data": {"cache_dir": str(tiny_cache_dir)}})
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     started = time.monotonic()
-    proc = subprocess.Popen([sys.executable, str(ROOT / "sweep.py"), "run", str(spec), "--workers", "2",
+    proc = subprocess.Popen([sys.executable, str(ROOT / "sweep.py"), "run", str(spec), "--workers", "2",  # as a user
                              "--storage", storage, "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
                              "--no-progress"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         [victim, *_] = wait_for(lambda: trials_in_their_run("dead", storage), 240, "a running trial with its run")
         host, pid = victim.user_attrs["worker"].rsplit(":", 1)
+        # The parent only orchestrates: it never loads torch (its workers do), so it starts in a fraction of the time.
+        assert "libtorch" not in Path(f"/proc/{proc.pid}/maps").read_text()
+        assert "libtorch" in Path(f"/proc/{pid}/maps").read_text()
         os.kill(int(pid), signal.SIGKILL)
         out, err = proc.communicate(timeout=300)
     finally:
@@ -251,10 +251,9 @@ def test_workers_started_at_once_on_a_fresh_database(kind, tmp_path, request, ti
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}" if kind == "sqlite" else request.getfixturevalue(
         "postgres").url("fresh_mlflow")  # a fresh MLflow store too: its schema is created by the first process
     spec = scaleout_spec(tmp_path, tiny_cache_dir, study_name="fresh", n_trials=2)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    procs = [subprocess.Popen([sys.executable, str(ROOT / "sweep.py"), "run", str(spec), "--storage", storage,
-                               "--tracking-uri", tracking, "--no-progress"], cwd=tmp_path, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    # Forked from one preloaded server, the four start within milliseconds of each other: the race at its tightest.
+    procs = [CliProcess("run", str(spec), "--storage", storage, "--tracking-uri", tracking, "--no-progress",
+                        cwd=tmp_path) for _ in range(4)]
     outputs = [proc.communicate(timeout=400) for proc in procs]
     for proc, (_, err) in zip(procs, outputs):
         assert proc.returncode == 0 and "Traceback" not in err, err[-3000:]
@@ -276,8 +275,7 @@ def test_sigint_stops_all_workers_cleanly_and_rerun_completes(tmp_path, tiny_cac
     spec = scaleout_spec(tmp_path, tiny_cache_dir, study_name="sigint", n_trials=3)
     storage, tracking = f"sqlite:///{tmp_path / 'optuna.db'}", f"sqlite:///{tmp_path / 'mlflow.db'}"
     command = ["run", str(spec), "--workers", "2", "--storage", storage, "--tracking-uri", tracking, "--no-progress"]
-    proc = subprocess.Popen([sys.executable, str(ROOT / "sweep.py"), *command], cwd=tmp_path, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    proc = CliProcess(*command, cwd=tmp_path)
     try:
         wait_for(lambda: one_done_one_running(optuna.load_study(study_name="sigint", storage=storage).trials),
                  240, "a finished trial and a running one with its run")

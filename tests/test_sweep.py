@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import re
 import signal
-import subprocess
-import sys
 import time
 
 import optuna
@@ -16,12 +14,20 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution, Int
 
 from critic.config import SpecError
 from sweeper import study as study_mod
-from sweeper.runner import leaderboard
+from sweeper.board import leaderboard
 from sweeper.space import parse_space, suggest, to_distribution
 from sweeper.sweep import Sweep
 from sweeper.verl_export import parse_overrides
 from tests.browser import chromium, mlflow_ui, rendered_dom
-from tests.sweep_helpers import ROOT, cli, sqlite_dump, store_args, tiny_sweep_spec, trials_in_their_run, wait_for
+from tests.sweep_helpers import (
+    CliProcess,
+    cli,
+    sqlite_dump,
+    store_args,
+    tiny_sweep_spec,
+    trials_in_their_run,
+    wait_for,
+)
 
 
 @pytest.mark.parametrize("entry,expected", [
@@ -239,8 +245,7 @@ def test_preempted_run_resumes_with_the_interrupted_trial_first_and_one_parent(t
     again with its params; the rerun runs it first, finishes the study and re-runs no finished trial."""
     spec = tiny_sweep_spec(tmp_path, sweep={"n_trials": 3})
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
-    proc = subprocess.Popen([sys.executable, str(ROOT / "sweep.py"), "run", str(spec), *store_args(tmp_path),
-                             "--no-progress"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = CliProcess("run", str(spec), *store_args(tmp_path), "--no-progress", cwd=tmp_path)
     def one_done_one_running():
         trials = optuna.load_study(study_name="tiny", storage=storage).trials
         return trials and trials[0].state.is_finished() and trials_in_their_run("tiny", storage)

@@ -122,7 +122,7 @@ def handle_signals(launched: bool) -> None:
 def guarded(stages, sweep):
     """Run the stages; close the sweep's study run with the right status whatever happens. Returns (exit code,
     result)."""
-    from sweeper.runner import SweepStopped
+    from sweeper.study import SweepStopped
     try:
         result = stages()
     except KeyboardInterrupt:

@@ -32,8 +32,8 @@ def run_worker(storage_url: str, study_name: str, tracking_uri: str, worker_inde
 
     from sweeper.confirm import ConfirmPlan
     from sweeper.outage import StorageUnreachable
-    from sweeper.runner import SweepStopped
     from sweeper.signals import stop_on_signals
+    from sweeper.study import SweepStopped
     from sweeper.sweep import Sweep
     from sweeper.workers import CloseAndRetry
 
