@@ -44,9 +44,10 @@ gad-demo: install
 train: install
 	$(PY) sweep.py train $(SPEC)
 
-# One pytest-xdist worker per core, up to 4 (each imports torch and starts its own servers); tests/conftest.py says
-# how the tests are spread over them.
-TEST_WORKERS ?= $(shell python3 -c "import os; print(max(1, min(4, len(os.sched_getaffinity(0)))))")
+# Two pytest-xdist workers per core, up to 8: a test often waits (a server restarting, a worker's heartbeat, a
+# subprocess starting) and the other worker on its core runs meanwhile; each worker imports torch once, so more
+# costs memory. tests/conftest.py says how the tests are spread over them.
+TEST_WORKERS ?= $(shell python3 -c "import os; print(max(1, min(8, 2 * len(os.sched_getaffinity(0)))))")
 test: install
 	$(PY) -m pytest -q -rs --durations=30 -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder tests
 
