@@ -13,8 +13,9 @@ from critic.config import SpecError
 
 DEVICE_IDS_ENV = "SWEEP_DEVICE_IDS"  # e.g. "0,1,2,3": overrides discovery (tests use fake ids on a CPU machine)
 # What a loaded GPU driver exposes, in containers too: the NVIDIA kernel module's procfs folder and control device
-# (CUDA opens it), ROCm's kernel interface. None of them: no GPU that torch.cuda could see.
-GPU_DRIVER_PATHS = ("/proc/driver/nvidia", "/dev/nvidiactl", "/dev/kfd")
+# (CUDA opens it), WSL2's GPU device (CUDA under Windows), ROCm's kernel interface. None of them: no GPU that
+# torch.cuda could see.
+GPU_DRIVER_PATHS = ("/proc/driver/nvidia", "/dev/nvidiactl", "/dev/dxg", "/dev/kfd")
 
 
 def visible_device_ids() -> list[str]:
