@@ -66,4 +66,3 @@ def _log_summaries(study: optuna.Study, tracker, parent_id: str) -> None:
             path = Path(tmp) / f"{name}.html"
             figure.write_html(path, include_plotlyjs=True)
             tracker.log_file(parent_id, path, "optuna")
-
