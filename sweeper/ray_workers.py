@@ -83,7 +83,8 @@ def launch_ray_workers(sweep, n_workers: int, progress: bool = True, plan=None, 
 
     import ray
 
-    from sweeper.workers import SweepStopped, study_done, watch_until, worker_command
+    from sweeper.study import SweepStopped
+    from sweeper.workers import study_done, watch_until, worker_command
     study, spec = sweep.study, sweep.spec
     if address:
         ray.init(address=address, logging_level=logging.WARNING)

@@ -77,7 +77,8 @@ def launch_slurm_workers(sweep, n_workers: int, progress: bool = True, plan=None
     script, follow its tasks and the study until both end."""
     import submitit
 
-    from sweeper.workers import SweepStopped, study_done, watch_until, worker_command
+    from sweeper.study import SweepStopped
+    from sweeper.workers import study_done, watch_until, worker_command
     study, spec = sweep.study, sweep.spec
     commands = [worker_command(study.study_name, sweep.storage_url, sweep.tracker.tracking_uri, i)
                 for i in range(n_workers)]
