@@ -163,8 +163,9 @@ def _sweep_main(argv: list[str], cwd: str, env: dict[str, str], out: str, err: s
     sys.exit(code)
 
 
-def wait_for(condition, timeout: float, what: str, poll: float = 0.5):
-    """Poll `condition` until it returns something true (and return that); fail naming `what` after `timeout`."""
+def wait_for(condition, timeout: float, what: str, poll: float = 0.5, proc=None):
+    """Poll `condition` until it returns something true (and return that); fail naming `what` after `timeout`,
+    or at once, with its stderr, when `proc` (the command being watched) has ended first."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         try:
@@ -173,8 +174,27 @@ def wait_for(condition, timeout: float, what: str, poll: float = 0.5):
             value = None
         if value:
             return value
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"the command ended (exit {proc.returncode}) before {what}: "
+                                 f"{proc.communicate()[1][-3000:]}")
         time.sleep(poll)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+_storages: dict[str, Any] = {}
+
+
+def load_study(study_name: str, storage: str):
+    """The study as another process of the sweep reads it: through sweeper.stores, which takes the storage's lock
+    while it opens. `optuna.load_study(storage=URL)` on a new database would race the command creating its
+    schema (both stamp Optuna's schema version; one fails with 'UNIQUE constraint failed: alembic_version').
+    The storage is opened once per URL, so polling it stays cheap."""
+    import optuna
+
+    from sweeper.stores import make_storage
+    if storage not in _storages:
+        _storages[storage] = make_storage(storage)
+    return optuna.load_study(study_name=study_name, storage=_storages[storage])
 
 
 def trials_in_their_run(study_name: str, storage: str) -> list:
@@ -186,7 +206,7 @@ def trials_in_their_run(study_name: str, storage: str) -> list:
     """
     import optuna
 
-    study = optuna.load_study(study_name=study_name, storage=storage)
+    study = load_study(study_name, storage)
     return [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
             if "mlflow_run_id" in t.user_attrs]
 

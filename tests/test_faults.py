@@ -21,7 +21,7 @@ from mlflow import MlflowClient
 
 from benchmarks.servers import MlflowServer
 from critic.config import SpecError, build_config
-from tests.sweep_helpers import ROOT, CliProcess, cli, tiny_sweep_spec, trials_in_their_run, wait_for
+from tests.sweep_helpers import ROOT, CliProcess, cli, load_study, tiny_sweep_spec, trials_in_their_run, wait_for
 from tests.test_scaleout import finished, trial_runs, worker
 
 
@@ -53,7 +53,8 @@ def test_sweep_waits_out_a_15_s_database_restart_mid_trial(postgres, tmp_path, t
     proc = CliProcess("run", str(spec), "--workers", "2", "--storage", storage, "--tracking-uri", tracking,
                       "--no-progress", cwd=tmp_path)
     try:
-        wait_for(lambda: trials_in_their_run("restart", storage)[1:], 240, "two running trials with their runs")
+        wait_for(lambda: trials_in_their_run("restart", storage)[1:], 240,
+                 "two running trials with their runs", proc=proc)
         postgres.halt()
         time.sleep(15)
         postgres.resume()
@@ -86,7 +87,8 @@ def test_outage_beyond_the_window_stops_the_worker_and_a_rerun_finishes(postgres
     assert cli("init", str(spec), "--storage", storage, "--tracking-uri", tracking, cwd=tmp_path).returncode == 0
     first = worker("beyond", storage, tracking, 0, tmp_path)
     try:
-        [held] = wait_for(lambda: trials_in_their_run("beyond", storage), 240, "a running trial with its run")
+        [held] = wait_for(lambda: trials_in_their_run("beyond", storage), 240,
+                          "a running trial with its run", proc=first)
         postgres.halt()
         out, err = first.communicate(timeout=120)
     finally:
@@ -140,7 +142,7 @@ def test_sweep_waits_out_a_tracking_server_restart_mid_trial(tracking_server, tm
     spec = fault_spec(tmp_path, tiny_cache_dir, study_name="tracker", n_trials=2, storage_outage_s=120)
     proc = run_on(server, spec, storage, tmp_path)
     try:
-        wait_for(lambda: trials_in_their_run("tracker", storage), 240, "a running trial with its run")
+        wait_for(lambda: trials_in_their_run("tracker", storage), 240, "a running trial with its run", proc=proc)
         server.stop()
         time.sleep(5)
         server.start()
@@ -177,7 +179,7 @@ def test_tracking_server_away_beyond_the_window_stops_the_sweep_and_a_rerun_fini
     spec = fault_spec(tmp_path, tiny_cache_dir, study_name="gone", n_trials=2, storage_outage_s=5)
     first = run_on(server, spec, storage, tmp_path)
     try:
-        [held] = wait_for(lambda: trials_in_their_run("gone", storage), 240, "a running trial with its run")
+        [held] = wait_for(lambda: trials_in_their_run("gone", storage), 240, "a running trial with its run", proc=first)
         server.stop()
         out, err = first.communicate(timeout=120)
     finally:
@@ -234,16 +236,16 @@ def test_a_full_artifact_disk_fails_the_trial_with_its_reason_and_the_sweep_goes
     proc = subprocess.Popen([*isolate, sys.executable, str(ROOT / "sweep.py"), "run", str(spec), "--storage", storage,
                              "--tracking-uri", tracking, "--no-progress"],
                             cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    states = lambda name: [t for t in optuna.load_study(study_name="full", storage=storage).trials  # noqa: E731
+    states = lambda name: [t for t in load_study("full", storage).trials  # noqa: E731
                            if t.state.name == name]
     try:
-        wait_for(lambda: states("COMPLETE"), 240, "a first complete trial")
+        wait_for(lambda: states("COMPLETE"), 240, "a first complete trial", proc=proc)
         filler = Path(f"/proc/{proc.pid}/root{artifacts}/filler")  # the store as the sweep sees it
         with open(filler, "wb") as out, contextlib.suppress(OSError):
             while True:
                 out.write(bytes(1 << 16))
         full_at = time.monotonic()
-        [failed] = wait_for(lambda: states("FAIL"), 240, "a trial failed by the full disk")
+        [failed] = wait_for(lambda: states("FAIL"), 240, "a trial failed by the full disk", proc=proc)
         filler.unlink()
         freed_at = time.monotonic()
         out, err = proc.communicate(timeout=300)

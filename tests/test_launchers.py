@@ -88,7 +88,8 @@ def test_ray_workers_finish_the_study_and_a_killed_ray_worker_has_its_trial_requ
     proc = start_run(spec, tmp_path, "--launcher", "ray", "--workers", "2", "--storage", storage, "--tracking-uri",
                      tracking)
     try:
-        [victim, *_] = wait_for(lambda: trials_in_their_run("ray", storage), 300, "a running trial with its run")
+        [victim, *_] = wait_for(lambda: trials_in_their_run("ray", storage), 300,
+                                "a running trial with its run", proc=proc)
         worker_pid = int(victim.user_attrs["worker"].rsplit(":", 1)[1])
         ray_worker_pid = int(Path(f"/proc/{worker_pid}/stat").read_text().rsplit(")", 1)[1].split()[1])  # its ppid
         assert "ray" in Path(f"/proc/{ray_worker_pid}/cmdline").read_text().lower()
@@ -217,7 +218,8 @@ def test_slurm_array_finishes_the_study_and_a_requeued_task_has_its_trial_requeu
                      "--slurm-time", "30", "--slurm-folder", str(tmp_path / "slurm"), "--storage", storage,
                      "--tracking-uri", tracking, env={**ENV, **slurm})
     try:
-        [victim, *_] = wait_for(lambda: trials_in_their_run("slurm", storage), 300, "a running trial with its run")
+        [victim, *_] = wait_for(lambda: trials_in_their_run("slurm", storage), 300,
+                                "a running trial with its run", proc=proc)
         job = victim.user_attrs["job"]
         assert re.fullmatch(r"slurm \d+_[01]", job), job
         subprocess.run(["scontrol", "requeue", job.split()[1]], env=slurm, check=True)

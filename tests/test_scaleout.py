@@ -32,7 +32,7 @@ from sweeper.board import leaderboard
 from sweeper.stores import credentials_from_env, mask, without_password
 from sweeper.sweep import Sweep
 from tests.helpers import simulate_device
-from tests.sweep_helpers import ROOT, CliProcess, cli, tiny_sweep_spec, trials_in_their_run, wait_for
+from tests.sweep_helpers import ROOT, CliProcess, cli, load_study, tiny_sweep_spec, trials_in_their_run, wait_for
 
 FAST_HEARTBEAT = {"heartbeat_interval": 1, "grace_period": 4}
 # The PostgreSQL cases ask for the module's servers inside the test: grouped with the module's other server tests
@@ -144,7 +144,8 @@ def test_local_parent_fails_and_requeues_a_dead_workers_trial_at_once(tmp_path, 
                              "--storage", storage, "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
                              "--no-progress"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        [victim, *_] = wait_for(lambda: trials_in_their_run("dead", storage), 240, "a running trial with its run")
+        [victim, *_] = wait_for(lambda: trials_in_their_run("dead", storage), 240,
+                                "a running trial with its run", proc=proc)
         host, pid = victim.user_attrs["worker"].rsplit(":", 1)
         # The parent only orchestrates: it never loads torch (its workers do), so it starts in a fraction of the time.
         assert "libtorch" not in Path(f"/proc/{proc.pid}/maps").read_text()
@@ -277,8 +278,8 @@ def test_sigint_stops_all_workers_cleanly_and_rerun_completes(tmp_path, tiny_cac
     command = ["run", str(spec), "--workers", "2", "--storage", storage, "--tracking-uri", tracking, "--no-progress"]
     proc = CliProcess(*command, cwd=tmp_path)
     try:
-        wait_for(lambda: one_done_one_running(optuna.load_study(study_name="sigint", storage=storage).trials),
-                 240, "a finished trial and a running one with its run")
+        wait_for(lambda: one_done_one_running(load_study("sigint", storage).trials),
+                 240, "a finished trial and a running one with its run", proc=proc)
         proc.send_signal(signal.SIGINT)  # what Ctrl-C sends to the process
         _, err = proc.communicate(timeout=120)
     finally:

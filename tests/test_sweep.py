@@ -22,6 +22,7 @@ from tests.browser import chromium, mlflow_ui, rendered_dom
 from tests.sweep_helpers import (
     CliProcess,
     cli,
+    load_study,
     sqlite_dump,
     store_args,
     tiny_sweep_spec,
@@ -247,10 +248,10 @@ def test_preempted_run_resumes_with_the_interrupted_trial_first_and_one_parent(t
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     proc = CliProcess("run", str(spec), *store_args(tmp_path), "--no-progress", cwd=tmp_path)
     def one_done_one_running():
-        trials = optuna.load_study(study_name="tiny", storage=storage).trials
+        trials = load_study("tiny", storage).trials
         return trials and trials[0].state.is_finished() and trials_in_their_run("tiny", storage)
 
-    wait_for(one_done_one_running, 240, "a finished trial and a running one with its run")
+    wait_for(one_done_one_running, 240, "a finished trial and a running one with its run", proc=proc)
     proc.send_signal(signal.SIGTERM)
     sent = time.monotonic()
     _, err = proc.communicate(timeout=120)
