@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -58,7 +59,27 @@ def tiny_sweep_spec(tmp_path: Path, sweep: dict[str, Any] | None = None, n_pairs
 
 
 def store_args(tmp_path: Path) -> list[str]:
-    return ["--storage", f"sqlite:///{tmp_path / 'optuna.db'}", "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]
+    return ["--storage", f"sqlite:///{tmp_path / 'optuna.db'}", "--tracking-uri", mlflow_uri(tmp_path)]
+
+
+_migrated_store: list[Path] = []
+
+
+def mlflow_uri(folder: Path, name: str = "mlflow.db") -> str:
+    """The URI of the MLflow SQLite store `folder/name`, ready to use: a new one is a copy of an empty store that
+    MLflow itself created once per test process. MLflow runs all its schema migrations on every new SQLite file
+    (about a second, ~40 stores a suite); opening a migrated one takes a tenth of that. Creating a store is still
+    tested where it is the point (the fresh-database race in test_scaleout, the demo, the decision benchmark)."""
+    path = folder / name
+    if not path.exists():
+        if not _migrated_store:
+            from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+            template = Path(tempfile.mkdtemp(prefix="mlflow-template-")) / "mlflow.db"
+            SqlAlchemyStore(f"sqlite:///{template}", str(template.parent / "artifacts")).engine.dispose()
+            _migrated_store.append(template)
+        shutil.copyfile(_migrated_store[0], path)
+    return f"sqlite:///{path}"
 
 
 # The libraries every command imports: a fork server imports them once, then forks one fresh process per `cli`

@@ -35,6 +35,7 @@ from diagnose.verdicts import DOES_NOT_HOLD, HOLDS, NOT_MEASURABLE, WARN, judge,
 from sweeper.commands.diagnose import add_parser as add_diagnose_command
 from sweeper.commands.diagnose import resolve_checkpoint
 from tests.helpers import tiny_tolerance
+from tests.sweep_helpers import mlflow_uri
 
 ROOT = Path(__file__).resolve().parents[1]
 COLUMNS = ["content", "teacher_response", "student_response"]
@@ -377,7 +378,7 @@ def test_resolve_checkpoint(argv, match, tmp_path):
     parser = argparse.ArgumentParser()
     add_diagnose_command(parser.add_subparsers(dest="command"))
     store = ["--storage", f"sqlite:///{tmp_path / 'optuna.db'}",
-             "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]
+             "--tracking-uri", mlflow_uri(tmp_path)]
     with pytest.raises(SpecError, match=match):
         resolve_checkpoint(parser.parse_args(["diagnose", *argv, *store]))
 

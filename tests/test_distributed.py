@@ -18,7 +18,7 @@ from critic.trial import run_trial
 from sweeper.launch import run_trial_distributed
 from sweeper.slots import gpu_slots, plan_slots
 from tests.helpers import THREAD_SETTINGS, adam_max_update, demo_pairs, tiny_config, tiny_tolerance
-from tests.sweep_helpers import cli, store_args, tiny_sweep_spec
+from tests.sweep_helpers import cli, mlflow_uri, store_args, tiny_sweep_spec
 
 
 def test_gpus_per_trial_is_validated_at_load(tmp_path):
@@ -114,6 +114,6 @@ def test_dead_rank_fails_its_trial_and_slots_never_overlap(tmp_path):
     for a, b in itertools.combinations(trials, 2):
         overlap = a.datetime_start < b.datetime_complete and b.datetime_start < a.datetime_complete
         assert not (overlap and set(a.user_attrs["devices"].split(",")) & set(b.user_attrs["devices"].split(",")))
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = MlflowClient(mlflow_uri(tmp_path))
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert runs and not [r.info.run_id for r in runs if r.info.status == "RUNNING"]

@@ -21,7 +21,16 @@ from mlflow import MlflowClient
 
 from benchmarks.servers import MlflowServer
 from critic.config import SpecError, build_config
-from tests.sweep_helpers import ROOT, CliProcess, cli, load_study, tiny_sweep_spec, trials_in_their_run, wait_for
+from tests.sweep_helpers import (
+    ROOT,
+    CliProcess,
+    cli,
+    load_study,
+    mlflow_uri,
+    tiny_sweep_spec,
+    trials_in_their_run,
+    wait_for,
+)
 from tests.test_scaleout import finished, trial_runs, worker
 
 
@@ -47,7 +56,7 @@ def assert_nothing_left_running(study: optuna.Study, client: MlflowClient, n_tri
 def test_sweep_waits_out_a_15_s_database_restart_mid_trial(postgres, tmp_path, tiny_cache_dir):
     """`run --workers 2`; PostgreSQL stops for 15 s while both workers are inside a trial. Every trial is kept,
     the console shows one line when the storage goes and one when it is back, and no traceback."""
-    storage, tracking = postgres.url("restart"), f"sqlite:///{tmp_path / 'mlflow.db'}"
+    storage, tracking = postgres.url("restart"), mlflow_uri(tmp_path)
     spec = fault_spec(tmp_path, tiny_cache_dir, study_name="restart", n_trials=4, grace_period=40,
                       storage_outage_s=30)
     proc = CliProcess("run", str(spec), "--workers", "2", "--storage", storage, "--tracking-uri", tracking,
@@ -82,7 +91,7 @@ def test_sweep_waits_out_a_15_s_database_restart_mid_trial(postgres, tmp_path, t
 def test_outage_beyond_the_window_stops_the_worker_and_a_rerun_finishes(postgres, tmp_path, tiny_cache_dir):
     """A 5 s window: the worker stops with one line (exit 3); its trial, RUNNING in the storage it could not
     write, is failed and re-queued by the rerun at once (not after the 60 s grace), which finishes the study."""
-    storage, tracking = postgres.url("beyond"), f"sqlite:///{tmp_path / 'mlflow.db'}"
+    storage, tracking = postgres.url("beyond"), mlflow_uri(tmp_path)
     spec = fault_spec(tmp_path, tiny_cache_dir, study_name="beyond", n_trials=2, grace_period=60, storage_outage_s=5)
     assert cli("init", str(spec), "--storage", storage, "--tracking-uri", tracking, cwd=tmp_path).returncode == 0
     first = worker("beyond", storage, tracking, 0, tmp_path)
@@ -231,7 +240,7 @@ def test_a_full_artifact_disk_fails_the_trial_with_its_reason_and_the_sweep_goes
     with all its artifacts; no traceback."""
     artifacts = tmp_path / "artifacts"  # beside the SQLite MLflow store: sweeper/stores.py artifact_root
     isolate = on_small_disk(artifacts, "64m")
-    storage, tracking = f"sqlite:///{tmp_path / 'optuna.db'}", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    storage, tracking = f"sqlite:///{tmp_path / 'optuna.db'}", mlflow_uri(tmp_path)
     spec = fault_spec(tmp_path, tiny_cache_dir, study_name="full", n_trials=3)
     proc = subprocess.Popen([*isolate, sys.executable, str(ROOT / "sweep.py"), "run", str(spec), "--storage", storage,
                              "--tracking-uri", tracking, "--no-progress"],
@@ -284,7 +293,7 @@ def test_a_best_checkpoint_that_does_not_fit_is_one_line_and_never_trusted(tmp_p
 
     artifacts = tmp_path / "artifacts"
     isolate = on_small_disk(artifacts, "1m")
-    storage, tracking = f"sqlite:///{tmp_path / 'optuna.db'}", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    storage, tracking = f"sqlite:///{tmp_path / 'optuna.db'}", mlflow_uri(tmp_path)
     spec = fault_spec(tmp_path, tiny_cache_dir, study_name="nofit", n_trials=1, save_best_checkpoint=True)
     run = subprocess.run([*isolate, sys.executable, str(ROOT / "sweep.py"), "run", str(spec), "--storage", storage,
                           "--tracking-uri", tracking, "--no-progress"],

@@ -23,7 +23,7 @@ from mlflow import MlflowClient
 
 from benchmarks.servers import PASSWORD
 from sweeper.cluster import slurm_minutes
-from tests.sweep_helpers import ROOT, cli, trials_in_their_run, wait_for
+from tests.sweep_helpers import ROOT, cli, mlflow_uri, trials_in_their_run, wait_for
 from tests.test_scaleout import finished, scaleout_spec, trial_runs
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "MLFLOW_DISABLE_TELEMETRY": "true", "RAY_USAGE_STATS_ENABLED": "0"}
@@ -83,7 +83,7 @@ def test_ray_workers_finish_the_study_and_a_killed_ray_worker_has_its_trial_requ
     closes the trial as interrupted (re-queued), Ray retries the task, and the study ends with 4 finished trials."""
     pytest.importorskip("ray", reason="the Ray extra is not installed (`pip install -e '.[ray]'`)")
     spec = scaleout_spec(tmp_path, tiny_cache_dir, study_name="ray", n_trials=4)
-    storage, tracking = f"sqlite:///{tmp_path / 'optuna.db'}", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    storage, tracking = f"sqlite:///{tmp_path / 'optuna.db'}", mlflow_uri(tmp_path)
     started = time.monotonic()
     proc = start_run(spec, tmp_path, "--launcher", "ray", "--workers", "2", "--storage", storage, "--tracking-uri",
                      tracking)
@@ -125,7 +125,8 @@ def ray_cluster():
                             stderr=subprocess.STDOUT)
     try:
         wait_for(lambda: subprocess.run([ray, "status", "--address", address], env=env,
-                                        capture_output=True).returncode == 0, 120, "the Ray head to answer")
+                                        capture_output=True).returncode == 0, 120, "the Ray head to answer",
+                 poll=2)  # `ray status` is a second of CPU
         yield address
     finally:
         os.killpg(head.pid, signal.SIGTERM)  # `ray start --block` and every Ray process it started

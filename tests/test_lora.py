@@ -19,6 +19,7 @@ from sweeper.space import parse_space
 from sweeper.study import config_for, load_sweep_spec
 from sweeper.verl_export import parse_overrides
 from tests.helpers import demo_pairs, tiny_config, tiny_tolerance
+from tests.sweep_helpers import mlflow_uri
 from tests.verl_helpers import compose, verl_config_dir
 
 LORA = {"model.lora.rank": 4, "model.lora.alpha": 8}
@@ -173,7 +174,7 @@ def test_export_weights_writes_the_trials_adapter_and_merged_critic_for_verl(lor
 
     from sweeper.commands.export import write_weights
     cfg, result, recorder = lora_run
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = mlflow_uri(tmp_path)
     client = MlflowClient(uri)
     run_id = client.create_run(client.create_experiment("lora", (tmp_path / "artifacts").as_uri())).info.run_id
     client.log_artifacts(run_id, str(save_trial_checkpoint(result, cfg, recorder.train, tmp_path / "c")), "checkpoint")

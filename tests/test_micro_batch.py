@@ -15,7 +15,7 @@ from critic.train import train_step
 from sweeper import study as study_mod
 from sweeper.sweep import Sweep
 from tests.helpers import simulate_device, tiny_tolerance
-from tests.sweep_helpers import tiny_sweep_spec
+from tests.sweep_helpers import mlflow_uri, tiny_sweep_spec
 
 CPU = torch.device("cpu")
 ROW_TOKENS = 32 + 2 * 24  # the pairs below: prompts cut at 32 tokens, responses at 24
@@ -64,7 +64,7 @@ def mlflow_curves(tmp_path, tiny_cache_dir, device_pairs: str | None, monkeypatc
         tmp_path, sweep={"n_trials": 1, "baseline": {}, "search_space": {
             "train.micro_batch_size": {"type": "categorical", "choices": [4]}}},
         extra={"data": {"cache_dir": str(tiny_cache_dir)}, "loss": {"adaptive_temperature": True, "t_b": 4.0}})))
-    sweep = Sweep.init(spec, f"sqlite:///{tmp_path / 'o.db'}", f"sqlite:///{tmp_path / 'm.db'}")
+    sweep = Sweep.init(spec, f"sqlite:///{tmp_path / 'o.db'}", mlflow_uri(tmp_path, 'm.db'))
     study, tracker = sweep.study, sweep.tracker
     if device_pairs:
         simulate_device(monkeypatch, int(device_pairs))

@@ -14,7 +14,7 @@ from sweeper import pruning
 from sweeper import study as study_mod
 from sweeper.objective import OptunaReporter
 from sweeper.sweep import Sweep
-from tests.sweep_helpers import tiny_sweep_spec
+from tests.sweep_helpers import mlflow_uri, tiny_sweep_spec
 
 N_PROMPTS = 450  # about the demo's held-out prompts
 EVERY = 20
@@ -125,7 +125,7 @@ def test_paired_pruner_refuses_an_objective_that_is_not_a_mean_over_pairs(tmp_pa
 
 def test_the_real_objective_stores_what_the_pruner_needs(tmp_path):
     spec = study_mod.load_sweep_spec(str(tiny_sweep_spec(tmp_path, sweep={"pruner": "paired", "n_trials": 3})))
-    storage, tracking = f"sqlite:///{tmp_path / 'optuna.db'}", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    storage, tracking = f"sqlite:///{tmp_path / 'optuna.db'}", mlflow_uri(tmp_path)
     sweep = Sweep.init(spec, storage, tracking)
     study = sweep.study
     sweep.run_trials(3, progress=False)

@@ -20,7 +20,7 @@ from sweeper.commands import main as sweep_main
 from sweeper.confirm_stage import format_table
 from sweeper.report import STYLE, curves_figure, objective_figure, render
 from sweeper.report_data import MAX_POINTS, gather
-from tests.sweep_helpers import ROOT, cli, store_args, tiny_sweep_spec
+from tests.sweep_helpers import ROOT, cli, mlflow_uri, store_args, tiny_sweep_spec
 
 
 def _free_port() -> int:
@@ -178,7 +178,7 @@ def test_curves_come_from_the_sql_stores_bulk_query_and_equal_the_per_run_path(t
     on a SQL store, and gives what the public per-run calls give."""
     from sweeper.report_data import bulk_history_reader, metric_histories
 
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = MlflowClient(mlflow_uri(tmp_path))
     experiment = client.create_experiment("curves")
     run_ids = []
     for run in range(3):

@@ -32,7 +32,16 @@ from sweeper.board import leaderboard
 from sweeper.stores import credentials_from_env, mask, without_password
 from sweeper.sweep import Sweep
 from tests.helpers import simulate_device
-from tests.sweep_helpers import ROOT, CliProcess, cli, load_study, tiny_sweep_spec, trials_in_their_run, wait_for
+from tests.sweep_helpers import (
+    ROOT,
+    CliProcess,
+    cli,
+    load_study,
+    mlflow_uri,
+    tiny_sweep_spec,
+    trials_in_their_run,
+    wait_for,
+)
 
 FAST_HEARTBEAT = {"heartbeat_interval": 1, "grace_period": 4}
 # The PostgreSQL cases ask for the module's servers inside the test: grouped with the module's other server tests
@@ -57,7 +66,7 @@ def scaleout_spec(tmp_path: Path, cache_dir: Path, **sweep) -> Path:
 def stores(kind: str, tmp_path: Path, request, name: str) -> tuple[str, str]:
     """(Optuna storage URL, MLflow tracking URI) for a fresh database of `kind`."""
     if kind == "sqlite":
-        return f"sqlite:///{tmp_path / 'optuna.db'}", f"sqlite:///{tmp_path / 'mlflow.db'}"
+        return f"sqlite:///{tmp_path / 'optuna.db'}", mlflow_uri(tmp_path)
     return request.getfixturevalue("postgres").url(name), request.getfixturevalue("mlflow_server").uri
 
 
@@ -141,7 +150,7 @@ def test_local_parent_fails_and_requeues_a_dead_workers_trial_at_once(tmp_path, 
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     started = time.monotonic()
     proc = subprocess.Popen([sys.executable, str(ROOT / "sweep.py"), "run", str(spec), "--workers", "2",  # as a user
-                             "--storage", storage, "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
+                             "--storage", storage, "--tracking-uri", mlflow_uri(tmp_path),
                              "--no-progress"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         [victim, *_] = wait_for(lambda: trials_in_their_run("dead", storage), 240,
@@ -168,7 +177,7 @@ def test_local_parent_fails_and_requeues_a_dead_workers_trial_at_once(tmp_path, 
     assert host == socket.gethostname()
     board = leaderboard(study).set_index("number")
     assert board.loc[dead.number, "reason"].endswith(f"died (killed by SIGKILL); re-run as trial {rerun.number}")
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = MlflowClient(mlflow_uri(tmp_path))
     assert client.get_run(dead.user_attrs["mlflow_run_id"]).info.status == "FAILED"
     parents, children = trial_runs(client, "dead")
     assert all(r.info.status != "RUNNING" for r in parents + children)
@@ -185,7 +194,7 @@ def test_two_workers_save_the_critic_of_the_best_trial_under_its_number(tmp_path
     from tests.helpers import tiny_tolerance
 
     spec = scaleout_spec(tmp_path, tiny_cache_dir, study_name="best", n_trials=4, save_best_checkpoint=True)
-    storage, tracking = f"sqlite:///{tmp_path / 'optuna.db'}", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    storage, tracking = f"sqlite:///{tmp_path / 'optuna.db'}", mlflow_uri(tmp_path)
     run = cli("run", str(spec), "--workers", "2", "--storage", storage, "--tracking-uri", tracking, "--no-progress",
               cwd=tmp_path)
     assert run.returncode == 0 and "Traceback" not in run.stderr, run.stderr[-3000:]
@@ -269,12 +278,12 @@ def test_workers_started_at_once_on_a_fresh_database(kind, tmp_path, request, ti
 
 def test_worker_on_a_fresh_database_says_to_init_first(tmp_path):
     with pytest.raises(SpecError, match="not found.*run `sweep.py init SPEC"):
-        Sweep.attach(f"sqlite:///{tmp_path / 'optuna.db'}", "nothing-here", f"sqlite:///{tmp_path / 'm.db'}")
+        Sweep.attach(f"sqlite:///{tmp_path / 'optuna.db'}", "nothing-here", mlflow_uri(tmp_path, 'm.db'))
 
 
 def test_sigint_stops_all_workers_cleanly_and_rerun_completes(tmp_path, tiny_cache_dir):
     spec = scaleout_spec(tmp_path, tiny_cache_dir, study_name="sigint", n_trials=3)
-    storage, tracking = f"sqlite:///{tmp_path / 'optuna.db'}", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    storage, tracking = f"sqlite:///{tmp_path / 'optuna.db'}", mlflow_uri(tmp_path)
     command = ["run", str(spec), "--workers", "2", "--storage", storage, "--tracking-uri", tracking, "--no-progress"]
     proc = CliProcess(*command, cwd=tmp_path)
     try:
@@ -316,7 +325,7 @@ def test_signal_between_claim_and_run_still_gives_the_trial_its_killed_run(tmp_p
     from sweeper import objective as objective_mod
 
     spec = study_mod.load_sweep_spec(str(scaleout_spec(tmp_path, tiny_cache_dir, study_name="claim", n_trials=2)))
-    sweep = Sweep.init(spec, f"sqlite:///{tmp_path / 'optuna.db'}", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    sweep = Sweep.init(spec, f"sqlite:///{tmp_path / 'optuna.db'}", mlflow_uri(tmp_path))
     study, tracker = sweep.study, sweep.tracker
     real_suggest = objective_mod.suggest
 
@@ -339,7 +348,7 @@ def test_signal_while_a_finished_trial_closes_its_run_keeps_the_trial_complete(t
     """Ctrl-C after a trial's result is in, while its run is being closed: the trial stays COMPLETE with a FINISHED
     run, and the loop stops before the next trial (before, the trial became FAIL with no reason, its run RUNNING)."""
     spec = study_mod.load_sweep_spec(str(scaleout_spec(tmp_path, tiny_cache_dir, study_name="close", n_trials=2)))
-    sweep = Sweep.init(spec, f"sqlite:///{tmp_path / 'optuna.db'}", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    sweep = Sweep.init(spec, f"sqlite:///{tmp_path / 'optuna.db'}", mlflow_uri(tmp_path))
     study, tracker, parent_id = sweep.study, sweep.tracker, sweep.parent_id
     real_end = tracker.end
 
@@ -384,7 +393,7 @@ def test_out_of_memory_retries_with_half_micro_batch_then_fails_with_reason(tmp_
     space = {"train.micro_batch_size": {"type": "categorical", "choices": [2, 4, 8]}}
     spec = study_mod.load_sweep_spec(str(scaleout_spec(tmp_path, tiny_cache_dir, study_name="oom", n_trials=2,
                                                        search_space=space, baseline={})))
-    storage, tracking = f"sqlite:///{tmp_path / 'optuna.db'}", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    storage, tracking = f"sqlite:///{tmp_path / 'optuna.db'}", mlflow_uri(tmp_path)
     sweep = Sweep.init(spec, storage, tracking)
     study, tracker = sweep.study, sweep.tracker
     for micro_batch in (4, 8, 2):

@@ -23,6 +23,7 @@ from tests.sweep_helpers import (
     CliProcess,
     cli,
     load_study,
+    mlflow_uri,
     sqlite_dump,
     store_args,
     tiny_sweep_spec,
@@ -91,7 +92,7 @@ def test_end_to_end_sweep_export_and_reproduce(tmp_path):
     assert len(finished) == 3
     assert study.trials[0].user_attrs.get("baseline") is True and study.trials[0].params["train.lr"] == 3e-4
 
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = MlflowClient(mlflow_uri(tmp_path))
     experiment = client.get_experiment_by_name("tiny")
     runs = client.search_runs([experiment.experiment_id])
     parents = [r for r in runs if r.data.tags.get("sweep.role") == "parent"]
@@ -180,14 +181,14 @@ def test_data_error_stops_the_sweep_at_once(tmp_path):
     assert "missing column" in run.stderr and "no_such_column" in run.stderr
     study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
     assert [t.state.name for t in study.trials] == ["FAIL"]  # one trial, not n identical failures
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = MlflowClient(mlflow_uri(tmp_path))
     runs = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
     assert runs and all(r.info.status != "RUNNING" for r in runs)
 
 
 def _in_process(tmp_path, **sweep):
     spec = study_mod.load_sweep_spec(str(tiny_sweep_spec(tmp_path, sweep=sweep)))
-    storage, tracking = f"sqlite:///{tmp_path / 'optuna.db'}", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    storage, tracking = f"sqlite:///{tmp_path / 'optuna.db'}", mlflow_uri(tmp_path)
     return spec, storage, tracking
 
 
@@ -262,7 +263,7 @@ def test_preempted_run_resumes_with_the_interrupted_trial_first_and_one_parent(t
     [queued] = [t for t in study.trials if t.state.name == "WAITING"]
     assert stopped.state.name == "FAIL" and queued.user_attrs["retry_of"] == stopped.number
     done_before = {t.number for t in study.trials if t.state.name in ("COMPLETE", "PRUNED")}
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = MlflowClient(mlflow_uri(tmp_path))
     experiment_id = client.get_experiment_by_name("tiny").experiment_id
     assert all(r.info.status != "RUNNING" for r in client.search_runs([experiment_id]))
 
@@ -310,7 +311,7 @@ def test_diagnose_a_trial_of_a_sweep(tmp_path):
     assert diag.returncode == 0, diag.stderr[-3000:]
     assert "shifted" in diag.stdout and "tie rule" in diag.stdout
     study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = MlflowClient(mlflow_uri(tmp_path))
     run_id = study.trials[0].user_attrs["mlflow_run_id"]
     assert "diagnosis/report.md" in {a.path for a in client.list_artifacts(run_id, "diagnosis")}
     missing = cli("diagnose", "--trial", "7", *store_args(tmp_path), cwd=tmp_path)
