@@ -49,7 +49,7 @@ FULL = Size()
 # Smoke checks: seconds per trial, the truth measured on the fly (a few tiny runs), two confirmation seeds.
 QUICK = Size(n_trials=3, max_steps=8, eval_every=4, max_length=48, fresh_pairs=300, truth_seeds=2, answer_seeds=2,
              held_out_fraction=0.05, confirm_seeds=(2, 2))
-TINY = Size(n_trials=2, max_steps=4, eval_every=2, max_length=48, fresh_pairs=200, truth_seeds=2, answer_seeds=2,
+TINY = Size(n_trials=2, max_steps=4, eval_every=4, max_length=48, fresh_pairs=200, truth_seeds=2, answer_seeds=2,
             held_out_fraction=0.04, confirm_seeds=(2, 2))
 
 # One search space for both scenarios; only the baseline differs. The lr range is the demo's.

@@ -28,22 +28,22 @@ def training_progress(train_history, eval_history, eval_sets: list[str], path: P
         for index, name in enumerate(eval_sets, start=1):  # C0 is the training curve's
             ax.plot(*series(eval_history, f"{name}/{metric}"), marker="o", color=f"C{index}", label=name)
     axes[0, 0].axhline(0.5, color="grey", linestyle="--", linewidth=1)
-    axes[0, 0].set(title="d_acc", xlabel="step", ylim=(-0.02, 1.02))
+    _panel(axes[0, 0], "d_acc", xlabel="step", ylim=(-0.02, 1.02))
     axes[0, 1].axhline(0.0, color="grey", linestyle="--", linewidth=1)
-    axes[0, 1].set(title="score_diff (teacher - student)", xlabel="step")
+    _panel(axes[0, 1], "score_diff (teacher - student)", xlabel="step")
     axes[0, 2].plot(*series(train_history, "critic/teacher_score_mean"), label="teacher (train)")
     axes[0, 2].plot(*series(train_history, "critic/student_score_mean"), label="student (train)")
-    axes[0, 2].set(title="mean score", xlabel="step")
+    _panel(axes[0, 2], "mean score", xlabel="step")
     axes[1, 0].plot(*series(train_history, "critic/grad_norm"))
-    axes[1, 0].set(title="grad_norm (before clipping)", xlabel="step", yscale="log")
+    _panel(axes[1, 0], "grad_norm (before clipping)", xlabel="step", yscale="log")
     axes[1, 1].plot(*series(train_history, "critic/length_ratio"))
     axes[1, 1].axhspan(0.9, 1.1, color="green", alpha=0.1)
-    axes[1, 1].set(title="length_ratio (student / teacher tokens)", xlabel="step")
+    _panel(axes[1, 1], "length_ratio (student / teacher tokens)", xlabel="step")
     axes[1, 2].plot(*series(train_history, "critic/lr"))
-    axes[1, 2].set(title="lr", xlabel="step")
+    _panel(axes[1, 2], "lr", xlabel="step")
     for ax in (axes[0, 0], axes[0, 1], axes[0, 2]):
         ax.legend(fontsize=8)
-    fig.savefig(path, dpi=dpi)
+    _save(fig, path, dpi)
     return path
 
 
@@ -58,10 +58,21 @@ def score_histograms(pair_scores: pd.DataFrame, path: Path) -> Path:
         part = pair_scores[pair_scores["set"] == name]
         ax.hist(part["teacher_score"], bins=40, alpha=0.6, label="teacher", histtype="stepfilled")
         ax.hist(part["student_score"], bins=40, alpha=0.6, label="student", histtype="stepfilled")
-        ax.set(title=f"{name}: held-out scores", xlabel="score")
+        _panel(ax, f"{name}: held-out scores", xlabel="score")
         ax.legend(fontsize=8)
-    fig.savefig(path, dpi=90)
+    _save(fig, path, 90)
     return path
+
+
+def _panel(ax, title: str, **settings) -> None:
+    """A panel's title at a fixed height (matplotlib otherwise measures every tick label to place it) and settings."""
+    ax.set_title(title, y=1.0)
+    ax.set(**settings)
+
+
+def _save(fig: Figure, path: Path, dpi: int) -> None:
+    """PNG at zlib level 1: a tenth larger than the default 6, in a fraction of the time (every trial saves two)."""
+    fig.savefig(path, dpi=dpi, pil_kwargs={"compress_level": 1})
 
 
 def confirmation_intervals(table: pd.DataFrame, metric: str, path: Path, title: str = "Confirmation") -> Path:
