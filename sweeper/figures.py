@@ -41,6 +41,7 @@ def training_progress(train_history, eval_history, eval_sets: list[str], path: P
     _panel(axes[1, 1], "length_ratio (student / teacher tokens)", xlabel="step")
     axes[1, 2].plot(*series(train_history, "critic/lr"))
     _panel(axes[1, 2], "lr", xlabel="step")
+    axes[1, 2].ticklabel_format(axis="y", style="sci", scilimits=(0, 0))  # "1e-4" once, not 0.000105 in the gap
     for ax in (axes[0, 0], axes[0, 1], axes[0, 2]):
         ax.legend(fontsize=8)
     _save(fig, path, dpi)
