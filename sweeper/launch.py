@@ -189,9 +189,13 @@ class ExitAtStep(Reporter):
         self.armed, self.step = int(target) == rank, int(step)
 
     def log_train(self, step: int, metrics: dict[str, float]) -> None:
-        if self.armed and step == self.step and not os.path.exists(self.marker):
-            Path(self.marker).touch()
-            os._exit(1)
+        if not (self.armed and step == self.step):
+            return
+        try:  # created atomically: when two trials reach the step at once, one of them dies, not both
+            os.close(os.open(self.marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            return
+        os._exit(1)
 
 
 def _write_error(trial_dir: Path, rank: int, exc: BaseException) -> None:
