@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import atexit
+import functools
 import multiprocessing
 import os
 import shutil
@@ -62,9 +64,6 @@ def store_args(tmp_path: Path) -> list[str]:
     return ["--storage", f"sqlite:///{tmp_path / 'optuna.db'}", "--tracking-uri", mlflow_uri(tmp_path)]
 
 
-_migrated_store: list[Path] = []
-
-
 def mlflow_uri(folder: Path, name: str = "mlflow.db") -> str:
     """The URI of the MLflow SQLite store `folder/name`, ready to use: a new one is a copy of an empty store that
     MLflow itself created once per test process. MLflow runs all its schema migrations on every new SQLite file
@@ -72,14 +71,18 @@ def mlflow_uri(folder: Path, name: str = "mlflow.db") -> str:
     tested where it is the point (the fresh-database race in test_scaleout, the demo, the decision benchmark)."""
     path = folder / name
     if not path.exists():
-        if not _migrated_store:
-            from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
-
-            template = Path(tempfile.mkdtemp(prefix="mlflow-template-")) / "mlflow.db"
-            SqlAlchemyStore(f"sqlite:///{template}", str(template.parent / "artifacts")).engine.dispose()
-            _migrated_store.append(template)
-        shutil.copyfile(_migrated_store[0], path)
+        shutil.copyfile(_migrated_store(), path)
     return f"sqlite:///{path}"
+
+
+@functools.cache
+def _migrated_store() -> Path:
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    folder = Path(tempfile.mkdtemp(prefix="mlflow-template-"))
+    atexit.register(shutil.rmtree, folder, True)
+    SqlAlchemyStore(f"sqlite:///{folder / 'mlflow.db'}", str(folder / "artifacts")).engine.dispose()
+    return folder / "mlflow.db"
 
 
 # The libraries every command imports: a fork server imports them once, then forks one fresh process per `cli`
@@ -202,9 +205,6 @@ def wait_for(condition, timeout: float, what: str, poll: float = 0.5, proc=None)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
-_storages: dict[str, Any] = {}
-
-
 def load_study(study_name: str, storage: str):
     """The study as another process of the sweep reads it: through sweeper.stores, which takes the storage's lock
     while it opens. `optuna.load_study(storage=URL)` on a new database would race the command creating its
@@ -212,10 +212,14 @@ def load_study(study_name: str, storage: str):
     The storage is opened once per URL, so polling it stays cheap."""
     import optuna
 
+    return optuna.load_study(study_name=study_name, storage=_storage(storage))
+
+
+@functools.cache
+def _storage(url: str):
     from sweeper.stores import make_storage
-    if storage not in _storages:
-        _storages[storage] = make_storage(storage)
-    return optuna.load_study(study_name=study_name, storage=_storages[storage])
+
+    return make_storage(url)
 
 
 def trials_in_their_run(study_name: str, storage: str) -> list:
