@@ -181,10 +181,12 @@ class Objective:
             tags.update({"sweep.seed_index": seed, "sweep.confirm_config": trial.user_attrs["confirm_config"],
                          "sweep.confirm_of_trial": trial.user_attrs["config_trial"]})
             name = confirm_run_name(trial.user_attrs["confirm_config"], seed)
+        # Before the run exists: a local parent fails the trial at once if this process dies, even while it creates
+        # the run; and whoever reads the run id finds the owner beside it.
+        trial.set_user_attr("worker", worker_id())
         run_id = self.tracker.child_run(self.parent_run_id, trial.number, tags, run_name=name,
                                         nested=stage == "confirm")
         trial.set_user_attr("mlflow_run_id", run_id)
-        trial.set_user_attr("worker", worker_id())  # a local parent fails the trial at once if this process dies
         job = scheduler_job()
         if job is not None:  # the Slurm task or Ray task holding this worker: `status` shows it
             trial.set_user_attr("job", job)
